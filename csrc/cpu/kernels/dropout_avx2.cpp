@@ -1,0 +1,300 @@
+// AVX2 + FMA + F16C dropout loops. This file alone is compiled for that instruction set (the
+// target pragma below, after every include); it is called only where CPUID reports the features.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/kernels/dropout_kernels.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#elif defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#endif
+
+namespace pyconv::cpu {
+namespace {
+
+// Eight Philox4x32-10 streams at once: counters (c0[k], c1, c2, c3), one key. Returns the four
+// output words of each stream, word j of stream k in lane k of out[j].
+inline void philox8(__m256i c0, uint32_t c1s, uint32_t c2s, uint32_t c3s, uint32_t k0s,
+                    uint32_t k1s, __m256i out[4]) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
+  __m256i c1 = _mm256_set1_epi32(static_cast<int>(c1s));
+  __m256i c2 = _mm256_set1_epi32(static_cast<int>(c2s));
+  __m256i c3 = _mm256_set1_epi32(static_cast<int>(c3s));
+  uint32_t k0 = k0s, k1 = k1s;
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    // 32x32 -> 64 products of the even lanes, then of the odd lanes.
+    const __m256i p0e = _mm256_mul_epu32(c0, m0);
+    const __m256i p0o = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), m0);
+    const __m256i p1e = _mm256_mul_epu32(c2, m1);
+    const __m256i p1o = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), m1);
+    const __m256i lo0 = _mm256_blend_epi32(p0e, _mm256_slli_epi64(p0o, 32), 0xAA);
+    const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(p0e, 32), p0o, 0xAA);
+    const __m256i lo1 = _mm256_blend_epi32(p1e, _mm256_slli_epi64(p1o, 32), 0xAA);
+    const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(p1e, 32), p1o, 0xAA);
+    const __m256i n0 =
+        _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+    const __m256i n2 =
+        _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+  }
+  out[0] = c0;
+  out[1] = c1;
+  out[2] = c2;
+  out[3] = c3;
+}
+
+// Drop masks (all ones = drop) of the 32 elements [32 b, 32 b + 32) of the stream, in memory order:
+// mask[j] covers elements 32 b + 8 j ... 32 b + 8 j + 7.
+inline void drop_masks32(uint64_t block, const DropoutParams& d, __m256i mask[4]) {
+  const uint64_t g = block * 8;  // first group; g % 8 == 0, so the 8 groups share the high word
+  const __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g))),
+                                      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256i w[4];
+  philox8(c0, static_cast<uint32_t>(g >> 32), static_cast<uint32_t>(d.offset),
+          static_cast<uint32_t>(d.offset >> 32), static_cast<uint32_t>(d.seed),
+          static_cast<uint32_t>(d.seed >> 32), w);
+  // drop where draw < threshold (unsigned): compare with the sign bit flipped on both sides
+  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256i thr = _mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(d.threshold)), sign);
+  __m256i dm[4];
+  for (int j = 0; j < 4; ++j) dm[j] = _mm256_cmpgt_epi32(thr, _mm256_xor_si256(w[j], sign));
+  // dm[j] lane k belongs to element 4 (g + k) + j: transpose 4 x 8 to memory order.
+  const __m256i t0 = _mm256_unpacklo_epi32(dm[0], dm[1]);
+  const __m256i t1 = _mm256_unpackhi_epi32(dm[0], dm[1]);
+  const __m256i t2 = _mm256_unpacklo_epi32(dm[2], dm[3]);
+  const __m256i t3 = _mm256_unpackhi_epi32(dm[2], dm[3]);
+  const __m256i u0 = _mm256_unpacklo_epi64(t0, t2);  // groups 0 | 4
+  const __m256i u1 = _mm256_unpackhi_epi64(t0, t2);  // groups 1 | 5
+  const __m256i u2 = _mm256_unpacklo_epi64(t1, t3);  // groups 2 | 6
+  const __m256i u3 = _mm256_unpackhi_epi64(t1, t3);  // groups 3 | 7
+  mask[0] = _mm256_permute2x128_si256(u0, u1, 0x20);
+  mask[1] = _mm256_permute2x128_si256(u2, u3, 0x20);
+  mask[2] = _mm256_permute2x128_si256(u0, u1, 0x31);
+  mask[3] = _mm256_permute2x128_si256(u2, u3, 0x31);
+}
+
+// Loads and stores of eight elements as floats.
+struct F32 {
+  using T = float;
+  static __m256 load(const T* p) { return _mm256_loadu_ps(p); }
+  static void store(T* p, __m256 v) { _mm256_storeu_ps(p, v); }
+};
+struct F16 {
+  using T = uint16_t;
+  static __m256 load(const T* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static void store(T* p, __m256 v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+};
+struct BF16 {
+  using T = uint16_t;
+  static __m256 load(const T* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+  static void store(T* p, __m256 v) {
+    const __m256i b = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
+    const __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(0x40));
+    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    r = _mm256_blendv_epi8(r, qnan, _mm256_castps_si256(nan));
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+  }
+};
+
+template <typename Io>
+void dropout_blocks(const void* src_v, void* dst_v, int64_t b0, int64_t b1, const DropoutParams& d) {
+  using T = typename Io::T;
+  const T* src = static_cast<const T*>(src_v);
+  T* dst = static_cast<T*>(dst_v);
+  const __m256 scale = _mm256_set1_ps(d.scale);
+  for (int64_t b = b0; b < b1; ++b) {
+    __m256i m[4];
+    drop_masks32(static_cast<uint64_t>(b), d, m);
+    const T* x = src + b * 32;
+    T* y = dst + b * 32;
+    for (int j = 0; j < 4; ++j) {
+      const __m256 v = _mm256_mul_ps(Io::load(x + 8 * j), scale);
+      Io::store(y + 8 * j, _mm256_andnot_ps(_mm256_castsi256_ps(m[j]), v));
+    }
+  }
+}
+
+void dropout_blocks_double(const void* src_v, void* dst_v, int64_t b0, int64_t b1,
+                           const DropoutParams& d) {
+  const double* src = static_cast<const double*>(src_v);
+  double* dst = static_cast<double*>(dst_v);
+  const __m256d scale = _mm256_set1_pd(d.scale_d);
+  for (int64_t b = b0; b < b1; ++b) {
+    __m256i m[4];
+    drop_masks32(static_cast<uint64_t>(b), d, m);
+    const double* x = src + b * 32;
+    double* y = dst + b * 32;
+    for (int j = 0; j < 4; ++j) {
+      const __m256d mlo = _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(m[j])));
+      const __m256d mhi = _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(m[j], 1)));
+      _mm256_storeu_pd(y + 8 * j, _mm256_andnot_pd(mlo, _mm256_mul_pd(_mm256_loadu_pd(x + 8 * j), scale)));
+      _mm256_storeu_pd(y + 8 * j + 4,
+                       _mm256_andnot_pd(mhi, _mm256_mul_pd(_mm256_loadu_pd(x + 8 * j + 4), scale)));
+    }
+  }
+}
+
+size_t elem_size(ScalarKind kind) {
+  switch (kind) {
+    case ScalarKind::kDouble:
+      return 8;
+    case ScalarKind::kFloat:
+      return 4;
+    default:
+      return 2;
+  }
+}
+
+void dropout_range(const void* src, void* dst, int64_t begin, int64_t end, const DropoutParams& d,
+                   ScalarKind kind) {
+  const DropoutKernels& scalar = dropout_kernels_generic();
+  if (d.drop_all) {
+    std::memset(static_cast<char*>(dst) + begin * elem_size(kind), 0,
+                static_cast<size_t>(end - begin) * elem_size(kind));
+    return;
+  }
+  const int64_t b0 = (begin + 31) / 32;
+  const int64_t b1 = end / 32;
+  if (b0 >= b1) return scalar.dropout_range(src, dst, begin, end, d, kind);
+  scalar.dropout_range(src, dst, begin, b0 * 32, d, kind);
+  switch (kind) {
+    case ScalarKind::kFloat:
+      dropout_blocks<F32>(src, dst, b0, b1, d);
+      break;
+    case ScalarKind::kHalf:
+      dropout_blocks<F16>(src, dst, b0, b1, d);
+      break;
+    case ScalarKind::kBFloat16:
+      dropout_blocks<BF16>(src, dst, b0, b1, d);
+      break;
+    case ScalarKind::kDouble:
+      dropout_blocks_double(src, dst, b0, b1, d);
+      break;
+  }
+  scalar.dropout_range(src, dst, b1 * 32, end, d, kind);
+}
+
+// y[0..n) = x[0..n) * factor, eight at a time; the scalar tail goes through the generic loop.
+template <typename Io>
+int64_t scale_span8(const typename Io::T* x, typename Io::T* y, int64_t n, __m256 factor) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) Io::store(y + i, _mm256_mul_ps(Io::load(x + i), factor));
+  return i;
+}
+
+template <typename Io>
+void scale_planes_t(const void* src_v, void* dst_v, int64_t q0, int64_t q1, int64_t plane,
+                    const uint8_t* keep, const DropoutParams& d, ScalarKind kind) {
+  using T = typename Io::T;
+  const T* src = static_cast<const T*>(src_v);
+  T* dst = static_cast<T*>(dst_v);
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t done = keep[q] ? scale_span8<Io>(src + q * plane, dst + q * plane, plane,
+                                                   _mm256_set1_ps(d.scale))
+                                 : 0;
+    if (!keep[q]) {
+      std::memset(dst + q * plane, 0, static_cast<size_t>(plane) * sizeof(T));
+    } else if (done < plane) {
+      // the tail of this plane: a one-plane call of the scalar loop on shifted pointers
+      dropout_kernels_generic().scale_planes(src + q * plane + done, dst + q * plane + done, 0, 1,
+                                             plane - done, keep + q, d, kind);
+    }
+  }
+}
+
+template <typename Io>
+void scale_rows_t(const void* src_v, void* dst_v, int64_t r0, int64_t r1, int64_t channels,
+                  int64_t rows_per_batch, const uint8_t* keep, const DropoutParams& d,
+                  ScalarKind kind) {
+  using T = typename Io::T;
+  const T* src = static_cast<const T*>(src_v);
+  T* dst = static_cast<T*>(dst_v);
+  const __m256 scale = _mm256_set1_ps(d.scale);
+  const __m256i zero = _mm256_setzero_si256();
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* k = keep + (r / rows_per_batch) * channels;
+    const T* x = src + r * channels;
+    T* y = dst + r * channels;
+    int64_t c = 0;
+    for (; c + 8 <= channels; c += 8) {
+      int64_t bytes;
+      std::memcpy(&bytes, k + c, 8);
+      const __m256i kv = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes));
+      const __m256 keep_mask = _mm256_castsi256_ps(_mm256_cmpgt_epi32(kv, zero));
+      Io::store(y + c, _mm256_and_ps(keep_mask, _mm256_mul_ps(Io::load(x + c), scale)));
+    }
+    if (c < channels) {
+      // remaining channels of this row, as one row of (channels - c) through the scalar loop
+      dropout_kernels_generic().scale_rows(x + c, y + c, 0, 1, channels - c, 1, k + c, d, kind);
+    }
+  }
+}
+
+void scale_planes(const void* src, void* dst, int64_t q0, int64_t q1, int64_t plane,
+                  const uint8_t* keep, const DropoutParams& d, ScalarKind kind) {
+  switch (kind) {
+    case ScalarKind::kFloat:
+      return scale_planes_t<F32>(src, dst, q0, q1, plane, keep, d, kind);
+    case ScalarKind::kHalf:
+      return scale_planes_t<F16>(src, dst, q0, q1, plane, keep, d, kind);
+    case ScalarKind::kBFloat16:
+      return scale_planes_t<BF16>(src, dst, q0, q1, plane, keep, d, kind);
+    case ScalarKind::kDouble:
+      return dropout_kernels_generic().scale_planes(src, dst, q0, q1, plane, keep, d, kind);
+  }
+}
+
+void scale_rows(const void* src, void* dst, int64_t r0, int64_t r1, int64_t channels,
+                int64_t rows_per_batch, const uint8_t* keep, const DropoutParams& d,
+                ScalarKind kind) {
+  switch (kind) {
+    case ScalarKind::kFloat:
+      return scale_rows_t<F32>(src, dst, r0, r1, channels, rows_per_batch, keep, d, kind);
+    case ScalarKind::kHalf:
+      return scale_rows_t<F16>(src, dst, r0, r1, channels, rows_per_batch, keep, d, kind);
+    case ScalarKind::kBFloat16:
+      return scale_rows_t<BF16>(src, dst, r0, r1, channels, rows_per_batch, keep, d, kind);
+    case ScalarKind::kDouble:
+      return dropout_kernels_generic().scale_rows(src, dst, r0, r1, channels, rows_per_batch, keep,
+                                                  d, kind);
+  }
+}
+
+}  // namespace
+
+const DropoutKernels& dropout_kernels_avx2() {
+  static const DropoutKernels k{"avx2", &dropout_range, &scale_planes, &scale_rows};
+  return k;
+}
+
+}  // namespace pyconv::cpu
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#elif defined(__clang__)
+#pragma clang attribute pop
+#endif

@@ -1,0 +1,53 @@
+#include "cpu/simd.h"
+
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <cstdlib>
+
+namespace pyconv::cpu {
+namespace {
+
+enum Path : int { kGeneric = 0, kAvx2 = 1 };
+
+int initial_path() {
+  const char* env = std::getenv("PYCONV_SIMD");
+  if (env != nullptr && std::string(env) == "generic") return kGeneric;
+  return cpu_has_avx2() ? kAvx2 : kGeneric;
+}
+
+std::atomic<int>& current() {
+  static std::atomic<int> path{initial_path()};
+  return path;
+}
+
+}  // namespace
+
+bool cpu_has_avx2() {
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+std::string simd_path() { return current().load() == kAvx2 ? "avx2" : "generic"; }
+
+void set_simd_path(const std::string& name) {
+  if (name == "generic") {
+    current() = kGeneric;
+  } else if (name == "avx2") {
+    TORCH_CHECK(cpu_has_avx2(), "set_simd: this CPU lacks AVX2/FMA/F16C");
+    current() = kAvx2;
+  } else {
+    TORCH_CHECK(false, "set_simd: expected 'avx2' or 'generic', got '", name, "'");
+  }
+}
+
+const DropoutKernels& dropout_kernels() {
+  return current().load() == kAvx2 ? dropout_kernels_avx2() : dropout_kernels_generic();
+}
+
+}  // namespace pyconv::cpu

@@ -1,0 +1,263 @@
+// CUDA dropout and feature (channel) dropout. The Philox stream and the keep rule are those of
+// common/philox.h, shared with the CPU kernels, so a seed gives the same mask on both.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include "common/dropout.h"
+#include "common/philox.h"
+#include "cuda/common.cuh"
+
+namespace pyconv::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kChunk = 16;  // elements per thread: four Philox groups
+
+__device__ __forceinline__ void resolve_seed(DropoutParams& d, const int64_t* seed_ptr) {
+  if (seed_ptr != nullptr) d.seed = static_cast<uint64_t>(*seed_ptr);
+}
+
+template <typename T>
+__device__ __forceinline__ T apply(T x, bool keep, const DropoutParams& d) {
+  using Acc = typename AccType<T>::type;
+  const Acc scale = sizeof(Acc) == 8 ? static_cast<Acc>(d.scale_d) : static_cast<Acc>(d.scale);
+  return keep ? static_cast<T>(static_cast<Acc>(x) * scale) : static_cast<T>(Acc(0));
+}
+
+// Each thread: 16 consecutive elements (four Philox groups), read and written as 16-byte vectors
+// when src and dst are 16-byte aligned. src may equal dst (in place): every load of a thread comes
+// before its stores, and threads share no element.
+template <typename T, bool kVector>
+__global__ void __launch_bounds__(kThreads)
+    dropout_kernel(const T* src, T* dst, int64_t n, DropoutParams d,
+                   const int64_t* seed_ptr) {
+  resolve_seed(d, seed_ptr);
+  const int64_t base = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kChunk;
+  if (base >= n) return;
+  Philox4 r[4];
+#pragma unroll
+  for (int g = 0; g < 4; ++g) r[g] = philox_group(d.seed, d.offset, static_cast<uint64_t>(base / 4 + g));
+  if (kVector && base + kChunk <= n) {
+    using V = Vec16<T>;
+    constexpr int kVecs = kChunk / V::kSize;
+    V v[kVecs];
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) v[k] = reinterpret_cast<const V*>(src + base)[k];
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e) {
+      T& x = v[e / V::kSize].v[e % V::kSize];
+      x = apply(x, dropout_keep(r[e / 4].x[e % 4], d), d);
+    }
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) reinterpret_cast<V*>(dst + base)[k] = v[k];
+  } else {
+    for (int e = 0; e < kChunk && base + e < n; ++e) {
+      dst[base + e] = apply(src[base + e], dropout_keep(r[e / 4].x[e % 4], d), d);
+    }
+  }
+}
+
+// keep[q] = draw q of the stream survives, for the N * C (sample, channel) pairs.
+__global__ void feature_keep_kernel(uint8_t* keep, int64_t count, DropoutParams d,
+                                    const int64_t* seed_ptr) {
+  resolve_seed(d, seed_ptr);
+  const int64_t q = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
+  if (q >= count) return;
+  const Philox4 r = philox_group(d.seed, d.offset, static_cast<uint64_t>(q / 4));
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if (q + j < count) keep[q + j] = dropout_keep(r.x[j], d) ? 1 : 0;
+  }
+}
+
+// Feature dropout: element i belongs to pair q. Planes (NCHW-dense): q = i / inner. Rows
+// (channels innermost): q = (i / (C * inner)) * C + i % C.
+template <typename T, bool kRows>
+__global__ void __launch_bounds__(kThreads)
+    feature_apply_kernel(const T* src, T* dst, int64_t n, int64_t C,
+                         int64_t inner, const uint8_t* __restrict__ keep, DropoutParams d) {
+  using V = Vec16<T>;
+  const int64_t base = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * V::kSize;
+  if (base >= n) return;
+  // position of `base`, advanced element by element below
+  int64_t a, b;  // planes: (q, offset in plane); rows: (sample, channel)
+  if (kRows) {
+    a = base / (C * inner);
+    b = base % C;
+  } else {
+    a = base / inner;
+    b = base % inner;
+  }
+  auto step = [&](int64_t i) {
+    if (kRows) {
+      if (++b == C) {
+        b = 0;
+        a = (i + 1) / (C * inner);
+      }
+    } else if (++b == inner) {
+      b = 0;
+      ++a;
+    }
+  };
+  auto pair = [&]() { return kRows ? a * C + b : a; };
+  if (base + V::kSize <= n && aligned16(src) && aligned16(dst)) {
+    V v = *reinterpret_cast<const V*>(src + base);
+#pragma unroll
+    for (int e = 0; e < V::kSize; ++e) {
+      v.v[e] = apply(v.v[e], keep[pair()] != 0, d);
+      step(base + e);
+    }
+    *reinterpret_cast<V*>(dst + base) = v;
+  } else {
+    for (int64_t i = base; i < n && i < base + V::kSize; ++i) {
+      dst[i] = apply(src[i], keep[pair()] != 0, d);
+      step(i);
+    }
+  }
+}
+
+struct SeedArg {
+  uint64_t value = 0;
+  const int64_t* ptr = nullptr;
+};
+
+SeedArg seed_arg(const char* op, const at::Tensor& seed, const at::Tensor& input) {
+  SeedArg s;
+  if (seed.is_cuda()) {
+    TORCH_CHECK(seed.device() == input.device(), op, ": expected seed on ", input.device(),
+                " or the CPU, got ", seed.device());
+    s.ptr = seed.const_data_ptr<int64_t>();
+  } else {
+    s.value = static_cast<uint64_t>(seed.item<int64_t>());
+  }
+  return s;
+}
+
+template <typename F>
+void dispatch_float_types(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat:
+      return f(float{});
+    case at::kDouble:
+      return f(double{});
+    case at::kHalf:
+      return f(c10::Half{});
+    case at::kBFloat16:
+      return f(c10::BFloat16{});
+    default:
+      TORCH_CHECK(false, "pyconv: unsupported dtype ", t);
+  }
+}
+
+void dropout_dense(const at::Tensor& src, at::Tensor& dst, double p, const SeedArg& seed) {
+  const int64_t n = dst.numel();
+  DropoutParams d = dropout_params_from(p, static_cast<int64_t>(seed.value));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t blocks = ceil_div(ceil_div(n, kChunk), kThreads);
+  const bool vec = aligned16(src.const_data_ptr()) && aligned16(dst.const_data_ptr());
+  dispatch_float_types(dst.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* s = static_cast<const T*>(src.const_data_ptr());
+    T* o = static_cast<T*>(dst.mutable_data_ptr());
+    if (vec) {
+      dropout_kernel<T, true><<<blocks, kThreads, 0, stream>>>(s, o, n, d, seed.ptr);
+    } else {
+      dropout_kernel<T, false><<<blocks, kThreads, 0, stream>>>(s, o, n, d, seed.ptr);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+at::Tensor dropout(const at::Tensor& input, double p, const at::Tensor& seed) {
+  check_dropout_args("dropout", input, p, seed);
+  c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor out = at::empty_like(input);
+  if (input.numel() == 0) return out;
+  const SeedArg s = seed_arg("dropout", seed, input);
+  const at::Tensor src = dense_source(input, out);
+  dropout_dense(src, out, p, s);
+  return out;
+}
+
+void dropout_(at::Tensor& input, double p, const at::Tensor& seed) {
+  check_dropout_args("dropout_", input, p, seed);
+  c10::cuda::CUDAGuard guard(input.device());
+  if (input.numel() == 0) return;
+  if (!input.is_non_overlapping_and_dense()) {
+    input.copy_(dropout(input, p, seed));
+    return;
+  }
+  dropout_dense(input, input, p, seed_arg("dropout_", seed, input));
+}
+
+void feature_dropout_into(const at::Tensor& src, at::Tensor& dst, double p, const SeedArg& seed,
+                          bool rows) {
+  const int64_t N = dst.size(0), C = dst.size(1), n = dst.numel();
+  const int64_t inner = n / (N * C);
+  DropoutParams d = dropout_params_from(p, static_cast<int64_t>(seed.value));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor keep = at::empty({N * C}, dst.options().dtype(at::kByte));
+  feature_keep_kernel<<<ceil_div(ceil_div(N * C, 4), kThreads), kThreads, 0, stream>>>(
+      keep.mutable_data_ptr<uint8_t>(), N * C, d, seed.ptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  dispatch_float_types(dst.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* s = static_cast<const T*>(src.const_data_ptr());
+    T* o = static_cast<T*>(dst.mutable_data_ptr());
+    const int64_t blocks = ceil_div(ceil_div(n, Vec16<T>::kSize), kThreads);
+    const uint8_t* k = keep.const_data_ptr<uint8_t>();
+    if (rows) {
+      feature_apply_kernel<T, true><<<blocks, kThreads, 0, stream>>>(s, o, n, C, inner, k, d);
+    } else {
+      feature_apply_kernel<T, false><<<blocks, kThreads, 0, stream>>>(s, o, n, C, inner, k, d);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+at::Tensor feature_dropout(const at::Tensor& input, double p, const at::Tensor& seed) {
+  check_dropout_args("dropout2d", input, p, seed);
+  check_feature_input("dropout2d", input);
+  c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor out = at::empty_like(input);
+  if (input.numel() == 0) return out;
+  const SeedArg s = seed_arg("dropout2d", seed, input);
+  const FeatureLayout layout = feature_layout(out);
+  if (layout == FeatureLayout::kOther) {
+    at::Tensor tmp = input.contiguous();
+    at::Tensor res = at::empty_like(tmp);
+    feature_dropout_into(tmp, res, p, s, /*rows=*/false);
+    out.copy_(res);
+    return out;
+  }
+  const at::Tensor src = dense_source(input, out);
+  feature_dropout_into(src, out, p, s, layout == FeatureLayout::kRows);
+  return out;
+}
+
+void feature_dropout_(at::Tensor& input, double p, const at::Tensor& seed) {
+  check_dropout_args("dropout2d_", input, p, seed);
+  check_feature_input("dropout2d_", input);
+  c10::cuda::CUDAGuard guard(input.device());
+  if (input.numel() == 0) return;
+  const FeatureLayout layout = feature_layout(input);
+  if (!input.is_non_overlapping_and_dense() || layout == FeatureLayout::kOther) {
+    input.copy_(feature_dropout(input, p, seed));
+    return;
+  }
+  feature_dropout_into(input, input, p, seed_arg("dropout2d_", seed, input),
+                       layout == FeatureLayout::kRows);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyconv, CUDA, m) {
+  m.impl("dropout", &dropout);
+  m.impl("dropout_", &dropout_);
+  m.impl("dropout2d", &feature_dropout);
+  m.impl("dropout2d_", &feature_dropout_);
+}
+
+}  // namespace pyconv::cuda

@@ -1,0 +1,16 @@
+// Every operator schema of pyconv, in one place. Backends register kernels with
+// TORCH_LIBRARY_IMPL in cpu/<op>.cpp and cuda/<op>.cu; fake kernels and autograd formulas are
+// registered from Python (pyconv/_registry.py).
+#include <torch/library.h>
+
+TORCH_LIBRARY(pyconv, m) {
+  // Element-wise dropout. `seed` is a one-element int64 tensor; element i of the output, counted in
+  // the output's memory order, is kept when draw i of the Philox stream keyed by (seed, 0) is at
+  // least p * 2^32; kept values are scaled by 1 / (1 - p).
+  m.def("dropout(Tensor input, float p, Tensor seed) -> Tensor");
+  m.def("dropout_(Tensor(a!) input, float p, Tensor seed) -> ()");
+  // Feature dropout over (N, C, ...): channel (n, c) is kept when draw n * C + c is at least
+  // p * 2^32, for every memory layout.
+  m.def("dropout2d(Tensor input, float p, Tensor seed) -> Tensor");
+  m.def("dropout2d_(Tensor(a!) input, float p, Tensor seed) -> ()");
+}

@@ -1,0 +1,117 @@
+"""torch.nn.functional-style entry points of the pyconv operators."""
+
+import warnings
+
+import torch
+
+from . import _registry  # noqa: F401  (fake kernels and autograd)
+
+__all__ = ["dropout", "dropout1d", "dropout2d", "dropout3d"]
+
+
+def _check_p(p):
+    if p < 0.0 or p > 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+
+
+def _draw_seed(generator):
+    """One 63-bit seed from torch's default CPU generator, or from `generator` on its device."""
+    device = generator.device if generator is not None else "cpu"
+    return torch.empty((), dtype=torch.int64, device=device).random_(generator=generator)
+
+
+def _run(op, op_, input, p, inplace, generator):
+    seed = _draw_seed(generator)
+    if not inplace:
+        return op(input, p, seed)
+    if torch.is_grad_enabled() and input.requires_grad:
+        # Autograd of an in-place op: compute out of place and copy back, so that the graph sees
+        # an in-place update of `input` (and refuses it on a leaf, as torch does).
+        return input.copy_(op(input, p, seed))
+    op_(input, p, seed)
+    return input
+
+
+def dropout(input, p=0.5, training=True, inplace=False, *, generator=None):
+    """Zeroes each element of `input` with probability `p`, scaling the rest by 1 / (1 - p).
+
+    Same meaning as ``torch.nn.functional.dropout``. The mask comes from a counter-based Philox
+    stream seeded from torch's generator, so ``torch.manual_seed`` reproduces it, on the CPU and
+    on CUDA alike. Backward keeps no mask: it regenerates it from the 8-byte seed.
+    """
+    _check_p(p)
+    if not training or p == 0.0 or input.numel() == 0:
+        return input
+    ops = torch.ops.pyconv
+    return _run(ops.dropout, ops.dropout_, input, p, inplace, generator)
+
+
+def _feature_dropout(input, p, inplace, generator):
+    ops = torch.ops.pyconv
+    return _run(ops.dropout2d, ops.dropout2d_, input, p, inplace, generator)
+
+
+def dropout2d(input, p=0.5, training=True, inplace=False, *, generator=None):
+    """Zeroes whole channels: input[n, c] is dropped with probability `p` (torch's dropout2d)."""
+    _check_p(p)
+    dim = input.dim()
+    if dim not in (3, 4):
+        warnings.warn(
+            f"dropout2d: Received a {dim}-D input to dropout2d, which is deprecated "
+            "and will result in an error in a future release. To retain the behavior "
+            "and silence this warning, please use dropout instead. Note that dropout2d "
+            "exists to provide channel-wise dropout on inputs with 2 spatial dimensions, "
+            "a channel dimension, and an optional batch dimension (i.e. 3D or 4D inputs).",
+            stacklevel=2,
+        )
+    if dim == 3:
+        warnings.warn(
+            "dropout2d: Received a 3D input to dropout2d and assuming that channel-wise "
+            "1D dropout behavior is desired - input is interpreted as shape (N, C, L), where C "
+            "is the channel dim. This behavior will change in a future release to interpret the "
+            "input as one without a batch dimension, i.e. shape (C, H, W). To maintain the 1D "
+            "channel-wise dropout behavior, please switch to using dropout1d instead.",
+            stacklevel=2,
+        )
+    if not training or p == 0.0 or input.numel() == 0:
+        return input
+    return _feature_dropout(input, p, inplace, generator)
+
+
+def _maybe_batched(input, p, training, inplace, generator, batched):
+    if not training or p == 0.0 or input.numel() == 0:
+        return input
+    if batched:
+        return _feature_dropout(input, p, inplace, generator)
+    out = _feature_dropout(input.unsqueeze(0), p, inplace, generator)
+    return input if inplace else out.squeeze(0)
+
+
+def dropout1d(input, p=0.5, training=True, inplace=False, *, generator=None):
+    """Channel-wise dropout of (N, C, L) or unbatched (C, L) input (torch's dropout1d)."""
+    _check_p(p)
+    dim = input.dim()
+    if dim not in (2, 3):
+        raise RuntimeError(
+            f"dropout1d: Expected 2D or 3D input, but received a {dim}D input. "
+            "Note that dropout1d exists to provide channel-wise dropout on inputs with 1 "
+            "spatial dimension, a channel dimension, and an optional batch dimension "
+            "(i.e. 2D or 3D inputs)."
+        )
+    return _maybe_batched(input, p, training, inplace, generator, dim == 3)
+
+
+def dropout3d(input, p=0.5, training=True, inplace=False, *, generator=None):
+    """Channel-wise dropout of (N, C, D, H, W) or unbatched (C, D, H, W) input (torch's dropout3d)."""
+    _check_p(p)
+    dim = input.dim()
+    if dim not in (4, 5):
+        warnings.warn(
+            f"dropout3d: Received a {dim}-D input to dropout3d, which is deprecated "
+            "and will result in an error in a future release. To retain the behavior "
+            "and silence this warning, please use dropout instead. Note that dropout3d "
+            "exists to provide channel-wise dropout on inputs with 3 spatial dimensions, "
+            "a channel dimension, and an optional batch dimension (i.e. 4D or 5D inputs).",
+            stacklevel=2,
+        )
+    return _maybe_batched(input, p, training, inplace, generator, dim == 5)
