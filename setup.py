@@ -70,7 +70,11 @@ def _arch_list():
 def _extension():
     cpu_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/**/*.cpp")
     # The C++ standard is the one torch.utils.cpp_extension picks for the installed torch.
-    cxx = ["-O3", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is a header template that threads through OpenMP only when the
+    # extension itself is compiled with it; the runtime is torch's own libgomp (same soname), so
+    # torch.set_num_threads governs our loops too.
+    cxx = ["-O3", "-fvisibility=hidden", "-fopenmp"]
+    link = ["-fopenmp"]
     macros = [
         ("PYCONV_VERSION", f'"{VERSION}"'),
         ("PYCONV_TORCH_VERSION", f'"{torch.__version__.split("+")[0]}"'),
@@ -85,6 +89,7 @@ def _extension():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=link,
         )
     return CppExtension(
         "pyconv._C",
@@ -92,6 +97,7 @@ def _extension():
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=macros,
         extra_compile_args={"cxx": cxx},
+        extra_link_args=link,
     )
 
 

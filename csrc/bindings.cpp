@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common/philox.h"
+#include "cpu/buffer_cache.h"
 #include "cpu/simd.h"
 
 #ifndef PYCONV_VERSION
@@ -53,4 +54,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("simd_path", &pyconv::cpu::simd_path);
   m.def("set_simd_path", &pyconv::cpu::set_simd_path, py::arg("name"));
   m.def("philox", &philox, py::arg("counter"), py::arg("key"));
+  m.def("cpu_cache_stats", [] {
+    const auto s = pyconv::cpu::buffer_cache_stats();
+    py::dict d;
+    d["cached_bytes"] = s.cached_bytes;
+    d["cached_blocks"] = s.cached_blocks;
+    d["limit_bytes"] = s.limit_bytes;
+    d["hits"] = s.hits;
+    d["misses"] = s.misses;
+    return d;
+  });
+  m.def("cpu_cache_clear", &pyconv::cpu::buffer_cache_clear);
+  m.def("cpu_cache_set_limit", &pyconv::cpu::buffer_cache_set_limit, py::arg("bytes"));
 }

@@ -57,12 +57,30 @@ PYCONV_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t 
   return Philox4{{c0, c1, c2, c3}};
 }
 
-// The stream convention used by every pyconv op: key = seed, counter = (group, offset), where
-// element `index` of the stream takes word `index % 4` of group `index / 4`.
+// The stream convention used by every pyconv op: key = seed, counter = (group, offset). Element i
+// of the stream is word (i / 8) % 4 of group (i / 32) * 8 + i % 8: each block of 32 consecutive
+// elements is 8 groups x 4 words, laid out word-major, so that SIMD and GPU code get 8 consecutive
+// elements from one word of 8 groups without a transpose.
 PYCONV_HD Philox4 philox_group(uint64_t seed, uint64_t offset, uint64_t group) {
   return philox4x32_10(static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32),
                        static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
                        static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+PYCONV_HD uint64_t philox_group_of(uint64_t i) { return (i >> 5) * 8 + (i & 7); }
+PYCONV_HD int philox_word_of(uint64_t i) { return static_cast<int>((i >> 3) & 3); }
+
+// The 32 draws of block b (elements 32 b ... 32 b + 31), in element order.
+PYCONV_HD void philox_block32(uint64_t seed, uint64_t offset, uint64_t block, uint32_t out[32]) {
+  for (int s = 0; s < 8; ++s) {
+    const Philox4 r = philox_group(seed, offset, block * 8 + s);
+    for (int j = 0; j < 4; ++j) out[8 * j + s] = r.x[j];
+  }
+}
+
+// Draw i of the stream keyed by (seed, offset).
+PYCONV_HD uint32_t philox_draw(uint64_t seed, uint64_t offset, uint64_t i) {
+  return philox_group(seed, offset, philox_group_of(i)).x[philox_word_of(i)];
 }
 
 // What dropout needs to decide and scale one element: an element whose 32-bit draw u satisfies

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/dropout.h"
+#include "cpu/buffer_cache.h"
 #include "cpu/simd.h"
 
 namespace pyconv::cpu {
@@ -50,7 +51,7 @@ void dropout_dense(const at::Tensor& src, at::Tensor& dst, const DropoutParams& 
 
 at::Tensor dropout(const at::Tensor& input, double p, const at::Tensor& seed) {
   check_dropout_args("dropout", input, p, seed);
-  at::Tensor out = at::empty_like(input);
+  at::Tensor out = empty_like_cached(input);
   if (input.numel() == 0) return out;
   const DropoutParams d = dropout_params_from(p, seed_value("dropout", seed));
   const at::Tensor src = dense_source(input, out);
@@ -72,9 +73,10 @@ void dropout_(at::Tensor& input, double p, const at::Tensor& seed) {
 // keep[q] for every (n, c) pair q = n * C + c: draw q of the stream.
 std::vector<uint8_t> feature_keep(int64_t count, const DropoutParams& d) {
   std::vector<uint8_t> keep(static_cast<size_t>(count));
-  for (int64_t q = 0; q < count; q += 4) {
-    const Philox4 r = philox_group(d.seed, d.offset, static_cast<uint64_t>(q) / 4);
-    for (int64_t j = 0; j < 4 && q + j < count; ++j) keep[q + j] = dropout_keep(r.x[j], d);
+  uint32_t draws[32];
+  for (int64_t q = 0; q < count; ++q) {
+    if (q % 32 == 0) philox_block32(d.seed, d.offset, static_cast<uint64_t>(q / 32), draws);
+    keep[q] = dropout_keep(draws[q % 32], d);
   }
   return keep;
 }
@@ -105,7 +107,7 @@ void feature_dropout_into(const at::Tensor& src, at::Tensor& dst, const DropoutP
 at::Tensor feature_dropout(const at::Tensor& input, double p, const at::Tensor& seed) {
   check_dropout_args("dropout2d", input, p, seed);
   check_feature_input("dropout2d", input);
-  at::Tensor out = at::empty_like(input);
+  at::Tensor out = empty_like_cached(input);
   if (input.numel() == 0) return out;
   const DropoutParams d = dropout_params_from(p, seed_value("dropout2d", seed));
   if (feature_layout(out) == FeatureLayout::kOther) {

@@ -13,7 +13,7 @@ namespace pyconv::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kChunk = 16;  // elements per thread: four Philox groups
+constexpr int kChunk = 32;  // elements per thread: one block of eight Philox groups
 
 __device__ __forceinline__ void resolve_seed(DropoutParams& d, const int64_t* seed_ptr) {
   if (seed_ptr != nullptr) d.seed = static_cast<uint64_t>(*seed_ptr);
@@ -26,19 +26,16 @@ __device__ __forceinline__ T apply(T x, bool keep, const DropoutParams& d) {
   return keep ? static_cast<T>(static_cast<Acc>(x) * scale) : static_cast<T>(Acc(0));
 }
 
-// Each thread: 16 consecutive elements (four Philox groups), read and written as 16-byte vectors
-// when src and dst are 16-byte aligned. src may equal dst (in place): every load of a thread comes
-// before its stores, and threads share no element.
+// Each thread: one block of 32 consecutive elements (eight Philox groups, common/philox.h), read
+// and written as 16-byte vectors when src and dst are 16-byte aligned. src may equal dst (in
+// place): every load of a thread comes before its stores, and threads share no element.
 template <typename T, bool kVector>
 __global__ void __launch_bounds__(kThreads)
-    dropout_kernel(const T* src, T* dst, int64_t n, DropoutParams d,
-                   const int64_t* seed_ptr) {
+    dropout_kernel(const T* src, T* dst, int64_t n, DropoutParams d, const int64_t* seed_ptr) {
   resolve_seed(d, seed_ptr);
-  const int64_t base = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kChunk;
+  const int64_t block = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t base = block * kChunk;
   if (base >= n) return;
-  Philox4 r[4];
-#pragma unroll
-  for (int g = 0; g < 4; ++g) r[g] = philox_group(d.seed, d.offset, static_cast<uint64_t>(base / 4 + g));
   if (kVector && base + kChunk <= n) {
     using V = Vec16<T>;
     constexpr int kVecs = kChunk / V::kSize;
@@ -46,15 +43,22 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int k = 0; k < kVecs; ++k) v[k] = reinterpret_cast<const V*>(src + base)[k];
 #pragma unroll
-    for (int e = 0; e < kChunk; ++e) {
-      T& x = v[e / V::kSize].v[e % V::kSize];
-      x = apply(x, dropout_keep(r[e / 4].x[e % 4], d), d);
+    for (int s = 0; s < 8; ++s) {
+      const Philox4 r = philox_group(d.seed, d.offset, static_cast<uint64_t>(block) * 8 + s);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int e = 8 * j + s;  // element of the block that word j of group s decides
+        T& x = v[e / V::kSize].v[e % V::kSize];
+        x = apply(x, dropout_keep(r.x[j], d), d);
+      }
     }
 #pragma unroll
     for (int k = 0; k < kVecs; ++k) reinterpret_cast<V*>(dst + base)[k] = v[k];
   } else {
+    uint32_t draws[kChunk];
+    philox_block32(d.seed, d.offset, static_cast<uint64_t>(block), draws);
     for (int e = 0; e < kChunk && base + e < n; ++e) {
-      dst[base + e] = apply(src[base + e], dropout_keep(r[e / 4].x[e % 4], d), d);
+      dst[base + e] = apply(src[base + e], dropout_keep(draws[e], d), d);
     }
   }
 }
@@ -63,13 +67,9 @@ __global__ void __launch_bounds__(kThreads)
 __global__ void feature_keep_kernel(uint8_t* keep, int64_t count, DropoutParams d,
                                     const int64_t* seed_ptr) {
   resolve_seed(d, seed_ptr);
-  const int64_t q = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
+  const int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (q >= count) return;
-  const Philox4 r = philox_group(d.seed, d.offset, static_cast<uint64_t>(q / 4));
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    if (q + j < count) keep[q + j] = dropout_keep(r.x[j], d) ? 1 : 0;
-  }
+  keep[q] = dropout_keep(philox_draw(d.seed, d.offset, static_cast<uint64_t>(q)), d) ? 1 : 0;
 }
 
 // Feature dropout: element i belongs to pair q. Planes (NCHW-dense): q = i / inner. Rows
@@ -199,7 +199,7 @@ void feature_dropout_into(const at::Tensor& src, at::Tensor& dst, double p, cons
   DropoutParams d = dropout_params_from(p, static_cast<int64_t>(seed.value));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor keep = at::empty({N * C}, dst.options().dtype(at::kByte));
-  feature_keep_kernel<<<ceil_div(ceil_div(N * C, 4), kThreads), kThreads, 0, stream>>>(
+  feature_keep_kernel<<<ceil_div(N * C, kThreads), kThreads, 0, stream>>>(
       keep.mutable_data_ptr<uint8_t>(), N * C, d, seed.ptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   dispatch_float_types(dst.scalar_type(), [&](auto tag) {

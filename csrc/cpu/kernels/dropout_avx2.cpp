@@ -18,73 +18,79 @@
 namespace pyconv::cpu {
 namespace {
 
-// Eight Philox4x32-10 streams at once: counters (c0[k], c1, c2, c3), one key. Returns the four
-// output words of each stream, word j of stream k in lane k of out[j].
-inline void philox8(__m256i c0, uint32_t c1s, uint32_t c2s, uint32_t c3s, uint32_t k0s,
-                    uint32_t k1s, __m256i out[4]) {
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
-  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
-  __m256i c1 = _mm256_set1_epi32(static_cast<int>(c1s));
-  __m256i c2 = _mm256_set1_epi32(static_cast<int>(c2s));
-  __m256i c3 = _mm256_set1_epi32(static_cast<int>(c3s));
-  uint32_t k0 = k0s, k1 = k1s;
-  for (int round = 0; round < 10; ++round) {
-    if (round > 0) {
+// The 32 draws of block b of the stream (common/philox.h): groups 8 b ... 8 b + 7, word j of them
+// in w[j], lane s = group 8 b + s, which is element 32 b + 8 j + s. The even groups run in the
+// 64-bit lanes of e*, the odd ones in o*: _mm256_mul_epu32 then yields whole 32x32 -> 64-bit
+// products, and only the low 32 bits of each 64-bit lane carry state.
+struct KeySchedule {
+  __m256i k[10][2];  // the round keys, broadcast
+  explicit KeySchedule(uint64_t seed) {
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      k[round][0] = _mm256_set1_epi32(static_cast<int>(k0));
+      k[round][1] = _mm256_set1_epi32(static_cast<int>(k1));
       k0 += kPhiloxW0;
       k1 += kPhiloxW1;
     }
-    // 32x32 -> 64 products of the even lanes, then of the odd lanes.
-    const __m256i p0e = _mm256_mul_epu32(c0, m0);
-    const __m256i p0o = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), m0);
-    const __m256i p1e = _mm256_mul_epu32(c2, m1);
-    const __m256i p1o = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), m1);
-    const __m256i lo0 = _mm256_blend_epi32(p0e, _mm256_slli_epi64(p0o, 32), 0xAA);
-    const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(p0e, 32), p0o, 0xAA);
-    const __m256i lo1 = _mm256_blend_epi32(p1e, _mm256_slli_epi64(p1o, 32), 0xAA);
-    const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(p1e, 32), p1o, 0xAA);
-    const __m256i n0 =
-        _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-    const __m256i n2 =
-        _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
-    c0 = n0;
-    c1 = lo1;
-    c2 = n2;
-    c3 = lo0;
   }
-  out[0] = c0;
-  out[1] = c1;
-  out[2] = c2;
-  out[3] = c3;
+};
+
+// kNB consecutive blocks at once.
+template <int kNB>
+inline void philox_blocks(uint64_t block, const DropoutParams& d, const KeySchedule& ks,
+                          __m256i w[kNB][4]) {
+  const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0);
+  const __m256i m1 = _mm256_set1_epi64x(kPhiloxM1);
+  const __m256i c2 = _mm256_set1_epi64x(static_cast<uint32_t>(d.offset));
+  const __m256i c3 = _mm256_set1_epi64x(static_cast<uint32_t>(d.offset >> 32));
+  __m256i e0[kNB], e1[kNB], e2[kNB], e3[kNB], o0[kNB], o1[kNB], o2[kNB], o3[kNB];
+  for (int n = 0; n < kNB; ++n) {
+    const uint64_t g = (block + n) * 8;
+    const uint32_t glo = static_cast<uint32_t>(g);  // g % 8 == 0: g + 7 shares the high word
+    e0[n] = _mm256_setr_epi64x(glo + 0, glo + 2, glo + 4, glo + 6);
+    o0[n] = _mm256_setr_epi64x(glo + 1, glo + 3, glo + 5, glo + 7);
+    e1[n] = o1[n] = _mm256_set1_epi64x(static_cast<uint32_t>(g >> 32));
+    e2[n] = o2[n] = c2;
+    e3[n] = o3[n] = c3;
+  }
+  for (int round = 0; round < 10; ++round) {
+    const __m256i key0 = ks.k[round][0];
+    const __m256i key1 = ks.k[round][1];
+    for (int n = 0; n < kNB; ++n) {
+      const __m256i pe0 = _mm256_mul_epu32(e0[n], m0), pe1 = _mm256_mul_epu32(e2[n], m1);
+      const __m256i po0 = _mm256_mul_epu32(o0[n], m0), po1 = _mm256_mul_epu32(o2[n], m1);
+      // (c1 ^ key) does not wait for the products: it shortens the chain between rounds
+      e0[n] = _mm256_xor_si256(_mm256_srli_epi64(pe1, 32), _mm256_xor_si256(e1[n], key0));
+      e2[n] = _mm256_xor_si256(_mm256_srli_epi64(pe0, 32), _mm256_xor_si256(e3[n], key1));
+      o0[n] = _mm256_xor_si256(_mm256_srli_epi64(po1, 32), _mm256_xor_si256(o1[n], key0));
+      o2[n] = _mm256_xor_si256(_mm256_srli_epi64(po0, 32), _mm256_xor_si256(o3[n], key1));
+      e1[n] = pe1;
+      e3[n] = pe0;
+      o1[n] = po1;
+      o3[n] = po0;
+    }
+  }
+  for (int n = 0; n < kNB; ++n) {
+    w[n][0] = _mm256_blend_epi32(e0[n], _mm256_slli_epi64(o0[n], 32), 0xAA);
+    w[n][1] = _mm256_blend_epi32(e1[n], _mm256_slli_epi64(o1[n], 32), 0xAA);
+    w[n][2] = _mm256_blend_epi32(e2[n], _mm256_slli_epi64(o2[n], 32), 0xAA);
+    w[n][3] = _mm256_blend_epi32(e3[n], _mm256_slli_epi64(o3[n], 32), 0xAA);
+  }
 }
 
-// Drop masks (all ones = drop) of the 32 elements [32 b, 32 b + 32) of the stream, in memory order:
-// mask[j] covers elements 32 b + 8 j ... 32 b + 8 j + 7.
-inline void drop_masks32(uint64_t block, const DropoutParams& d, __m256i mask[4]) {
-  const uint64_t g = block * 8;  // first group; g % 8 == 0, so the 8 groups share the high word
-  const __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g))),
-                                      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  __m256i w[4];
-  philox8(c0, static_cast<uint32_t>(g >> 32), static_cast<uint32_t>(d.offset),
-          static_cast<uint32_t>(d.offset >> 32), static_cast<uint32_t>(d.seed),
-          static_cast<uint32_t>(d.seed >> 32), w);
-  // drop where draw < threshold (unsigned): compare with the sign bit flipped on both sides
-  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
-  const __m256i thr = _mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(d.threshold)), sign);
-  __m256i dm[4];
-  for (int j = 0; j < 4; ++j) dm[j] = _mm256_cmpgt_epi32(thr, _mm256_xor_si256(w[j], sign));
-  // dm[j] lane k belongs to element 4 (g + k) + j: transpose 4 x 8 to memory order.
-  const __m256i t0 = _mm256_unpacklo_epi32(dm[0], dm[1]);
-  const __m256i t1 = _mm256_unpackhi_epi32(dm[0], dm[1]);
-  const __m256i t2 = _mm256_unpacklo_epi32(dm[2], dm[3]);
-  const __m256i t3 = _mm256_unpackhi_epi32(dm[2], dm[3]);
-  const __m256i u0 = _mm256_unpacklo_epi64(t0, t2);  // groups 0 | 4
-  const __m256i u1 = _mm256_unpackhi_epi64(t0, t2);  // groups 1 | 5
-  const __m256i u2 = _mm256_unpacklo_epi64(t1, t3);  // groups 2 | 6
-  const __m256i u3 = _mm256_unpackhi_epi64(t1, t3);  // groups 3 | 7
-  mask[0] = _mm256_permute2x128_si256(u0, u1, 0x20);
-  mask[1] = _mm256_permute2x128_si256(u2, u3, 0x20);
-  mask[2] = _mm256_permute2x128_si256(u0, u1, 0x31);
-  mask[3] = _mm256_permute2x128_si256(u2, u3, 0x31);
+// Keep masks (all ones = keep) of blocks b ... b + kNB - 1: mask[n][j] covers elements
+// 32 (b + n) + 8 j ... + 7.
+template <int kNB>
+inline void keep_masks(uint64_t block, const DropoutParams& d, const KeySchedule& ks,
+                       __m256i mask[kNB][4]) {
+  philox_blocks<kNB>(block, d, ks, mask);
+  const __m256i thr = _mm256_set1_epi32(static_cast<int>(d.threshold));
+  // keep where draw >= threshold, unsigned: max(draw, threshold) == draw
+  for (int n = 0; n < kNB; ++n) {
+    for (int j = 0; j < 4; ++j) {
+      mask[n][j] = _mm256_cmpeq_epi32(_mm256_max_epu32(mask[n][j], thr), mask[n][j]);
+    }
+  }
 }
 
 // Loads and stores of eight elements as floats.
@@ -126,15 +132,21 @@ void dropout_blocks(const void* src_v, void* dst_v, int64_t b0, int64_t b1, cons
   const T* src = static_cast<const T*>(src_v);
   T* dst = static_cast<T*>(dst_v);
   const __m256 scale = _mm256_set1_ps(d.scale);
-  for (int64_t b = b0; b < b1; ++b) {
-    __m256i m[4];
-    drop_masks32(static_cast<uint64_t>(b), d, m);
+  const KeySchedule ks(d.seed);
+  auto apply = [&](int64_t b, const __m256i m[4]) {
     const T* x = src + b * 32;
     T* y = dst + b * 32;
     for (int j = 0; j < 4; ++j) {
       const __m256 v = _mm256_mul_ps(Io::load(x + 8 * j), scale);
-      Io::store(y + 8 * j, _mm256_andnot_ps(_mm256_castsi256_ps(m[j]), v));
+      Io::store(y + 8 * j, _mm256_and_ps(_mm256_castsi256_ps(m[j]), v));
     }
+  };
+  // One block at a time: its 8 state vectors, constants and masks fill the 16 ymm registers; two
+  // blocks in flight spill and run slower.
+  for (int64_t b = b0; b < b1; ++b) {
+    __m256i m[1][4];
+    keep_masks<1>(static_cast<uint64_t>(b), d, ks, m);
+    apply(b, m[0]);
   }
 }
 
@@ -143,17 +155,19 @@ void dropout_blocks_double(const void* src_v, void* dst_v, int64_t b0, int64_t b
   const double* src = static_cast<const double*>(src_v);
   double* dst = static_cast<double*>(dst_v);
   const __m256d scale = _mm256_set1_pd(d.scale_d);
+  const KeySchedule ks(d.seed);
   for (int64_t b = b0; b < b1; ++b) {
-    __m256i m[4];
-    drop_masks32(static_cast<uint64_t>(b), d, m);
+    __m256i m[1][4];
+    keep_masks<1>(static_cast<uint64_t>(b), d, ks, m);
     const double* x = src + b * 32;
     double* y = dst + b * 32;
     for (int j = 0; j < 4; ++j) {
-      const __m256d mlo = _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(m[j])));
-      const __m256d mhi = _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(m[j], 1)));
-      _mm256_storeu_pd(y + 8 * j, _mm256_andnot_pd(mlo, _mm256_mul_pd(_mm256_loadu_pd(x + 8 * j), scale)));
+      const __m256d mlo = _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(m[0][j])));
+      const __m256d mhi =
+          _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(m[0][j], 1)));
+      _mm256_storeu_pd(y + 8 * j, _mm256_and_pd(mlo, _mm256_mul_pd(_mm256_loadu_pd(x + 8 * j), scale)));
       _mm256_storeu_pd(y + 8 * j + 4,
-                       _mm256_andnot_pd(mhi, _mm256_mul_pd(_mm256_loadu_pd(x + 8 * j + 4), scale)));
+                       _mm256_and_pd(mhi, _mm256_mul_pd(_mm256_loadu_pd(x + 8 * j + 4), scale)));
     }
   }
 }

@@ -37,13 +37,12 @@ void dropout_range_t(const void* src_v, void* dst_v, int64_t begin, int64_t end,
   using T = typename Io<Tag>::T;
   const T* src = static_cast<const T*>(src_v);
   T* dst = static_cast<T*>(dst_v);
-  int64_t i = begin;
-  while (i < end) {
-    const uint64_t group = static_cast<uint64_t>(i) >> 2;
-    const Philox4 r = philox_group(d.seed, d.offset, group);
-    const int64_t stop = std::min<int64_t>(end, static_cast<int64_t>(group * 4 + 4));
-    for (; i < stop; ++i) {
-      const bool keep = dropout_keep(r.x[i & 3], d);
+  uint32_t draws[32];
+  for (int64_t i = begin; i < end;) {
+    const int64_t block = i / 32;
+    philox_block32(d.seed, d.offset, static_cast<uint64_t>(block), draws);
+    for (const int64_t stop = std::min<int64_t>(end, block * 32 + 32); i < stop; ++i) {
+      const bool keep = dropout_keep(draws[i & 31], d);
       dst[i] = Io<Tag>::store(keep ? Io<Tag>::load(src[i]) * d.scale : 0.0f);
     }
   }
@@ -53,12 +52,13 @@ void dropout_range_double(const void* src_v, void* dst_v, int64_t begin, int64_t
                           const DropoutParams& d) {
   const double* src = static_cast<const double*>(src_v);
   double* dst = static_cast<double*>(dst_v);
-  int64_t i = begin;
-  while (i < end) {
-    const uint64_t group = static_cast<uint64_t>(i) >> 2;
-    const Philox4 r = philox_group(d.seed, d.offset, group);
-    const int64_t stop = std::min<int64_t>(end, static_cast<int64_t>(group * 4 + 4));
-    for (; i < stop; ++i) dst[i] = dropout_keep(r.x[i & 3], d) ? src[i] * d.scale_d : 0.0;
+  uint32_t draws[32];
+  for (int64_t i = begin; i < end;) {
+    const int64_t block = i / 32;
+    philox_block32(d.seed, d.offset, static_cast<uint64_t>(block), draws);
+    for (const int64_t stop = std::min<int64_t>(end, block * 32 + 32); i < stop; ++i) {
+      dst[i] = dropout_keep(draws[i & 31], d) ? src[i] * d.scale_d : 0.0;
+    }
   }
 }
 

@@ -1,0 +1,32 @@
+// A cache of large CPU buffers for op outputs. torch's CPU allocator hands blocks of more than a few
+// MiB back to the operating system on free, so each fresh output pays a page fault per 4 KiB
+// touched (here that costs more than the dropout kernel itself). Buffers of at least kMinBytes come
+// from this cache instead and return to it when their tensor dies, up to a byte limit
+// (PYCONV_CPU_CACHE_MB, default 1024; 0 turns the cache off); pyconv.empty_cache() frees them.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace pyconv::cpu {
+
+constexpr size_t kMinCachedBytes = size_t{1} << 20;
+
+// Same sizes, strides, dtype and device as at::empty_like(like).
+at::Tensor empty_like_cached(const at::Tensor& like);
+
+struct BufferCacheStats {
+  int64_t cached_bytes;
+  int64_t cached_blocks;
+  int64_t limit_bytes;
+  int64_t hits;
+  int64_t misses;
+};
+
+BufferCacheStats buffer_cache_stats();
+void buffer_cache_clear();
+void buffer_cache_set_limit(int64_t bytes);
+
+}  // namespace pyconv::cpu
