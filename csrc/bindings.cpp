@@ -33,7 +33,8 @@ bool cuda_compiled() {
 }
 
 // Philox4x32-10 of one counter and key, for known-answer tests of the shared generator.
-std::vector<uint32_t> philox(const std::vector<uint32_t>& counter, const std::vector<uint32_t>& key) {
+std::vector<uint32_t> philox(const std::vector<uint32_t>& counter,
+                             const std::vector<uint32_t>& key) {
   if (counter.size() != 4 || key.size() != 2) {
     throw py::value_error("philox: expected a counter of 4 words and a key of 2 words");
   }

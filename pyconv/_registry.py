@@ -11,7 +11,7 @@ from . import _C  # noqa: F401  (the schemas must exist before registering again
 _lib = torch.library
 
 
-# --- dropout -------------------------------------------------------------------------------------
+# --- dropout ---
 
 
 @_lib.register_fake("pyconv::dropout")

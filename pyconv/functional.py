@@ -17,7 +17,7 @@ def _check_p(p):
 def _draw_seed(generator):
     """One 63-bit seed from torch's default CPU generator, or from `generator` on its device."""
     device = generator.device if generator is not None else "cpu"
-    return torch.empty((), dtype=torch.int64, device=device).random_(generator=generator)
+    return torch.randint(0, 2**63 - 1, (), dtype=torch.int64, device=device, generator=generator)
 
 
 def _run(op, op_, input, p, inplace, generator):
@@ -102,7 +102,7 @@ def dropout1d(input, p=0.5, training=True, inplace=False, *, generator=None):
 
 
 def dropout3d(input, p=0.5, training=True, inplace=False, *, generator=None):
-    """Channel-wise dropout of (N, C, D, H, W) or unbatched (C, D, H, W) input (torch's dropout3d)."""
+    """Channel-wise dropout of (N, C, D, H, W) or unbatched (C, D, H, W) input (as torch)."""
     _check_p(p)
     dim = input.dim()
     if dim not in (4, 5):

@@ -15,10 +15,8 @@ inline void check_dropout_args(const char* op, const at::Tensor& input, double p
                                const at::Tensor& seed) {
   const auto t = input.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
-              ": expected a floating-point input (float32, float64, float16 or bfloat16), got ",
-              t);
-  TORCH_CHECK(p >= 0.0 && p <= 1.0, op, ": expected p (the drop probability) in [0, 1], got ",
-              p);
+              ": expected a floating-point input (float32, float64, float16 or bfloat16), got ", t);
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, op, ": expected p (the drop probability) in [0, 1], got ", p);
   TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1, op,
               ": expected seed to be a one-element int64 tensor, got ", seed.scalar_type(),
               " with ", seed.numel(), " elements");

@@ -1,5 +1,5 @@
-// A cache of large CPU buffers for op outputs. torch's CPU allocator hands blocks of more than a few
-// MiB back to the operating system on free, so each fresh output pays a page fault per 4 KiB
+// A cache of large CPU buffers for op outputs. torch's CPU allocator hands blocks of more than a
+// few MiB back to the operating system on free, so each fresh output pays a page fault per 4 KiB
 // touched (here that costs more than the dropout kernel itself). Buffers of at least kMinBytes come
 // from this cache instead and return to it when their tensor dies, up to a byte limit
 // (PYCONV_CPU_CACHE_MB, default 1024; 0 turns the cache off); pyconv.empty_cache() frees them.

@@ -1,5 +1,7 @@
 // CPU dropout and feature (channel) dropout: checks, layout, threading. Inner loops live in
 // cpu/kernels/dropout_{avx2,generic}.cpp.
+#include "common/dropout.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -8,7 +10,6 @@
 
 #include <vector>
 
-#include "common/dropout.h"
 #include "cpu/buffer_cache.h"
 #include "cpu/simd.h"
 

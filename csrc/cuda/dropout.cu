@@ -76,8 +76,8 @@ __global__ void feature_keep_kernel(uint8_t* keep, int64_t count, DropoutParams 
 // (channels innermost): q = (i / (C * inner)) * C + i % C.
 template <typename T, bool kRows>
 __global__ void __launch_bounds__(kThreads)
-    feature_apply_kernel(const T* src, T* dst, int64_t n, int64_t C,
-                         int64_t inner, const uint8_t* __restrict__ keep, DropoutParams d) {
+    feature_apply_kernel(const T* src, T* dst, int64_t n, int64_t C, int64_t inner,
+                         const uint8_t* __restrict__ keep, DropoutParams d) {
   using V = Vec16<T>;
   const int64_t base = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * V::kSize;
   if (base >= n) return;

@@ -117,17 +117,20 @@ struct BF16 {
   static void store(T* p, __m256 v) {
     const __m256i b = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
+    __m256i r = _mm256_srli_epi32(
+        _mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
     const __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(0x40));
     const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
     r = _mm256_blendv_epi8(r, qnan, _mm256_castps_si256(nan));
-    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    const __m128i packed =
+        _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
   }
 };
 
 template <typename Io>
-void dropout_blocks(const void* src_v, void* dst_v, int64_t b0, int64_t b1, const DropoutParams& d) {
+void dropout_blocks(const void* src_v, void* dst_v, int64_t b0, int64_t b1,
+                    const DropoutParams& d) {
   using T = typename Io::T;
   const T* src = static_cast<const T*>(src_v);
   T* dst = static_cast<T*>(dst_v);
@@ -162,10 +165,12 @@ void dropout_blocks_double(const void* src_v, void* dst_v, int64_t b0, int64_t b
     const double* x = src + b * 32;
     double* y = dst + b * 32;
     for (int j = 0; j < 4; ++j) {
-      const __m256d mlo = _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(m[0][j])));
+      const __m256d mlo =
+          _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(m[0][j])));
       const __m256d mhi =
           _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(m[0][j], 1)));
-      _mm256_storeu_pd(y + 8 * j, _mm256_and_pd(mlo, _mm256_mul_pd(_mm256_loadu_pd(x + 8 * j), scale)));
+      _mm256_storeu_pd(y + 8 * j,
+                       _mm256_and_pd(mlo, _mm256_mul_pd(_mm256_loadu_pd(x + 8 * j), scale)));
       _mm256_storeu_pd(y + 8 * j + 4,
                        _mm256_and_pd(mhi, _mm256_mul_pd(_mm256_loadu_pd(x + 8 * j + 4), scale)));
     }
@@ -227,9 +232,9 @@ void scale_planes_t(const void* src_v, void* dst_v, int64_t q0, int64_t q1, int6
   const T* src = static_cast<const T*>(src_v);
   T* dst = static_cast<T*>(dst_v);
   for (int64_t q = q0; q < q1; ++q) {
-    const int64_t done = keep[q] ? scale_span8<Io>(src + q * plane, dst + q * plane, plane,
-                                                   _mm256_set1_ps(d.scale))
-                                 : 0;
+    const int64_t done =
+        keep[q] ? scale_span8<Io>(src + q * plane, dst + q * plane, plane, _mm256_set1_ps(d.scale))
+                : 0;
     if (!keep[q]) {
       std::memset(dst + q * plane, 0, static_cast<size_t>(plane) * sizeof(T));
     } else if (done < plane) {

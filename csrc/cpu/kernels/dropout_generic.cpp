@@ -106,7 +106,8 @@ void scale_planes(const void* src, void* dst, int64_t q0, int64_t q1, int64_t pl
       const double* x = static_cast<const double*>(src);
       double* y = static_cast<double*>(dst);
       for (int64_t q = q0; q < q1; ++q) {
-        for (int64_t i = q * plane; i < (q + 1) * plane; ++i) y[i] = keep[q] ? x[i] * d.scale_d : 0.0;
+        for (int64_t i = q * plane; i < (q + 1) * plane; ++i)
+          y[i] = keep[q] ? x[i] * d.scale_d : 0.0;
       }
       return;
     }

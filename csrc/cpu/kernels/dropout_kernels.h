@@ -22,7 +22,8 @@ using ScalePlanesFn = void (*)(const void* src, void* dst, int64_t q_begin, int6
                                ScalarKind kind);
 
 // Feature dropout on channel-minor rows (channels_last): for row r in [r_begin, r_end) and
-// channel c, dst[r * channels + c] = keep[(r / rows_per_batch) * channels + c] ? src[..] * scale : 0.
+// channel c, dst[r * channels + c] = keep[(r / rows_per_batch) * channels + c] ? src[..] * scale :
+// 0.
 using ScaleRowsFn = void (*)(const void* src, void* dst, int64_t r_begin, int64_t r_end,
                              int64_t channels, int64_t rows_per_batch, const uint8_t* keep,
                              const DropoutParams& params, ScalarKind kind);
