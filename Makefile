@@ -14,7 +14,7 @@ $(STAMP): requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip setuptools wheel
 	$(PY) -m pip install "$(TORCH)" -r requirements-dev.txt
-	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	PYCONV_SKIP_EXT=1 $(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
 # Incremental: ninja rebuilds only what changed.

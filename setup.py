@@ -103,11 +103,15 @@ def _extension():
     )
 
 
+# PYCONV_SKIP_EXT=1: install the package (e.g. `pip install -e .`) without compiling; the Makefile
+# then builds the extension in place with `setup.py build_ext --inplace`, incrementally.
+_skip_ext = os.environ.get("PYCONV_SKIP_EXT", "0") not in ("", "0")
+
 setup(
     name="pyconv",
     version=VERSION,
     packages=find_packages(include=["pyconv", "pyconv.*"]),
-    ext_modules=[_extension()],
+    ext_modules=[] if _skip_ext else [_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
 )

@@ -13,4 +13,26 @@ TORCH_LIBRARY(pyconv, m) {
   // p * 2^32, for every memory layout.
   m.def("dropout2d(Tensor input, float p, Tensor seed) -> Tensor");
   m.def("dropout2d_(Tensor(a!) input, float p, Tensor seed) -> ()");
+
+  // Max pooling. Returns the output and, per output element, the offset kh * kW + kw of its
+  // maximum inside the window (uint8 when the window has at most 256 elements, else int32): the
+  // only thing backward needs besides sizes.
+  m.def(
+      "max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "int[2] dilation, bool ceil_mode) -> (Tensor, Tensor)");
+  m.def(
+      "max_pool2d_backward(Tensor grad_output, Tensor argmax, int[] input_size, "
+      "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) "
+      "-> Tensor");
+  // torch's int64 indices (flat position in each H x W plane) from the window offsets.
+  m.def(
+      "max_pool2d_indices(Tensor argmax, int[] input_size, int[2] kernel_size, int[2] stride, "
+      "int[2] padding, int[2] dilation, bool ceil_mode) -> Tensor");
+  m.def(
+      "avg_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor");
+  m.def(
+      "avg_pool2d_backward(Tensor grad_output, int[] input_size, int[2] kernel_size, "
+      "int[2] stride, int[2] padding, bool ceil_mode, bool count_include_pad, "
+      "int? divisor_override) -> Tensor");
 }

@@ -6,7 +6,7 @@ import torch
 
 from . import _registry  # noqa: F401  (fake kernels and autograd)
 
-__all__ = ["dropout", "dropout1d", "dropout2d", "dropout3d"]
+__all__ = ["dropout", "dropout1d", "dropout2d", "dropout3d", "max_pool2d", "avg_pool2d"]
 
 
 def _check_p(p):
@@ -115,3 +115,65 @@ def dropout3d(input, p=0.5, training=True, inplace=False, *, generator=None):
             stacklevel=2,
         )
     return _maybe_batched(input, p, training, inplace, generator, dim == 5)
+
+
+# --- pooling ---
+
+
+def _pair(value, name, op):
+    if isinstance(value, int):
+        return [value, value]
+    value = [int(v) for v in value]
+    if len(value) == 1:
+        return value * 2
+    if len(value) != 2:
+        raise RuntimeError(f"{op}: {name} must either be a single int, or a tuple of two ints")
+    return value
+
+
+def _pool_args(op, kernel_size, stride, padding):
+    k = _pair(kernel_size, "kernel_size", op)
+    s = k if stride is None or (not isinstance(stride, int) and len(stride) == 0) else None
+    s = s or _pair(stride, "stride", op)
+    return k, s, _pair(padding, "padding", op)
+
+
+def max_pool2d(
+    input,
+    kernel_size,
+    stride=None,
+    padding=0,
+    dilation=1,
+    ceil_mode=False,
+    return_indices=False,
+):
+    """2-D max pooling with torch.nn.functional.max_pool2d's arguments and results.
+
+    Backward keeps one byte per output element (the position of the maximum inside its window);
+    torch's int64 indices are built only when ``return_indices=True`` asks for them.
+    """
+    k, s, p = _pool_args("max_pool2d", kernel_size, stride, padding)
+    d = _pair(dilation, "dilation", "max_pool2d")
+    out, argmax = torch.ops.pyconv.max_pool2d(input, k, s, p, d, bool(ceil_mode))
+    if return_indices:
+        indices = torch.ops.pyconv.max_pool2d_indices(
+            argmax, list(input.shape), k, s, p, d, bool(ceil_mode)
+        )
+        return out, indices
+    return out
+
+
+def avg_pool2d(
+    input,
+    kernel_size,
+    stride=None,
+    padding=0,
+    ceil_mode=False,
+    count_include_pad=True,
+    divisor_override=None,
+):
+    """2-D average pooling with torch.nn.functional.avg_pool2d's arguments and results."""
+    k, s, p = _pool_args("avg_pool2d", kernel_size, stride, padding)
+    return torch.ops.pyconv.avg_pool2d(
+        input, k, s, p, bool(ceil_mode), bool(count_include_pad), divisor_override
+    )

@@ -1,5 +1,6 @@
 #include "cpu/buffer_cache.h"
 
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/util/Exception.h>
@@ -101,18 +102,38 @@ BufferCache& cache() {
 
 }  // namespace
 
-at::Tensor empty_like_cached(const at::Tensor& like) {
-  const size_t bytes = static_cast<size_t>(like.numel()) * like.element_size();
-  if (!like.device().is_cpu() || bytes < kMinCachedBytes || !cache().enabled()) {
-    return at::empty_like(like);
-  }
-  // The layout at::empty_like would choose, without allocating.
-  const at::Tensor meta = at::empty_like(like, like.options().device(at::kMeta));
+namespace {
+
+// A CPU tensor with the sizes and strides of `meta`, its storage from the cache.
+at::Tensor from_cache(const at::Tensor& meta, const at::TensorOptions& options) {
+  const size_t bytes = static_cast<size_t>(meta.numel()) * meta.element_size();
   size_t size = 0;
   void* p = cache().acquire(bytes, &size);
   return at::from_blob(
-      p, meta.sizes(), meta.strides(), [size](void* q) { cache().release(q, size); },
-      like.options());
+      p, meta.sizes(), meta.strides(), [size](void* q) { cache().release(q, size); }, options);
+}
+
+bool use_cache(int64_t numel, int64_t element_size) {
+  return static_cast<size_t>(numel * element_size) >= kMinCachedBytes && cache().enabled();
+}
+
+}  // namespace
+
+at::Tensor empty_like_cached(const at::Tensor& like) {
+  if (!like.device().is_cpu() || !use_cache(like.numel(), like.element_size())) {
+    return at::empty_like(like);
+  }
+  // The layout at::empty_like would choose, without allocating.
+  return from_cache(at::empty_like(like, like.options().device(at::kMeta)), like.options());
+}
+
+at::Tensor empty_cached(c10::IntArrayRef sizes, const at::TensorOptions& options,
+                        at::MemoryFormat format) {
+  const at::Tensor meta = at::empty(sizes, options.device(at::kMeta).memory_format(format));
+  if (!options.device().is_cpu() || !use_cache(meta.numel(), meta.element_size())) {
+    return at::empty(sizes, options.memory_format(format));
+  }
+  return from_cache(meta, options.memory_format(std::nullopt));
 }
 
 BufferCacheStats buffer_cache_stats() { return cache().stats(); }

@@ -17,6 +17,10 @@ constexpr size_t kMinCachedBytes = size_t{1} << 20;
 // Same sizes, strides, dtype and device as at::empty_like(like).
 at::Tensor empty_like_cached(const at::Tensor& like);
 
+// Same as at::empty(sizes, options.memory_format(format)) on the CPU.
+at::Tensor empty_cached(c10::IntArrayRef sizes, const at::TensorOptions& options,
+                        at::MemoryFormat format);
+
 struct BufferCacheStats {
   int64_t cached_bytes;
   int64_t cached_blocks;

@@ -50,4 +50,8 @@ const DropoutKernels& dropout_kernels() {
   return current().load() == kAvx2 ? dropout_kernels_avx2() : dropout_kernels_generic();
 }
 
+const PoolKernels& pool_kernels() {
+  return current().load() == kAvx2 ? pool_kernels_avx2() : pool_kernels_generic();
+}
+
 }  // namespace pyconv::cpu

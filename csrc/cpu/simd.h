@@ -5,6 +5,7 @@
 #include <string>
 
 #include "cpu/kernels/dropout_kernels.h"
+#include "cpu/kernels/pool_kernels.h"
 
 namespace pyconv::cpu {
 
@@ -12,5 +13,6 @@ bool cpu_has_avx2();  // AVX2, FMA and F16C together
 std::string simd_path();
 void set_simd_path(const std::string& name);  // "avx2" (where supported) or "generic"
 const DropoutKernels& dropout_kernels();
+const PoolKernels& pool_kernels();
 
 }  // namespace pyconv::cpu

@@ -1,35 +1,11 @@
 // Portable dropout loops: the reference for the SIMD versions and the path on any CPU.
 #include <algorithm>
 
-#include "common/half.h"
 #include "cpu/kernels/dropout_kernels.h"
+#include "cpu/kernels/io.h"
 
 namespace pyconv::cpu {
 namespace {
-
-struct HalfTag {};
-struct BF16Tag {};
-
-template <typename Tag>
-struct Io;
-template <>
-struct Io<float> {
-  using T = float;
-  static float load(const T& v) { return v; }
-  static T store(float v) { return v; }
-};
-template <>
-struct Io<HalfTag> {
-  using T = uint16_t;
-  static float load(const T& v) { return half_to_float(v); }
-  static T store(float v) { return float_to_half(v); }
-};
-template <>
-struct Io<BF16Tag> {
-  using T = uint16_t;
-  static float load(const T& v) { return bf16_to_float(v); }
-  static T store(float v) { return float_to_bf16(v); }
-};
 
 template <typename Tag>
 void dropout_range_t(const void* src_v, void* dst_v, int64_t begin, int64_t end,
