@@ -67,4 +67,5 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("cpu_cache_clear", &pyconv::cpu::buffer_cache_clear);
   m.def("cpu_cache_set_limit", &pyconv::cpu::buffer_cache_set_limit, py::arg("bytes"));
+  m.def("cpu_cache_set_poison", &pyconv::cpu::buffer_cache_set_poison, py::arg("on"));
 }

@@ -33,4 +33,8 @@ BufferCacheStats buffer_cache_stats();
 void buffer_cache_clear();
 void buffer_cache_set_limit(int64_t bytes);
 
+// Testing aid: every output then comes from the cache, filled with 0xFF bytes (NaN), so that an
+// element a kernel forgets to write shows.
+void buffer_cache_set_poison(bool on);
+
 }  // namespace pyconv::cpu

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu/kernels/avx2_io.h"
 #include "cpu/kernels/dropout_kernels.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -93,40 +94,9 @@ inline void keep_masks(uint64_t block, const DropoutParams& d, const KeySchedule
   }
 }
 
-// Loads and stores of eight elements as floats.
-struct F32 {
-  using T = float;
-  static __m256 load(const T* p) { return _mm256_loadu_ps(p); }
-  static void store(T* p, __m256 v) { _mm256_storeu_ps(p, v); }
-};
-struct F16 {
-  using T = uint16_t;
-  static __m256 load(const T* p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  }
-  static void store(T* p, __m256 v) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-  }
-};
-struct BF16 {
-  using T = uint16_t;
-  static __m256 load(const T* p) {
-    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-  }
-  static void store(T* p, __m256 v) {
-    const __m256i b = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(
-        _mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
-    const __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(0x40));
-    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
-    r = _mm256_blendv_epi8(r, qnan, _mm256_castps_si256(nan));
-    const __m128i packed =
-        _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
-  }
-};
+using avx2::BF16;
+using avx2::F16;
+using avx2::F32;
 
 template <typename Io>
 void dropout_blocks(const void* src_v, void* dst_v, int64_t b0, int64_t b1,

@@ -1,7 +1,16 @@
-// AVX2 pooling loops. This file alone is compiled for that instruction set (the target pragma
-// below, after every include); it is called only where CPUID reports the features.
+// AVX2 pooling loops: channels_last vectorised along C, NCHW along W (strides 1 and 2), for
+// float32, float16 and bfloat16. What they do not cover (float64, windows of more than 256
+// elements, overlapping-window backward of the 16-bit types) runs the portable loops. This file
+// alone is compiled for AVX2 (the target pragma below, after every include); it is called only
+// where CPUID reports the features.
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "cpu/kernels/avx2_io.h"
 #include "cpu/kernels/pool_kernels.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -12,10 +21,622 @@
 #endif
 
 namespace pyconv::cpu {
+namespace {
+
+using avx2::BF16;
+using avx2::F16;
+using avx2::F32;
+
+constexpr uint8_t kNoArgmax = 0xFF;
+
+// The kernel rows (or columns) k in [lo, hi) whose input index start + k * dil lies in [0, size).
+struct Span {
+  int64_t lo, hi;
+};
+inline Span valid_span(int64_t start, int64_t k, int64_t dil, int64_t size) {
+  const int64_t lo = start < 0 ? (-start + dil - 1) / dil : 0;
+  const int64_t hi = size - start <= 0 ? 0 : std::min(k, (size - start + dil - 1) / dil);
+  return {lo, std::max(lo, hi)};
+}
+
+inline __m256i load_argmax8(const uint8_t* p) {
+  int64_t v;
+  std::memcpy(&v, p, 8);
+  return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(v));
+}
+
+inline void store_argmax8(uint8_t* p, __m256i idx) {
+  const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(idx), _mm256_extracti128_si256(idx, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(w16, w16));
+}
+
+// max with torch's rule: a NaN wins, and among equal values the first stays.
+inline void max_step(__m256 v, __m256 k, __m256& best, __m256& idx) {
+  const __m256 m = _mm256_or_ps(_mm256_cmp_ps(v, best, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  best = _mm256_blendv_ps(best, v, m);
+  idx = _mm256_blendv_ps(idx, k, m);
+}
+
+inline void max_step1(float v, int64_t k, float& best, int64_t& idx) {
+  if (v > best || std::isnan(v)) {
+    best = v;
+    idx = k;
+  }
+}
+
+// Windows tile the input (kernel == stride, no dilation): every input element is in at most one
+// window, so backward writes each element once instead of zeroing and accumulating.
+inline bool tiles(const PoolShape& s) {
+  return s.kH == s.sH && s.kW == s.sW && s.dH == 1 && s.dW == 1;
+}
+
+// Channel ranges of images covered by pairs [q0, q1).
+template <typename F>
+void for_images(const PoolShape& s, int64_t q0, int64_t q1, const F& f) {
+  for (int64_t n = q0 / s.C; n * s.C < q1; ++n) {
+    f(n, std::max<int64_t>(q0 - n * s.C, 0), std::min<int64_t>(q1 - n * s.C, s.C));
+  }
+}
+
+// ---------------------------------------------------------------- channels_last, forward
+
+template <typename Io>
+void max_fwd_cl(const void* in_v, void* out_v, void* am_v, const PoolShape& s, int64_t q0,
+                int64_t q1) {
+  using T = typename Io::T;
+  const int64_t C = s.C;
+  for_images(s, q0, q1, [&](int64_t n, int64_t c0, int64_t c1) {
+    const T* in = static_cast<const T*>(in_v) + n * s.H * s.W * C;
+    T* out = static_cast<T*>(out_v) + n * s.OH * s.OW * C;
+    uint8_t* am = static_cast<uint8_t*>(am_v) + n * s.OH * s.OW * C;
+    for (int64_t oh = 0; oh < s.OH; ++oh) {
+      const int64_t h0 = oh * s.sH - s.pH;
+      const Span kh = valid_span(h0, s.kH, s.dH, s.H);
+      for (int64_t ow = 0; ow < s.OW; ++ow) {
+        const int64_t w0 = ow * s.sW - s.pW;
+        const Span kw = valid_span(w0, s.kW, s.dW, s.W);
+        const bool any = kh.lo < kh.hi && kw.lo < kw.hi;
+        const int64_t first = any ? kh.lo * s.kW + kw.lo : kNoArgmax;
+        const int64_t o = (oh * s.OW + ow) * C;
+        int64_t c = c0;
+        for (; c + 8 <= c1; c += 8) {
+          __m256 best = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+          __m256 idx = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(first)));
+          for (int64_t i = kh.lo; i < kh.hi; ++i) {
+            const T* row = in + (h0 + i * s.dH) * s.W * C + c;
+            for (int64_t j = kw.lo; j < kw.hi; ++j) {
+              const __m256 k = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(i * s.kW + j)));
+              max_step(Io::load(row + (w0 + j * s.dW) * C), k, best, idx);
+            }
+          }
+          Io::store(out + o + c, best);
+          store_argmax8(am + o + c, _mm256_castps_si256(idx));
+        }
+        for (; c < c1; ++c) {
+          float best = -std::numeric_limits<float>::infinity();
+          int64_t idx = first;
+          for (int64_t i = kh.lo; i < kh.hi; ++i) {
+            for (int64_t j = kw.lo; j < kw.hi; ++j) {
+              const T* p = in + ((h0 + i * s.dH) * s.W + (w0 + j * s.dW)) * C + c;
+              max_step1(Io::load1(p), i * s.kW + j, best, idx);
+            }
+          }
+          Io::store1(out + o + c, best);
+          am[o + c] = static_cast<uint8_t>(idx);
+        }
+      }
+    }
+  });
+}
+
+template <typename Io>
+void avg_fwd_cl(const void* in_v, void* out_v, const PoolShape& s, int64_t q0, int64_t q1) {
+  using T = typename Io::T;
+  const int64_t C = s.C;
+  for_images(s, q0, q1, [&](int64_t n, int64_t c0, int64_t c1) {
+    const T* in = static_cast<const T*>(in_v) + n * s.H * s.W * C;
+    T* out = static_cast<T*>(out_v) + n * s.OH * s.OW * C;
+    for (int64_t oh = 0; oh < s.OH; ++oh) {
+      const int64_t h0 = oh * s.sH - s.pH;
+      const int64_t ih0 = std::max<int64_t>(h0, 0), ih1 = std::min<int64_t>(h0 + s.kH, s.H);
+      for (int64_t ow = 0; ow < s.OW; ++ow) {
+        const int64_t w0 = ow * s.sW - s.pW;
+        const int64_t iw0 = std::max<int64_t>(w0, 0), iw1 = std::min<int64_t>(w0 + s.kW, s.W);
+        const bool empty = ih0 >= ih1 || iw0 >= iw1;
+        const float div = static_cast<float>(avg_pool_divisor(s, oh, ow));
+        const __m256 vdiv = _mm256_set1_ps(div);
+        const int64_t o = (oh * s.OW + ow) * C;
+        int64_t c = c0;
+        for (; c + 8 <= c1; c += 8) {
+          __m256 sum = _mm256_setzero_ps();
+          for (int64_t ih = ih0; ih < ih1; ++ih) {
+            for (int64_t iw = iw0; iw < iw1; ++iw) {
+              sum = _mm256_add_ps(sum, Io::load(in + (ih * s.W + iw) * C + c));
+            }
+          }
+          Io::store(out + o + c, empty ? _mm256_setzero_ps() : _mm256_div_ps(sum, vdiv));
+        }
+        for (; c < c1; ++c) {
+          float sum = 0;
+          for (int64_t ih = ih0; ih < ih1; ++ih) {
+            for (int64_t iw = iw0; iw < iw1; ++iw) sum += Io::load1(in + (ih * s.W + iw) * C + c);
+          }
+          Io::store1(out + o + c, empty ? 0.0f : sum / div);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- channels_last, backward
+
+template <typename Io>
+void zero_channels(typename Io::T* img, int64_t pixels, int64_t C, int64_t c0, int64_t c1) {
+  using T = typename Io::T;
+  if (c0 == 0 && c1 == C) {
+    std::memset(img, 0, static_cast<size_t>(pixels * C) * sizeof(T));
+    return;
+  }
+  for (int64_t p = 0; p < pixels; ++p) std::memset(img + p * C + c0, 0, (c1 - c0) * sizeof(T));
+}
+
+// Zeroes what no window covers when windows tile: rows from OH * sH - pH, columns from OW * sW - pW.
+template <typename Io>
+void zero_uncovered_cl(typename Io::T* img, const PoolShape& s, int64_t c0, int64_t c1) {
+  const int64_t h_end = std::max<int64_t>(0, s.OH * s.sH - s.pH);
+  const int64_t w_end = std::max<int64_t>(0, s.OW * s.sW - s.pW);
+  for (int64_t ih = 0; ih < s.H; ++ih) {
+    const int64_t from = ih < h_end ? w_end : 0;
+    if (from < s.W) zero_channels<Io>(img + (ih * s.W + from) * s.C, s.W - from, s.C, c0, c1);
+  }
+}
+
+template <typename Io>
+void max_bwd_cl(const void* go_v, const void* am_v, void* gi_v, const PoolShape& s, int64_t q0,
+                int64_t q1) {
+  using T = typename Io::T;
+  const int64_t C = s.C;
+  const bool direct = tiles(s);
+  for_images(s, q0, q1, [&](int64_t n, int64_t c0, int64_t c1) {
+    const T* go = static_cast<const T*>(go_v) + n * s.OH * s.OW * C;
+    const uint8_t* am = static_cast<const uint8_t*>(am_v) + n * s.OH * s.OW * C;
+    T* gi = static_cast<T*>(gi_v) + n * s.H * s.W * C;
+    if (direct) {
+      zero_uncovered_cl<Io>(gi, s, c0, c1);
+    } else {
+      zero_channels<Io>(gi, s.H * s.W, C, c0, c1);
+    }
+    for (int64_t oh = 0; oh < s.OH; ++oh) {
+      const int64_t h0 = oh * s.sH - s.pH;
+      const Span kh = valid_span(h0, s.kH, s.dH, s.H);
+      for (int64_t ow = 0; ow < s.OW; ++ow) {
+        const int64_t w0 = ow * s.sW - s.pW;
+        const Span kw = valid_span(w0, s.kW, s.dW, s.W);
+        const int64_t o = (oh * s.OW + ow) * C;
+        int64_t c = c0;
+        for (; c + 8 <= c1; c += 8) {
+          const __m256 g = Io::load(go + o + c);
+          const __m256i a = load_argmax8(am + o + c);
+          for (int64_t i = kh.lo; i < kh.hi; ++i) {
+            T* row = gi + (h0 + i * s.dH) * s.W * C + c;
+            for (int64_t j = kw.lo; j < kw.hi; ++j) {
+              const __m256 m = _mm256_castsi256_ps(
+                  _mm256_cmpeq_epi32(a, _mm256_set1_epi32(static_cast<int>(i * s.kW + j))));
+              T* p = row + (w0 + j * s.dW) * C;
+              const __m256 v = _mm256_and_ps(m, g);
+              Io::store(p, direct ? v : _mm256_add_ps(Io::load(p), v));
+            }
+          }
+        }
+        for (; c < c1; ++c) {
+          const int64_t off = am[o + c];
+          const float g = Io::load1(go + o + c);
+          if (direct) {  // every element of the window is written: the gradient or a zero
+            for (int64_t i = kh.lo; i < kh.hi; ++i) {
+              for (int64_t j = kw.lo; j < kw.hi; ++j) {
+                T* p = gi + ((h0 + i * s.dH) * s.W + (w0 + j * s.dW)) * C + c;
+                Io::store1(p, i * s.kW + j == off ? g : 0.0f);
+              }
+            }
+          } else if (off < s.kH * s.kW) {
+            const int64_t ih = h0 + (off / s.kW) * s.dH, iw = w0 + (off % s.kW) * s.dW;
+            T* p = gi + (ih * s.W + iw) * C + c;
+            Io::store1(p, g + Io::load1(p));
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename Io>
+void avg_bwd_cl(const void* go_v, void* gi_v, const PoolShape& s, int64_t q0, int64_t q1) {
+  using T = typename Io::T;
+  const int64_t C = s.C;
+  const bool direct = tiles(s);
+  for_images(s, q0, q1, [&](int64_t n, int64_t c0, int64_t c1) {
+    const T* go = static_cast<const T*>(go_v) + n * s.OH * s.OW * C;
+    T* gi = static_cast<T*>(gi_v) + n * s.H * s.W * C;
+    if (direct) {
+      zero_uncovered_cl<Io>(gi, s, c0, c1);
+    } else {
+      zero_channels<Io>(gi, s.H * s.W, C, c0, c1);
+    }
+    for (int64_t oh = 0; oh < s.OH; ++oh) {
+      const int64_t h0 = oh * s.sH - s.pH;
+      const int64_t ih0 = std::max<int64_t>(h0, 0), ih1 = std::min<int64_t>(h0 + s.kH, s.H);
+      for (int64_t ow = 0; ow < s.OW; ++ow) {
+        const int64_t w0 = ow * s.sW - s.pW;
+        const int64_t iw0 = std::max<int64_t>(w0, 0), iw1 = std::min<int64_t>(w0 + s.kW, s.W);
+        if (ih0 >= ih1 || iw0 >= iw1) continue;
+        const float div = static_cast<float>(avg_pool_divisor(s, oh, ow));
+        const __m256 vdiv = _mm256_set1_ps(div);
+        const int64_t o = (oh * s.OW + ow) * C;
+        int64_t c = c0;
+        for (; c + 8 <= c1; c += 8) {
+          const __m256 g = _mm256_div_ps(Io::load(go + o + c), vdiv);
+          for (int64_t ih = ih0; ih < ih1; ++ih) {
+            for (int64_t iw = iw0; iw < iw1; ++iw) {
+              T* p = gi + (ih * s.W + iw) * C + c;
+              Io::store(p, direct ? g : _mm256_add_ps(Io::load(p), g));
+            }
+          }
+        }
+        for (; c < c1; ++c) {
+          const float g = Io::load1(go + o + c) / div;
+          for (int64_t ih = ih0; ih < ih1; ++ih) {
+            for (int64_t iw = iw0; iw < iw1; ++iw) {
+              T* p = gi + (ih * s.W + iw) * C + c;
+              Io::store1(p, g + (direct ? 0.0f : Io::load1(p)));
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- NCHW, forward
+
+// Eight inputs for outputs ow0 .. ow0 + 7 at stride 1 or 2, starting at p.
+template <typename Io, int kStride>
+inline __m256 load_strided8(const typename Io::T* p) {
+  if constexpr (kStride == 1) {
+    return Io::load(p);
+  } else {
+    const __m256 a = Io::load(p), b = Io::load(p + 8);
+    const __m256 even = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));  // a0 a2 b0 b2 | a4 a6 b4 b6
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), 0xD8));
+  }
+}
+
+// Block starts ow in [lo, hi) for which the 8-wide loads (16 wide at stride 2) of outputs
+// ow .. ow + 7 lie inside the row for every kernel column.
+template <int kStride>
+inline Span vector_columns(const PoolShape& s) {
+  const int64_t reach = (s.kW - 1) * s.dW;  // last kernel column, relative to the window start
+  const int64_t lo = (s.pW + kStride - 1) / kStride;
+  const int64_t num = s.W - reach - 8 * kStride + s.pW;  // ow * stride <= num
+  const int64_t hi = num < 0 ? lo : num / kStride + 1;
+  return {lo, std::max(lo, hi)};
+}
+
+template <typename Io, int kStride>
+void max_fwd_rows(const typename Io::T* in, typename Io::T* out, uint8_t* am, const PoolShape& s) {
+  using T = typename Io::T;
+  const Span cols = vector_columns<kStride>(s);
+  for (int64_t oh = 0; oh < s.OH; ++oh) {
+    const int64_t h0 = oh * s.sH - s.pH;
+    const Span kh = valid_span(h0, s.kH, s.dH, s.H);
+    auto scalar = [&](int64_t ow) {
+      const int64_t w0 = ow * s.sW - s.pW;
+      const Span kw = valid_span(w0, s.kW, s.dW, s.W);
+      const bool any = kh.lo < kh.hi && kw.lo < kw.hi;
+      float best = -std::numeric_limits<float>::infinity();
+      int64_t idx = any ? kh.lo * s.kW + kw.lo : kNoArgmax;
+      for (int64_t i = kh.lo; i < kh.hi; ++i) {
+        for (int64_t j = kw.lo; j < kw.hi; ++j) {
+          max_step1(Io::load1(in + (h0 + i * s.dH) * s.W + w0 + j * s.dW), i * s.kW + j, best, idx);
+        }
+      }
+      Io::store1(out + oh * s.OW + ow, best);
+      am[oh * s.OW + ow] = static_cast<uint8_t>(idx);
+    };
+    int64_t ow = 0;
+    for (; ow < std::min(cols.lo, s.OW); ++ow) scalar(ow);
+    if (kh.lo < kh.hi) {
+      for (; ow < cols.hi && ow + 8 <= s.OW; ow += 8) {
+        const int64_t w0 = ow * s.sW - s.pW;
+        __m256 best = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+        __m256 idx = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(kh.lo * s.kW)));
+        for (int64_t i = kh.lo; i < kh.hi; ++i) {
+          const T* row = in + (h0 + i * s.dH) * s.W + w0;
+          for (int64_t j = 0; j < s.kW; ++j) {
+            const __m256 k = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(i * s.kW + j)));
+            max_step(load_strided8<Io, kStride>(row + j * s.dW), k, best, idx);
+          }
+        }
+        Io::store(out + oh * s.OW + ow, best);
+        store_argmax8(am + oh * s.OW + ow, _mm256_castps_si256(idx));
+      }
+    }
+    for (; ow < s.OW; ++ow) scalar(ow);
+  }
+}
+
+template <typename Io, int kStride>
+void avg_fwd_rows(const typename Io::T* in, typename Io::T* out, const PoolShape& s) {
+  using T = typename Io::T;
+  const Span cols = s.dW == 1 ? vector_columns<kStride>(s) : Span{0, 0};
+  for (int64_t oh = 0; oh < s.OH; ++oh) {
+    const int64_t h0 = oh * s.sH - s.pH;
+    const int64_t ih0 = std::max<int64_t>(h0, 0), ih1 = std::min<int64_t>(h0 + s.kH, s.H);
+    auto scalar = [&](int64_t ow) {
+      const int64_t w0 = ow * s.sW - s.pW;
+      const int64_t iw0 = std::max<int64_t>(w0, 0), iw1 = std::min<int64_t>(w0 + s.kW, s.W);
+      float sum = 0;
+      for (int64_t ih = ih0; ih < ih1; ++ih) {
+        for (int64_t iw = iw0; iw < iw1; ++iw) sum += Io::load1(in + ih * s.W + iw);
+      }
+      const bool empty = ih0 >= ih1 || iw0 >= iw1;
+      Io::store1(out + oh * s.OW + ow,
+                 empty ? 0.0f : sum / static_cast<float>(avg_pool_divisor(s, oh, ow)));
+    };
+    int64_t ow = 0;
+    for (; ow < std::min(cols.lo, s.OW); ++ow) scalar(ow);
+    if (ih0 < ih1) {
+      for (; ow < cols.hi && ow + 8 <= s.OW; ow += 8) {
+        // interior columns: the divisor changes only with the row
+        const __m256 div = _mm256_set1_ps(static_cast<float>(avg_pool_divisor(s, oh, ow)));
+        const int64_t w0 = ow * s.sW - s.pW;
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t ih = ih0; ih < ih1; ++ih) {
+          const T* row = in + ih * s.W + w0;
+          for (int64_t j = 0; j < s.kW; ++j) sum = _mm256_add_ps(sum, load_strided8<Io, kStride>(row + j));
+        }
+        Io::store(out + oh * s.OW + ow, _mm256_div_ps(sum, div));
+      }
+    }
+    for (; ow < s.OW; ++ow) scalar(ow);
+  }
+}
+
+// ---------------------------------------------------------------- NCHW, backward
+
+// kernel 2, stride 2, no dilation: each output spreads into a 2 x 2 block, written once.
+// lanes(o) gives, for 8 consecutive outputs, the values of window element o (0..3).
+template <typename Io, typename Lanes>
+void spread_2x2_row(typename Io::T* gi, const PoolShape& s, int64_t oh, const Lanes& lanes,
+                    int64_t ow) {
+  const int64_t h0 = oh * 2 - s.pH, w0 = ow * 2 - s.pW;
+  for (int r = 0; r < 2; ++r) {
+    const int64_t ih = h0 + r;
+    if (ih < 0 || ih >= s.H) continue;
+    const __m256 a = lanes(2 * r), b = lanes(2 * r + 1);  // columns w0 + 2 t and w0 + 2 t + 1
+    const __m256 lo = _mm256_unpacklo_ps(a, b), hi = _mm256_unpackhi_ps(a, b);
+    Io::store(gi + ih * s.W + w0, _mm256_permute2f128_ps(lo, hi, 0x20));
+    Io::store(gi + ih * s.W + w0 + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+  }
+}
+
+template <typename Io>
+void zero_uncovered_plane(typename Io::T* gi, const PoolShape& s) {
+  using T = typename Io::T;
+  const int64_t h_end = std::max<int64_t>(0, s.OH * s.sH - s.pH);
+  const int64_t w_end = std::max<int64_t>(0, s.OW * s.sW - s.pW);
+  for (int64_t ih = 0; ih < s.H; ++ih) {
+    const int64_t from = ih < h_end ? std::min(w_end, s.W) : 0;
+    std::memset(gi + ih * s.W + from, 0, static_cast<size_t>(s.W - from) * sizeof(T));
+  }
+}
+
+template <typename Io>
+void max_bwd_plane(const typename Io::T* go, const uint8_t* am, typename Io::T* gi,
+                   const PoolShape& s) {
+  const bool direct = tiles(s);
+  if (direct) {
+    zero_uncovered_plane<Io>(gi, s);
+  } else {
+    std::memset(gi, 0, static_cast<size_t>(s.H * s.W) * sizeof(typename Io::T));
+  }
+  const bool fast2 = direct && s.kH == 2 && s.kW == 2;
+  // block starts of the 2 x 2 vector path: its 16 columns 2 ow - pW ... + 15 inside the row
+  const int64_t v_lo = (s.pW + 1) / 2, v_end = (s.W + s.pW) / 2 - 7;
+  for (int64_t oh = 0; oh < s.OH; ++oh) {
+    const int64_t h0 = oh * s.sH - s.pH;
+    const Span kh = valid_span(h0, s.kH, s.dH, s.H);
+    auto scalar = [&](int64_t ow) {
+      const int64_t w0 = ow * s.sW - s.pW;
+      const Span kw = valid_span(w0, s.kW, s.dW, s.W);
+      const int64_t off = am[oh * s.OW + ow];
+      const float g = Io::load1(go + oh * s.OW + ow);
+      for (int64_t i = kh.lo; i < kh.hi; ++i) {
+        for (int64_t j = kw.lo; j < kw.hi; ++j) {
+          auto* p = gi + (h0 + i * s.dH) * s.W + w0 + j * s.dW;
+          const float v = (i * s.kW + j == off) ? g : 0.0f;
+          if (direct) {
+            Io::store1(p, v);
+          } else if (v != 0.0f || std::isnan(v)) {
+            Io::store1(p, Io::load1(p) + v);
+          }
+        }
+      }
+    };
+    int64_t ow = 0;
+    if (fast2) {
+      for (; ow < std::min(v_lo, s.OW); ++ow) scalar(ow);
+      for (; ow < v_end && ow + 8 <= s.OW; ow += 8) {
+        const __m256 g = Io::load(go + oh * s.OW + ow);
+        const __m256i a = load_argmax8(am + oh * s.OW + ow);
+        spread_2x2_row<Io>(gi, s, oh, [&](int o) {
+          return _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(a, _mm256_set1_epi32(o))), g);
+        }, ow);
+      }
+    }
+    for (; ow < s.OW; ++ow) scalar(ow);
+  }
+}
+
+template <typename Io>
+void avg_bwd_plane(const typename Io::T* go, typename Io::T* gi, const PoolShape& s) {
+  const bool direct = tiles(s);
+  if (direct) {
+    zero_uncovered_plane<Io>(gi, s);
+  } else {
+    std::memset(gi, 0, static_cast<size_t>(s.H * s.W) * sizeof(typename Io::T));
+  }
+  const bool fast2 = direct && s.kH == 2 && s.kW == 2;
+  const int64_t v_lo = (s.pW + 1) / 2, v_end = (s.W + s.pW) / 2 - 7;
+  for (int64_t oh = 0; oh < s.OH; ++oh) {
+    const int64_t h0 = oh * s.sH - s.pH;
+    const int64_t ih0 = std::max<int64_t>(h0, 0), ih1 = std::min<int64_t>(h0 + s.kH, s.H);
+    auto scalar = [&](int64_t ow) {
+      const int64_t w0 = ow * s.sW - s.pW;
+      const int64_t iw0 = std::max<int64_t>(w0, 0), iw1 = std::min<int64_t>(w0 + s.kW, s.W);
+      if (ih0 >= ih1 || iw0 >= iw1) return;
+      const float g = Io::load1(go + oh * s.OW + ow) / static_cast<float>(avg_pool_divisor(s, oh, ow));
+      for (int64_t ih = ih0; ih < ih1; ++ih) {
+        for (int64_t iw = iw0; iw < iw1; ++iw) {
+          auto* p = gi + ih * s.W + iw;
+          Io::store1(p, g + (direct ? 0.0f : Io::load1(p)));
+        }
+      }
+    };
+    int64_t ow = 0;
+    if (fast2 && ih0 < ih1) {
+      for (; ow < std::min(v_lo, s.OW); ++ow) scalar(ow);
+      for (; ow < v_end && ow + 8 <= s.OW; ow += 8) {
+        const __m256 div = _mm256_set1_ps(static_cast<float>(avg_pool_divisor(s, oh, ow)));
+        const __m256 g = _mm256_div_ps(Io::load(go + oh * s.OW + ow), div);
+        spread_2x2_row<Io>(gi, s, oh, [&](int) { return g; }, ow);
+      }
+    }
+    for (; ow < s.OW; ++ow) scalar(ow);
+  }
+}
+
+// ---------------------------------------------------------------- dispatch
+
+template <typename Io>
+void max_fwd_t(const void* in, void* out, void* am, const PoolShape& s, int64_t q0, int64_t q1) {
+  using T = typename Io::T;
+  if (s.channels_last) return max_fwd_cl<Io>(in, out, am, s, q0, q1);
+  for (int64_t q = q0; q < q1; ++q) {
+    const T* i = static_cast<const T*>(in) + q * s.H * s.W;
+    T* o = static_cast<T*>(out) + q * s.OH * s.OW;
+    uint8_t* a = static_cast<uint8_t*>(am) + q * s.OH * s.OW;
+    if (s.sW == 2) {
+      max_fwd_rows<Io, 2>(i, o, a, s);
+    } else {
+      max_fwd_rows<Io, 1>(i, o, a, s);  // sW == 1: the dispatcher sends other strides elsewhere
+    }
+  }
+}
+
+template <typename Io>
+void avg_fwd_t(const void* in, void* out, const PoolShape& s, int64_t q0, int64_t q1) {
+  using T = typename Io::T;
+  if (s.channels_last) return avg_fwd_cl<Io>(in, out, s, q0, q1);
+  for (int64_t q = q0; q < q1; ++q) {
+    const T* i = static_cast<const T*>(in) + q * s.H * s.W;
+    T* o = static_cast<T*>(out) + q * s.OH * s.OW;
+    if (s.sW == 2) {
+      avg_fwd_rows<Io, 2>(i, o, s);
+    } else {
+      avg_fwd_rows<Io, 1>(i, o, s);
+    }
+  }
+}
+
+template <typename Io>
+void max_bwd_t(const void* go, const void* am, void* gi, const PoolShape& s, int64_t q0,
+               int64_t q1) {
+  using T = typename Io::T;
+  if (s.channels_last) return max_bwd_cl<Io>(go, am, gi, s, q0, q1);
+  for (int64_t q = q0; q < q1; ++q) {
+    max_bwd_plane<Io>(static_cast<const T*>(go) + q * s.OH * s.OW,
+                      static_cast<const uint8_t*>(am) + q * s.OH * s.OW,
+                      static_cast<T*>(gi) + q * s.H * s.W, s);
+  }
+}
+
+template <typename Io>
+void avg_bwd_t(const void* go, void* gi, const PoolShape& s, int64_t q0, int64_t q1) {
+  using T = typename Io::T;
+  if (s.channels_last) return avg_bwd_cl<Io>(go, gi, s, q0, q1);
+  for (int64_t q = q0; q < q1; ++q) {
+    avg_bwd_plane<Io>(static_cast<const T*>(go) + q * s.OH * s.OW,
+                      static_cast<T*>(gi) + q * s.H * s.W, s);
+  }
+}
+
+// Vector paths only where they are exact: strides 1 and 2 along W for NCHW forward (other strides
+// use the same loops with no vector columns), 16-bit backward only where nothing accumulates.
+void max_fwd(const void* in, void* out, void* am, int ab, const PoolShape& s, int64_t q0,
+             int64_t q1, ScalarKind kind) {
+  const bool ok = ab == 1 && (s.channels_last || s.sW <= 2);
+  switch (ok ? kind : ScalarKind::kDouble) {
+    case ScalarKind::kFloat:
+      return max_fwd_t<F32>(in, out, am, s, q0, q1);
+    case ScalarKind::kHalf:
+      return max_fwd_t<F16>(in, out, am, s, q0, q1);
+    case ScalarKind::kBFloat16:
+      return max_fwd_t<BF16>(in, out, am, s, q0, q1);
+    default:
+      return pool_kernels_generic().max_fwd(in, out, am, ab, s, q0, q1, kind);
+  }
+}
+
+void avg_fwd(const void* in, void* out, const PoolShape& s, int64_t q0, int64_t q1,
+             ScalarKind kind) {
+  const bool ok = s.channels_last || s.sW <= 2;
+  switch (ok ? kind : ScalarKind::kDouble) {
+    case ScalarKind::kFloat:
+      return avg_fwd_t<F32>(in, out, s, q0, q1);
+    case ScalarKind::kHalf:
+      return avg_fwd_t<F16>(in, out, s, q0, q1);
+    case ScalarKind::kBFloat16:
+      return avg_fwd_t<BF16>(in, out, s, q0, q1);
+    default:
+      return pool_kernels_generic().avg_fwd(in, out, s, q0, q1, kind);
+  }
+}
+
+void max_bwd(const void* go, const void* am, int ab, void* gi, const PoolShape& s, int64_t q0,
+             int64_t q1, ScalarKind kind) {
+  const bool wide = kind == ScalarKind::kHalf || kind == ScalarKind::kBFloat16;
+  const bool ok = ab == 1 && (!wide || tiles(s));
+  switch (ok ? kind : ScalarKind::kDouble) {
+    case ScalarKind::kFloat:
+      return max_bwd_t<F32>(go, am, gi, s, q0, q1);
+    case ScalarKind::kHalf:
+      return max_bwd_t<F16>(go, am, gi, s, q0, q1);
+    case ScalarKind::kBFloat16:
+      return max_bwd_t<BF16>(go, am, gi, s, q0, q1);
+    default:
+      return pool_kernels_generic().max_bwd(go, am, ab, gi, s, q0, q1, kind);
+  }
+}
+
+void avg_bwd(const void* go, void* gi, const PoolShape& s, int64_t q0, int64_t q1,
+             ScalarKind kind) {
+  const bool wide = kind == ScalarKind::kHalf || kind == ScalarKind::kBFloat16;
+  switch ((!wide || tiles(s)) ? kind : ScalarKind::kDouble) {
+    case ScalarKind::kFloat:
+      return avg_bwd_t<F32>(go, gi, s, q0, q1);
+    case ScalarKind::kHalf:
+      return avg_bwd_t<F16>(go, gi, s, q0, q1);
+    case ScalarKind::kBFloat16:
+      return avg_bwd_t<BF16>(go, gi, s, q0, q1);
+    default:
+      return pool_kernels_generic().avg_bwd(go, gi, s, q0, q1, kind);
+  }
+}
+
+}  // namespace
 
 const PoolKernels& pool_kernels_avx2() {
-  const PoolKernels& g = pool_kernels_generic();
-  static const PoolKernels k{"avx2", g.max_fwd, g.max_bwd, g.avg_fwd, g.avg_bwd};
+  static const PoolKernels k{"avx2", &max_fwd, &max_bwd, &avg_fwd, &avg_bwd};
   return k;
 }
 
