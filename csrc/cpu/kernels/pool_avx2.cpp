@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "cpu/kernels/avx2_io.h"
 #include "cpu/kernels/pool_kernels.h"
@@ -170,130 +171,98 @@ void avg_fwd_cl(const void* in_v, void* out_v, const PoolShape& s, int64_t q0, i
 
 // ---------------------------------------------------------------- channels_last, backward
 
-template <typename Io>
-void zero_channels(typename Io::T* img, int64_t pixels, int64_t C, int64_t c0, int64_t c1) {
-  using T = typename Io::T;
-  if (c0 == 0 && c1 == C) {
-    std::memset(img, 0, static_cast<size_t>(pixels * C) * sizeof(T));
-    return;
+// For each input row (or column) i, the outputs o whose window covers it and the kernel index k
+// it takes there (i = o * stride - pad + k * dilation), in increasing o.
+struct Cover {
+  std::vector<int32_t> start;  // entries of index i: [start[i], start[i + 1])
+  std::vector<int32_t> out, k;
+};
+inline Cover cover(int64_t in, int64_t out, int64_t k, int64_t stride, int64_t pad,
+                   int64_t dil) {
+  Cover c;
+  c.start.reserve(in + 1);
+  for (int64_t i = 0; i < in; ++i) {
+    c.start.push_back(static_cast<int32_t>(c.out.size()));
+    const int64_t hi = std::min<int64_t>(out - 1, (i + pad) / stride);
+    const int64_t first = i + pad - (k - 1) * dil;  // o * stride >= first
+    const int64_t lo = first <= 0 ? 0 : (first + stride - 1) / stride;
+    for (int64_t o = lo; o <= hi; ++o) {
+      const int64_t t = i + pad - o * stride;  // offset inside the window
+      if (t < 0 || t > (k - 1) * dil || t % dil != 0) continue;
+      c.out.push_back(static_cast<int32_t>(o));
+      c.k.push_back(static_cast<int32_t>(t / dil));
+    }
   }
-  for (int64_t p = 0; p < pixels; ++p) std::memset(img + p * C + c0, 0, (c1 - c0) * sizeof(T));
+  c.start.push_back(static_cast<int32_t>(c.out.size()));
+  return c;
 }
 
-// Zeroes what no window covers when windows tile: rows from OH * sH - pH, columns from OW * sW - pW.
-template <typename Io>
-void zero_uncovered_cl(typename Io::T* img, const PoolShape& s, int64_t c0, int64_t c1) {
-  const int64_t h_end = std::max<int64_t>(0, s.OH * s.sH - s.pH);
-  const int64_t w_end = std::max<int64_t>(0, s.OW * s.sW - s.pW);
-  for (int64_t ih = 0; ih < s.H; ++ih) {
-    const int64_t from = ih < h_end ? w_end : 0;
-    if (from < s.W) zero_channels<Io>(img + (ih * s.W + from) * s.C, s.W - from, s.C, c0, c1);
-  }
-}
-
-template <typename Io>
-void max_bwd_cl(const void* go_v, const void* am_v, void* gi_v, const PoolShape& s, int64_t q0,
-                int64_t q1) {
+// Backward as a gather: each input element sums, in output order, the gradients of the windows
+// that cover it, and is written once (no zeroing pass, no read-modify-write, no races). The sums
+// of one pixel's channels build up in `acc`, so each covering window costs one pass over C.
+template <typename Io, bool kMax>
+void bwd_cl(const void* go_v, const void* am_v, void* gi_v, const PoolShape& s, int64_t q0,
+            int64_t q1) {
   using T = typename Io::T;
   const int64_t C = s.C;
-  const bool direct = tiles(s);
+  const Cover rows = cover(s.H, s.OH, s.kH, s.sH, s.pH, s.dH);
+  const Cover cols = cover(s.W, s.OW, s.kW, s.sW, s.pW, s.dW);
+  std::vector<float> acc_buf(static_cast<size_t>(C) + 8);
   for_images(s, q0, q1, [&](int64_t n, int64_t c0, int64_t c1) {
-    const T* go = static_cast<const T*>(go_v) + n * s.OH * s.OW * C;
-    const uint8_t* am = static_cast<const uint8_t*>(am_v) + n * s.OH * s.OW * C;
-    T* gi = static_cast<T*>(gi_v) + n * s.H * s.W * C;
-    if (direct) {
-      zero_uncovered_cl<Io>(gi, s, c0, c1);
-    } else {
-      zero_channels<Io>(gi, s.H * s.W, C, c0, c1);
-    }
-    for (int64_t oh = 0; oh < s.OH; ++oh) {
-      const int64_t h0 = oh * s.sH - s.pH;
-      const Span kh = valid_span(h0, s.kH, s.dH, s.H);
-      for (int64_t ow = 0; ow < s.OW; ++ow) {
-        const int64_t w0 = ow * s.sW - s.pW;
-        const Span kw = valid_span(w0, s.kW, s.dW, s.W);
-        const int64_t o = (oh * s.OW + ow) * C;
-        int64_t c = c0;
-        for (; c + 8 <= c1; c += 8) {
-          const __m256 g = Io::load(go + o + c);
-          const __m256i a = load_argmax8(am + o + c);
-          for (int64_t i = kh.lo; i < kh.hi; ++i) {
-            T* row = gi + (h0 + i * s.dH) * s.W * C + c;
-            for (int64_t j = kw.lo; j < kw.hi; ++j) {
-              const __m256 m = _mm256_castsi256_ps(
-                  _mm256_cmpeq_epi32(a, _mm256_set1_epi32(static_cast<int>(i * s.kW + j))));
-              T* p = row + (w0 + j * s.dW) * C;
-              const __m256 v = _mm256_and_ps(m, g);
-              Io::store(p, direct ? v : _mm256_add_ps(Io::load(p), v));
-            }
-          }
-        }
-        for (; c < c1; ++c) {
-          const int64_t off = am[o + c];
-          const float g = Io::load1(go + o + c);
-          if (direct) {  // every element of the window is written: the gradient or a zero
-            for (int64_t i = kh.lo; i < kh.hi; ++i) {
-              for (int64_t j = kw.lo; j < kw.hi; ++j) {
-                T* p = gi + ((h0 + i * s.dH) * s.W + (w0 + j * s.dW)) * C + c;
-                Io::store1(p, i * s.kW + j == off ? g : 0.0f);
+    const int64_t nc = c1 - c0, nv = nc / 8 * 8;
+    float* acc = acc_buf.data();
+    const T* go = static_cast<const T*>(go_v) + n * s.OH * s.OW * C + c0;
+    const uint8_t* am =
+        kMax ? static_cast<const uint8_t*>(am_v) + n * s.OH * s.OW * C + c0 : nullptr;
+    T* gi = static_cast<T*>(gi_v) + n * s.H * s.W * C + c0;
+    for (int64_t ih = 0; ih < s.H; ++ih) {
+      for (int64_t iw = 0; iw < s.W; ++iw) {
+        std::memset(acc, 0, static_cast<size_t>(nc) * sizeof(float));
+        for (int32_t a = rows.start[ih]; a < rows.start[ih + 1]; ++a) {
+          const int64_t oh = rows.out[a];
+          for (int32_t b = cols.start[iw]; b < cols.start[iw + 1]; ++b) {
+            const int64_t ow = cols.out[b];
+            const int64_t o = (oh * s.OW + ow) * C;
+            if constexpr (kMax) {
+              const int k = static_cast<int>(rows.k[a] * s.kW + cols.k[b]);
+              const __m256i kv = _mm256_set1_epi32(k);
+              for (int64_t c = 0; c < nv; c += 8) {
+                const __m256 m =
+                    _mm256_castsi256_ps(_mm256_cmpeq_epi32(load_argmax8(am + o + c), kv));
+                _mm256_storeu_ps(acc + c, _mm256_add_ps(_mm256_loadu_ps(acc + c),
+                                                        _mm256_and_ps(m, Io::load(go + o + c))));
               }
+              for (int64_t c = nv; c < nc; ++c) {
+                if (am[o + c] == k) acc[c] += Io::load1(go + o + c);
+              }
+            } else {
+              const float div = static_cast<float>(avg_pool_divisor(s, oh, ow));
+              const __m256 vdiv = _mm256_set1_ps(div);
+              for (int64_t c = 0; c < nv; c += 8) {
+                _mm256_storeu_ps(acc + c, _mm256_add_ps(_mm256_loadu_ps(acc + c),
+                                                        _mm256_div_ps(Io::load(go + o + c), vdiv)));
+              }
+              for (int64_t c = nv; c < nc; ++c) acc[c] += Io::load1(go + o + c) / div;
             }
-          } else if (off < s.kH * s.kW) {
-            const int64_t ih = h0 + (off / s.kW) * s.dH, iw = w0 + (off % s.kW) * s.dW;
-            T* p = gi + (ih * s.W + iw) * C + c;
-            Io::store1(p, g + Io::load1(p));
           }
         }
+        T* dst = gi + (ih * s.W + iw) * C;
+        for (int64_t c = 0; c < nv; c += 8) Io::store(dst + c, _mm256_loadu_ps(acc + c));
+        for (int64_t c = nv; c < nc; ++c) Io::store1(dst + c, acc[c]);
       }
     }
   });
 }
 
 template <typename Io>
-void avg_bwd_cl(const void* go_v, void* gi_v, const PoolShape& s, int64_t q0, int64_t q1) {
-  using T = typename Io::T;
-  const int64_t C = s.C;
-  const bool direct = tiles(s);
-  for_images(s, q0, q1, [&](int64_t n, int64_t c0, int64_t c1) {
-    const T* go = static_cast<const T*>(go_v) + n * s.OH * s.OW * C;
-    T* gi = static_cast<T*>(gi_v) + n * s.H * s.W * C;
-    if (direct) {
-      zero_uncovered_cl<Io>(gi, s, c0, c1);
-    } else {
-      zero_channels<Io>(gi, s.H * s.W, C, c0, c1);
-    }
-    for (int64_t oh = 0; oh < s.OH; ++oh) {
-      const int64_t h0 = oh * s.sH - s.pH;
-      const int64_t ih0 = std::max<int64_t>(h0, 0), ih1 = std::min<int64_t>(h0 + s.kH, s.H);
-      for (int64_t ow = 0; ow < s.OW; ++ow) {
-        const int64_t w0 = ow * s.sW - s.pW;
-        const int64_t iw0 = std::max<int64_t>(w0, 0), iw1 = std::min<int64_t>(w0 + s.kW, s.W);
-        if (ih0 >= ih1 || iw0 >= iw1) continue;
-        const float div = static_cast<float>(avg_pool_divisor(s, oh, ow));
-        const __m256 vdiv = _mm256_set1_ps(div);
-        const int64_t o = (oh * s.OW + ow) * C;
-        int64_t c = c0;
-        for (; c + 8 <= c1; c += 8) {
-          const __m256 g = _mm256_div_ps(Io::load(go + o + c), vdiv);
-          for (int64_t ih = ih0; ih < ih1; ++ih) {
-            for (int64_t iw = iw0; iw < iw1; ++iw) {
-              T* p = gi + (ih * s.W + iw) * C + c;
-              Io::store(p, direct ? g : _mm256_add_ps(Io::load(p), g));
-            }
-          }
-        }
-        for (; c < c1; ++c) {
-          const float g = Io::load1(go + o + c) / div;
-          for (int64_t ih = ih0; ih < ih1; ++ih) {
-            for (int64_t iw = iw0; iw < iw1; ++iw) {
-              T* p = gi + (ih * s.W + iw) * C + c;
-              Io::store1(p, g + (direct ? 0.0f : Io::load1(p)));
-            }
-          }
-        }
-      }
-    }
-  });
+void max_bwd_cl(const void* go, const void* am, void* gi, const PoolShape& s, int64_t q0,
+                int64_t q1) {
+  bwd_cl<Io, true>(go, am, gi, s, q0, q1);
+}
+
+template <typename Io>
+void avg_bwd_cl(const void* go, void* gi, const PoolShape& s, int64_t q0, int64_t q1) {
+  bwd_cl<Io, false>(go, nullptr, gi, s, q0, q1);
 }
 
 // ---------------------------------------------------------------- NCHW, forward
@@ -432,33 +401,39 @@ void zero_uncovered_plane(typename Io::T* gi, const PoolShape& s) {
 
 template <typename Io>
 void max_bwd_plane(const typename Io::T* go, const uint8_t* am, typename Io::T* gi,
-                   const PoolShape& s) {
+                   const PoolShape& s, const int32_t* lut) {
+  using T = typename Io::T;
   const bool direct = tiles(s);
-  if (direct) {
-    zero_uncovered_plane<Io>(gi, s);
-  } else {
-    std::memset(gi, 0, static_cast<size_t>(s.H * s.W) * sizeof(typename Io::T));
+  if (!direct) {
+    // overlapping windows (float32 only here): zero, then one add per output at its maximum;
+    // lut[off] is the maximum's position relative to the window start
+    std::memset(gi, 0, static_cast<size_t>(s.H * s.W) * sizeof(T));
+    for (int64_t oh = 0; oh < s.OH; ++oh) {
+      const int64_t base = (oh * s.sH - s.pH) * s.W - s.pW;
+      for (int64_t ow = 0; ow < s.OW; ++ow) {
+        const int64_t off = am[oh * s.OW + ow];
+        if (off >= s.kH * s.kW) continue;
+        T* p = gi + base + ow * s.sW + lut[off];
+        Io::store1(p, Io::load1(p) + Io::load1(go + oh * s.OW + ow));
+      }
+    }
+    return;
   }
-  const bool fast2 = direct && s.kH == 2 && s.kW == 2;
+  zero_uncovered_plane<Io>(gi, s);
+  const bool fast2 = s.kH == 2 && s.kW == 2;
   // block starts of the 2 x 2 vector path: its 16 columns 2 ow - pW ... + 15 inside the row
   const int64_t v_lo = (s.pW + 1) / 2, v_end = (s.W + s.pW) / 2 - 7;
   for (int64_t oh = 0; oh < s.OH; ++oh) {
     const int64_t h0 = oh * s.sH - s.pH;
-    const Span kh = valid_span(h0, s.kH, s.dH, s.H);
-    auto scalar = [&](int64_t ow) {
+    const Span kh = valid_span(h0, s.kH, 1, s.H);
+    auto scalar = [&](int64_t ow) {  // every element of the window: the gradient or a zero
       const int64_t w0 = ow * s.sW - s.pW;
-      const Span kw = valid_span(w0, s.kW, s.dW, s.W);
+      const Span kw = valid_span(w0, s.kW, 1, s.W);
       const int64_t off = am[oh * s.OW + ow];
       const float g = Io::load1(go + oh * s.OW + ow);
       for (int64_t i = kh.lo; i < kh.hi; ++i) {
         for (int64_t j = kw.lo; j < kw.hi; ++j) {
-          auto* p = gi + (h0 + i * s.dH) * s.W + w0 + j * s.dW;
-          const float v = (i * s.kW + j == off) ? g : 0.0f;
-          if (direct) {
-            Io::store1(p, v);
-          } else if (v != 0.0f || std::isnan(v)) {
-            Io::store1(p, Io::load1(p) + v);
-          }
+          Io::store1(gi + (h0 + i) * s.W + w0 + j, i * s.kW + j == off ? g : 0.0f);
         }
       }
     };
@@ -468,12 +443,66 @@ void max_bwd_plane(const typename Io::T* go, const uint8_t* am, typename Io::T* 
       for (; ow < v_end && ow + 8 <= s.OW; ow += 8) {
         const __m256 g = Io::load(go + oh * s.OW + ow);
         const __m256i a = load_argmax8(am + oh * s.OW + ow);
-        spread_2x2_row<Io>(gi, s, oh, [&](int o) {
-          return _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(a, _mm256_set1_epi32(o))), g);
-        }, ow);
+        spread_2x2_row<Io>(
+            gi, s, oh,
+            [&](int o) {
+              return _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(a, _mm256_set1_epi32(o))),
+                                   g);
+            },
+            ow);
       }
     }
     for (; ow < s.OW; ++ow) scalar(ow);
+  }
+}
+
+// Overlapping windows (float32 only here): zero, then add each output's share go / divisor to its
+// window, eight outputs at a time in the interior (at stride 2 the shares are interleaved with
+// zeros, which leave the neighbours' sums as they are).
+template <typename Io, int kStride>
+void avg_bwd_plane_overlap(const typename Io::T* go, typename Io::T* gi, const PoolShape& s,
+                           float* share) {
+  using T = typename Io::T;
+  std::memset(gi, 0, static_cast<size_t>(s.H * s.W) * sizeof(T));
+  const Span cols = vector_columns<kStride>(s);
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t oh = 0; oh < s.OH; ++oh) {
+    const int64_t h0 = oh * s.sH - s.pH;
+    const int64_t ih0 = std::max<int64_t>(h0, 0), ih1 = std::min<int64_t>(h0 + s.kH, s.H);
+    if (ih0 >= ih1) continue;
+    for (int64_t ow = 0; ow < s.OW; ++ow) {
+      const int64_t w0 = ow * s.sW - s.pW;
+      const bool empty = std::max<int64_t>(w0, 0) >= std::min<int64_t>(w0 + s.kW, s.W);
+      share[ow] = empty ? 0.0f
+                        : Io::load1(go + oh * s.OW + ow) /
+                              static_cast<float>(avg_pool_divisor(s, oh, ow));
+    }
+    for (int64_t ih = ih0; ih < ih1; ++ih) {
+      T* row = gi + ih * s.W;
+      auto scalar = [&](int64_t ow) {
+        const int64_t w0 = ow * s.sW - s.pW;
+        const int64_t iw0 = std::max<int64_t>(w0, 0), iw1 = std::min<int64_t>(w0 + s.kW, s.W);
+        for (int64_t iw = iw0; iw < iw1; ++iw) Io::store1(row + iw, Io::load1(row + iw) + share[ow]);
+      };
+      int64_t ow = 0;
+      for (; ow < std::min(cols.lo, s.OW); ++ow) scalar(ow);
+      for (; ow < cols.hi && ow + 8 <= s.OW; ow += 8) {
+        const __m256 g = _mm256_loadu_ps(share + ow);
+        T* p = row + ow * kStride - s.pW;
+        for (int64_t kw = 0; kw < s.kW; ++kw) {
+          if constexpr (kStride == 1) {
+            Io::store(p + kw, _mm256_add_ps(Io::load(p + kw), g));
+          } else {
+            const __m256 lo = _mm256_unpacklo_ps(g, zero), hi = _mm256_unpackhi_ps(g, zero);
+            const __m256 a = _mm256_permute2f128_ps(lo, hi, 0x20);  // g0 0 g1 0 g2 0 g3 0
+            const __m256 b = _mm256_permute2f128_ps(lo, hi, 0x31);  // g4 0 g5 0 g6 0 g7 0
+            Io::store(p + kw, _mm256_add_ps(Io::load(p + kw), a));
+            Io::store(p + kw + 8, _mm256_add_ps(Io::load(p + kw + 8), b));
+          }
+        }
+      }
+      for (; ow < s.OW; ++ow) scalar(ow);
+    }
   }
 }
 
@@ -553,10 +582,14 @@ void max_bwd_t(const void* go, const void* am, void* gi, const PoolShape& s, int
                int64_t q1) {
   using T = typename Io::T;
   if (s.channels_last) return max_bwd_cl<Io>(go, am, gi, s, q0, q1);
+  int32_t lut[256];
+  for (int64_t off = 0; off < s.kH * s.kW; ++off) {
+    lut[off] = static_cast<int32_t>((off / s.kW) * s.dH * s.W + (off % s.kW) * s.dW);
+  }
   for (int64_t q = q0; q < q1; ++q) {
     max_bwd_plane<Io>(static_cast<const T*>(go) + q * s.OH * s.OW,
                       static_cast<const uint8_t*>(am) + q * s.OH * s.OW,
-                      static_cast<T*>(gi) + q * s.H * s.W, s);
+                      static_cast<T*>(gi) + q * s.H * s.W, s, lut);
   }
 }
 
@@ -564,9 +597,18 @@ template <typename Io>
 void avg_bwd_t(const void* go, void* gi, const PoolShape& s, int64_t q0, int64_t q1) {
   using T = typename Io::T;
   if (s.channels_last) return avg_bwd_cl<Io>(go, gi, s, q0, q1);
+  const bool overlap = !tiles(s) && (s.sW == 1 || s.sW == 2);
+  std::vector<float> share(overlap ? static_cast<size_t>(s.OW) : 0);
   for (int64_t q = q0; q < q1; ++q) {
-    avg_bwd_plane<Io>(static_cast<const T*>(go) + q * s.OH * s.OW,
-                      static_cast<T*>(gi) + q * s.H * s.W, s);
+    const T* g = static_cast<const T*>(go) + q * s.OH * s.OW;
+    T* d = static_cast<T*>(gi) + q * s.H * s.W;
+    if (overlap && s.sW == 2) {
+      avg_bwd_plane_overlap<Io, 2>(g, d, s, share.data());
+    } else if (overlap) {
+      avg_bwd_plane_overlap<Io, 1>(g, d, s, share.data());
+    } else {
+      avg_bwd_plane<Io>(g, d, s);
+    }
   }
 }
 
@@ -604,8 +646,9 @@ void avg_fwd(const void* in, void* out, const PoolShape& s, int64_t q0, int64_t 
 
 void max_bwd(const void* go, const void* am, int ab, void* gi, const PoolShape& s, int64_t q0,
              int64_t q1, ScalarKind kind) {
+  // 16-bit NCHW backward accumulates in place only where windows tile; channels_last gathers
   const bool wide = kind == ScalarKind::kHalf || kind == ScalarKind::kBFloat16;
-  const bool ok = ab == 1 && (!wide || tiles(s));
+  const bool ok = ab == 1 && (!wide || tiles(s) || s.channels_last);
   switch (ok ? kind : ScalarKind::kDouble) {
     case ScalarKind::kFloat:
       return max_bwd_t<F32>(go, am, gi, s, q0, q1);
@@ -621,7 +664,7 @@ void max_bwd(const void* go, const void* am, int ab, void* gi, const PoolShape& 
 void avg_bwd(const void* go, void* gi, const PoolShape& s, int64_t q0, int64_t q1,
              ScalarKind kind) {
   const bool wide = kind == ScalarKind::kHalf || kind == ScalarKind::kBFloat16;
-  switch ((!wide || tiles(s)) ? kind : ScalarKind::kDouble) {
+  switch ((!wide || tiles(s) || s.channels_last) ? kind : ScalarKind::kDouble) {
     case ScalarKind::kFloat:
       return avg_bwd_t<F32>(go, gi, s, q0, q1);
     case ScalarKind::kHalf:
