@@ -47,13 +47,15 @@ inline __m256i load_argmax8(const uint8_t* p) {
 }
 
 inline void store_argmax8(uint8_t* p, __m256i idx) {
-  const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(idx), _mm256_extracti128_si256(idx, 1));
+  const __m128i w16 =
+      _mm_packus_epi32(_mm256_castsi256_si128(idx), _mm256_extracti128_si256(idx, 1));
   _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(w16, w16));
 }
 
 // max with torch's rule: a NaN wins, and among equal values the first stays.
 inline void max_step(__m256 v, __m256 k, __m256& best, __m256& idx) {
-  const __m256 m = _mm256_or_ps(_mm256_cmp_ps(v, best, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  const __m256 m =
+      _mm256_or_ps(_mm256_cmp_ps(v, best, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   best = _mm256_blendv_ps(best, v, m);
   idx = _mm256_blendv_ps(idx, k, m);
 }
@@ -106,7 +108,8 @@ void max_fwd_cl(const void* in_v, void* out_v, void* am_v, const PoolShape& s, i
           for (int64_t i = kh.lo; i < kh.hi; ++i) {
             const T* row = in + (h0 + i * s.dH) * s.W * C + c;
             for (int64_t j = kw.lo; j < kw.hi; ++j) {
-              const __m256 k = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(i * s.kW + j)));
+              const __m256 k =
+                  _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(i * s.kW + j)));
               max_step(Io::load(row + (w0 + j * s.dW) * C), k, best, idx);
             }
           }
@@ -177,8 +180,7 @@ struct Cover {
   std::vector<int32_t> start;  // entries of index i: [start[i], start[i + 1])
   std::vector<int32_t> out, k;
 };
-inline Cover cover(int64_t in, int64_t out, int64_t k, int64_t stride, int64_t pad,
-                   int64_t dil) {
+inline Cover cover(int64_t in, int64_t out, int64_t k, int64_t stride, int64_t pad, int64_t dil) {
   Cover c;
   c.start.reserve(in + 1);
   for (int64_t i = 0; i < in; ++i) {
@@ -274,7 +276,8 @@ inline __m256 load_strided8(const typename Io::T* p) {
     return Io::load(p);
   } else {
     const __m256 a = Io::load(p), b = Io::load(p + 8);
-    const __m256 even = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));  // a0 a2 b0 b2 | a4 a6 b4 b6
+    const __m256 even =
+        _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));  // a0 a2 b0 b2 | a4 a6 b4 b6
     return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), 0xD8));
   }
 }
@@ -361,7 +364,8 @@ void avg_fwd_rows(const typename Io::T* in, typename Io::T* out, const PoolShape
         __m256 sum = _mm256_setzero_ps();
         for (int64_t ih = ih0; ih < ih1; ++ih) {
           const T* row = in + ih * s.W + w0;
-          for (int64_t j = 0; j < s.kW; ++j) sum = _mm256_add_ps(sum, load_strided8<Io, kStride>(row + j));
+          for (int64_t j = 0; j < s.kW; ++j)
+            sum = _mm256_add_ps(sum, load_strided8<Io, kStride>(row + j));
         }
         Io::store(out + oh * s.OW + ow, _mm256_div_ps(sum, div));
       }
@@ -473,16 +477,17 @@ void avg_bwd_plane_overlap(const typename Io::T* go, typename Io::T* gi, const P
     for (int64_t ow = 0; ow < s.OW; ++ow) {
       const int64_t w0 = ow * s.sW - s.pW;
       const bool empty = std::max<int64_t>(w0, 0) >= std::min<int64_t>(w0 + s.kW, s.W);
-      share[ow] = empty ? 0.0f
-                        : Io::load1(go + oh * s.OW + ow) /
-                              static_cast<float>(avg_pool_divisor(s, oh, ow));
+      share[ow] =
+          empty ? 0.0f
+                : Io::load1(go + oh * s.OW + ow) / static_cast<float>(avg_pool_divisor(s, oh, ow));
     }
     for (int64_t ih = ih0; ih < ih1; ++ih) {
       T* row = gi + ih * s.W;
       auto scalar = [&](int64_t ow) {
         const int64_t w0 = ow * s.sW - s.pW;
         const int64_t iw0 = std::max<int64_t>(w0, 0), iw1 = std::min<int64_t>(w0 + s.kW, s.W);
-        for (int64_t iw = iw0; iw < iw1; ++iw) Io::store1(row + iw, Io::load1(row + iw) + share[ow]);
+        for (int64_t iw = iw0; iw < iw1; ++iw)
+          Io::store1(row + iw, Io::load1(row + iw) + share[ow]);
       };
       int64_t ow = 0;
       for (; ow < std::min(cols.lo, s.OW); ++ow) scalar(ow);
@@ -523,7 +528,8 @@ void avg_bwd_plane(const typename Io::T* go, typename Io::T* gi, const PoolShape
       const int64_t w0 = ow * s.sW - s.pW;
       const int64_t iw0 = std::max<int64_t>(w0, 0), iw1 = std::min<int64_t>(w0 + s.kW, s.W);
       if (ih0 >= ih1 || iw0 >= iw1) return;
-      const float g = Io::load1(go + oh * s.OW + ow) / static_cast<float>(avg_pool_divisor(s, oh, ow));
+      const float g =
+          Io::load1(go + oh * s.OW + ow) / static_cast<float>(avg_pool_divisor(s, oh, ow));
       for (int64_t ih = ih0; ih < ih1; ++ih) {
         for (int64_t iw = iw0; iw < iw1; ++iw) {
           auto* p = gi + ih * s.W + iw;

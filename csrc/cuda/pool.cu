@@ -1,0 +1,340 @@
+// CUDA max and average pooling, NCHW and channels_last (each in its own layout: consecutive threads
+// take consecutive output elements in memory order). Backward is a gather: each input element
+// sums the gradients of the windows covering it in output order, so it needs no atomics and gives
+// the same bits on every run.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "common/pool.h"
+#include "cuda/common.cuh"
+
+namespace pyconv::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+struct Coord {
+  int64_t n, c, h, w;
+};
+
+// Position of memory-order element i of an (N, C, h, w) tensor in the call's layout.
+__device__ __forceinline__ Coord coord(int64_t i, const PoolShape& s, int64_t h, int64_t w) {
+  Coord r;
+  if (s.channels_last) {
+    r.c = i % s.C;
+    i /= s.C;
+    r.w = i % w;
+    i /= w;
+    r.h = i % h;
+    r.n = i / h;
+  } else {
+    r.w = i % w;
+    i /= w;
+    r.h = i % h;
+    i /= h;
+    r.c = i % s.C;
+    r.n = i / s.C;
+  }
+  return r;
+}
+
+__device__ __forceinline__ int64_t offset(const Coord& p, const PoolShape& s, int64_t h,
+                                          int64_t w) {
+  return s.channels_last ? ((p.n * h + p.h) * w + p.w) * s.C + p.c
+                         : ((p.n * s.C + p.c) * h + p.h) * w + p.w;
+}
+
+template <typename T>
+__device__ __forceinline__ bool is_nan(T v) {
+  return v != v;
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads)
+    max_fwd_kernel(const T* __restrict__ in, T* __restrict__ out, A* __restrict__ am, PoolShape s,
+                   int64_t total) {
+  using Acc = typename AccType<T>::type;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const Coord o = coord(i, s, s.OH, s.OW);
+    const int64_t h0 = o.h * s.sH - s.pH, w0 = o.w * s.sW - s.pW;
+    Acc best = -INFINITY;
+    int64_t bi = -1;
+    for (int64_t kh = 0; kh < s.kH; ++kh) {
+      const int64_t ih = h0 + kh * s.dH;
+      if (ih < 0 || ih >= s.H) continue;
+      for (int64_t kw = 0; kw < s.kW; ++kw) {
+        const int64_t iw = w0 + kw * s.dW;
+        if (iw < 0 || iw >= s.W) continue;
+        const Acc v = static_cast<Acc>(in[offset(Coord{o.n, o.c, ih, iw}, s, s.H, s.W)]);
+        if (bi < 0 || v > best || is_nan(v)) {
+          best = v;
+          bi = kh * s.kW + kw;
+        }
+      }
+    }
+    out[i] = static_cast<T>(best);
+    am[i] = bi < 0 ? static_cast<A>(~A{0}) : static_cast<A>(bi);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    avg_fwd_kernel(const T* __restrict__ in, T* __restrict__ out, PoolShape s, int64_t total) {
+  using Acc = typename AccType<T>::type;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const Coord o = coord(i, s, s.OH, s.OW);
+    const int64_t h0 = o.h * s.sH - s.pH, w0 = o.w * s.sW - s.pW;
+    const int64_t ih0 = h0 > 0 ? h0 : 0, ih1 = h0 + s.kH < s.H ? h0 + s.kH : s.H;
+    const int64_t iw0 = w0 > 0 ? w0 : 0, iw1 = w0 + s.kW < s.W ? w0 + s.kW : s.W;
+    Acc sum = 0;
+    for (int64_t ih = ih0; ih < ih1; ++ih) {
+      for (int64_t iw = iw0; iw < iw1; ++iw) {
+        sum += static_cast<Acc>(in[offset(Coord{o.n, o.c, ih, iw}, s, s.H, s.W)]);
+      }
+    }
+    const bool empty = ih0 >= ih1 || iw0 >= iw1;
+    out[i] = static_cast<T>(empty ? Acc(0) : sum / static_cast<Acc>(avg_pool_divisor(s, o.h, o.w)));
+  }
+}
+
+// The outputs o (and kernel index k) whose window covers input index i along one dimension:
+// o in [lo, hi], i = o * stride - pad + k * dil.
+__device__ __forceinline__ void cover_range(int64_t i, int64_t out, int64_t k, int64_t stride,
+                                            int64_t pad, int64_t dil, int64_t& lo, int64_t& hi) {
+  const int64_t first = i + pad - (k - 1) * dil;
+  lo = first <= 0 ? 0 : (first + stride - 1) / stride;
+  hi = (i + pad) / stride;
+  if (hi > out - 1) hi = out - 1;
+}
+
+template <typename T, typename A, bool kMax>
+__global__ void __launch_bounds__(kThreads)
+    bwd_kernel(const T* __restrict__ go, const A* __restrict__ am, T* __restrict__ gi, PoolShape s,
+               int64_t total) {
+  using Acc = typename AccType<T>::type;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const Coord p = coord(i, s, s.H, s.W);
+    int64_t oh0, oh1, ow0, ow1;
+    cover_range(p.h, s.OH, s.kH, s.sH, s.pH, s.dH, oh0, oh1);
+    cover_range(p.w, s.OW, s.kW, s.sW, s.pW, s.dW, ow0, ow1);
+    Acc acc = 0;
+    for (int64_t oh = oh0; oh <= oh1; ++oh) {
+      const int64_t th = p.h + s.pH - oh * s.sH;
+      if (th % s.dH != 0) continue;
+      for (int64_t ow = ow0; ow <= ow1; ++ow) {
+        const int64_t tw = p.w + s.pW - ow * s.sW;
+        if (tw % s.dW != 0) continue;
+        const int64_t o = offset(Coord{p.n, p.c, oh, ow}, s, s.OH, s.OW);
+        if (kMax) {
+          if (static_cast<int64_t>(am[o]) == (th / s.dH) * s.kW + tw / s.dW) {
+            acc += static_cast<Acc>(go[o]);
+          }
+        } else {
+          acc += static_cast<Acc>(go[o]) / static_cast<Acc>(avg_pool_divisor(s, oh, ow));
+        }
+      }
+    }
+    gi[i] = static_cast<T>(acc);
+  }
+}
+
+template <typename A>
+__global__ void __launch_bounds__(kThreads)
+    indices_kernel(const A* __restrict__ am, int64_t* __restrict__ idx, PoolShape s,
+                   int64_t total) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const Coord o = coord(i, s, s.OH, s.OW);
+    const int64_t off = static_cast<int64_t>(am[i]);
+    if (off >= s.kH * s.kW) {
+      idx[i] = -1;
+      continue;
+    }
+    const int64_t ih = o.h * s.sH - s.pH + (off / s.kW) * s.dH;
+    const int64_t iw = o.w * s.sW - s.pW + (off % s.kW) * s.dW;
+    idx[i] = ih * s.W + iw;
+  }
+}
+
+unsigned int blocks_for(int64_t total) {
+  const int64_t b = ceil_div(total, kThreads);
+  return static_cast<unsigned int>(b < (int64_t{1} << 30) ? b : (int64_t{1} << 30));
+}
+
+template <typename F>
+void dispatch(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat:
+      return f(float{});
+    case at::kDouble:
+      return f(double{});
+    case at::kHalf:
+      return f(c10::Half{});
+    case at::kBFloat16:
+      return f(c10::BFloat16{});
+    default:
+      TORCH_CHECK(false, "pyconv: unsupported dtype ", t);
+  }
+}
+
+at::ScalarType argmax_dtype(const PoolShape& s) {
+  return s.kH * s.kW <= 256 ? at::kByte : at::kInt;
+}
+
+std::tuple<at::Tensor, at::Tensor> max_pool2d(const at::Tensor& input_, at::IntArrayRef kernel_size,
+                                              at::IntArrayRef stride, at::IntArrayRef padding,
+                                              at::IntArrayRef dilation, bool ceil_mode) {
+  c10::cuda::CUDAGuard guard(input_.device());
+  const PoolShape s =
+      make_pool_shape("max_pool2d", input_, kernel_size, stride, padding, dilation, ceil_mode);
+  const at::Tensor input = input_.contiguous(memory_format(s));
+  const auto sizes = pool_sizes(s, input.dim(), s.OH, s.OW);
+  at::Tensor out = at::empty(sizes, input.options().memory_format(memory_format(s)));
+  at::Tensor am =
+      at::empty(sizes, input.options().dtype(argmax_dtype(s)).memory_format(memory_format(s)));
+  const int64_t total = out.numel();
+  if (total == 0) return {out, am};
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch(input.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* in = static_cast<const T*>(input.const_data_ptr());
+    T* o = static_cast<T*>(out.mutable_data_ptr());
+    if (am.scalar_type() == at::kByte) {
+      max_fwd_kernel<T, uint8_t><<<blocks_for(total), kThreads, 0, stream>>>(
+          in, o, am.mutable_data_ptr<uint8_t>(), s, total);
+    } else {
+      max_fwd_kernel<T, int32_t><<<blocks_for(total), kThreads, 0, stream>>>(
+          in, o, am.mutable_data_ptr<int32_t>(), s, total);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, am};
+}
+
+at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& argmax_,
+                               at::IntArrayRef input_size, at::IntArrayRef kernel_size,
+                               at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, bool ceil_mode) {
+  c10::cuda::CUDAGuard guard(grad_output.device());
+  check_backward_args("max_pool2d_backward", input_size, grad_output);
+  const PoolShape s = make_pool_shape("max_pool2d_backward",
+                                      meta_like(input_size, grad_output, is_channels_last(argmax_)),
+                                      kernel_size, stride, padding, dilation, ceil_mode);
+  TORCH_CHECK(argmax_.sizes() == grad_output.sizes() && argmax_.scalar_type() == argmax_dtype(s),
+              "max_pool2d_backward: expected argmax of grad_output's shape and dtype ",
+              argmax_dtype(s), ", got ", argmax_.sizes(), " ", argmax_.scalar_type());
+  const at::Tensor go = grad_output.contiguous(memory_format(s));
+  const at::Tensor am = argmax_.contiguous(memory_format(s));
+  at::Tensor gi = at::empty(input_size, go.options().memory_format(memory_format(s)));
+  const int64_t total = gi.numel();
+  if (total == 0) return gi;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch(go.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* g = static_cast<const T*>(go.const_data_ptr());
+    T* d = static_cast<T*>(gi.mutable_data_ptr());
+    if (am.scalar_type() == at::kByte) {
+      bwd_kernel<T, uint8_t, true><<<blocks_for(total), kThreads, 0, stream>>>(
+          g, am.const_data_ptr<uint8_t>(), d, s, total);
+    } else {
+      bwd_kernel<T, int32_t, true><<<blocks_for(total), kThreads, 0, stream>>>(
+          g, am.const_data_ptr<int32_t>(), d, s, total);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return gi;
+}
+
+at::Tensor max_pool2d_indices(const at::Tensor& argmax_, at::IntArrayRef input_size,
+                              at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
+  c10::cuda::CUDAGuard guard(argmax_.device());
+  TORCH_CHECK(input_size.size() == 3 || input_size.size() == 4,
+              "max_pool2d_indices: expected input_size of 3 or 4 elements, got ", input_size);
+  const PoolShape s = make_pool_shape("max_pool2d_indices",
+                                      meta_like(input_size, argmax_, is_channels_last(argmax_)),
+                                      kernel_size, stride, padding, dilation, ceil_mode);
+  const at::Tensor am = argmax_.contiguous(memory_format(s));
+  at::Tensor idx =
+      at::empty(am.sizes(), am.options().dtype(at::kLong).memory_format(memory_format(s)));
+  const int64_t total = idx.numel();
+  if (total == 0) return idx;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (am.scalar_type() == at::kByte) {
+    indices_kernel<uint8_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        am.const_data_ptr<uint8_t>(), idx.mutable_data_ptr<int64_t>(), s, total);
+  } else {
+    indices_kernel<int32_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        am.const_data_ptr<int32_t>(), idx.mutable_data_ptr<int64_t>(), s, total);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return idx;
+}
+
+at::Tensor avg_pool2d(const at::Tensor& input_, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                      at::IntArrayRef padding, bool ceil_mode, bool count_include_pad,
+                      std::optional<int64_t> divisor_override) {
+  c10::cuda::CUDAGuard guard(input_.device());
+  const PoolShape s = make_pool_shape("avg_pool2d", input_, kernel_size, stride, padding, {1, 1},
+                                      ceil_mode, count_include_pad, divisor_override);
+  const at::Tensor input = input_.contiguous(memory_format(s));
+  at::Tensor out = at::empty(pool_sizes(s, input.dim(), s.OH, s.OW),
+                             input.options().memory_format(memory_format(s)));
+  const int64_t total = out.numel();
+  if (total == 0) return out;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch(input.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    avg_fwd_kernel<T><<<blocks_for(total), kThreads, 0, stream>>>(
+        static_cast<const T*>(input.const_data_ptr()), static_cast<T*>(out.mutable_data_ptr()), s,
+        total);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor avg_pool2d_backward(const at::Tensor& grad_output, at::IntArrayRef input_size,
+                               at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                               at::IntArrayRef padding, bool ceil_mode, bool count_include_pad,
+                               std::optional<int64_t> divisor_override) {
+  c10::cuda::CUDAGuard guard(grad_output.device());
+  check_backward_args("avg_pool2d_backward", input_size, grad_output);
+  const PoolShape s = make_pool_shape(
+      "avg_pool2d_backward", meta_like(input_size, grad_output, is_channels_last(grad_output)),
+      kernel_size, stride, padding, {1, 1}, ceil_mode, count_include_pad, divisor_override);
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(pool_sizes(s, input_size.size(), s.OH, s.OW)),
+              "avg_pool2d_backward: expected grad_output of the output's shape, got ",
+              grad_output.sizes());
+  const at::Tensor go = grad_output.contiguous(memory_format(s));
+  at::Tensor gi = at::empty(input_size, go.options().memory_format(memory_format(s)));
+  const int64_t total = gi.numel();
+  if (total == 0) return gi;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch(go.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    bwd_kernel<T, uint8_t, false><<<blocks_for(total), kThreads, 0, stream>>>(
+        static_cast<const T*>(go.const_data_ptr()), nullptr, static_cast<T*>(gi.mutable_data_ptr()),
+        s, total);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return gi;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyconv, CUDA, m) {
+  m.impl("max_pool2d", &max_pool2d);
+  m.impl("max_pool2d_backward", &max_pool2d_backward);
+  m.impl("max_pool2d_indices", &max_pool2d_indices);
+  m.impl("avg_pool2d", &avg_pool2d);
+  m.impl("avg_pool2d_backward", &avg_pool2d_backward);
+}
+
+}  // namespace pyconv::cuda
