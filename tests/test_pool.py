@@ -258,7 +258,7 @@ def test_empty_batch(device):
 def test_simd_paths_agree(dtype):
     if not pyconv._C.cpu_has_avx2():
         pytest.skip("no AVX2 on this CPU")
-    x = torch.randn(2, 19, 13, 15).to(dtype)
+    x = torch.randn(2, 19, 13, 41).to(dtype)  # rows wide enough for the vector paths
     results = {}
     before = pyconv._C.simd_path()
     try:
@@ -369,3 +369,33 @@ def test_cuda_matches_cpu(dt):
             a = PF.avg_pool2d(xl, k, s, p, ceil_mode=True)
             b = PF.avg_pool2d(xl.cuda(), k, s, p, ceil_mode=True)
             torch.testing.assert_close(b.cpu(), a, **TOLERANCES[dt])
+
+
+@pytest.mark.parametrize("width", [40, 57, 64])
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_wide_rows_take_the_vector_paths(device, width, dt):
+    # rows long enough for 8-wide blocks at strides 1 and 2, an overlapping last block and
+    # scalar borders on both sides
+    x = input_for(device, dt, (2, 3, 9, width))
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xl = x.contiguous(memory_format=fmt)
+        for k, s, p, d, ceil in MAX_CONFIGS[:5] + [(3, 1, 0, 2, False)]:
+            xg = xl.detach().requires_grad_()
+            out = PF.max_pool2d(xg, k, s, p, d, ceil)
+            xr = x.double().requires_grad_()
+            ref = F.max_pool2d(xr, k, s, p, d, ceil)
+            assert_close_to(out, ref, dt)
+            grad = torch.randn_like(ref).to(dt)
+            (gx,) = torch.autograd.grad(out, xg, grad)
+            (gr,) = torch.autograd.grad(ref, xr, grad.double())
+            assert_close_to(gx, gr, dt)
+        for k, s, p, ceil, cip, div in AVG_CONFIGS[:6]:
+            xg = xl.detach().requires_grad_()
+            out = PF.avg_pool2d(xg, k, s, p, ceil, cip, div)
+            xr = x.double().requires_grad_()
+            ref = F.avg_pool2d(xr, k, s, p, ceil, cip, div)
+            assert_close_to(out, ref, dt)
+            grad = torch.randn_like(ref).to(dt)
+            (gx,) = torch.autograd.grad(out, xg, grad)
+            (gr,) = torch.autograd.grad(ref, xr, grad.double())
+            assert_close_to(gx, gr, dt)

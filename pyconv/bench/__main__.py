@@ -17,10 +17,16 @@ import torch
 import pyconv
 
 from . import dropout as dropout_bench
+from . import pool as pool_bench
 from .cases import all_cases
 from .timing import copy_bandwidth, interleaved
 
-BODIES = {"dropout": dropout_bench, "dropout2d": dropout_bench}
+BODIES = {
+    "dropout": dropout_bench,
+    "dropout2d": dropout_bench,
+    "max_pool2d": pool_bench,
+    "avg_pool2d": pool_bench,
+}
 
 
 def machine(device):
@@ -76,7 +82,7 @@ def run(args):
             ceiling = nbytes / t["copy"] / 1e9
             report["rows"].append(
                 {
-                    "op": case.op,
+                    "op": case.op + ("" if not case.pool else " k{}s{}p{}".format(*case.pool)),
                     "mode": case.mode,
                     "shape": list(case.shape),
                     "dtype": case.dtype_name,
@@ -106,14 +112,14 @@ def print_table(report):
             f"plain copy of 256 MiB {gbps:.1f} GB/s (read + write)"
         )
     head = (
-        f"{'op':<10}{'mode':<9}{'shape':<16}{'dtype':<9}{'dev':<5}{'layout':<14}"
+        f"{'op':<22}{'mode':<9}{'shape':<16}{'dtype':<9}{'dev':<5}{'layout':<14}"
         f"{'torch ms':>10}{'pyconv ms':>11}{'speedup':>9}{'max err':>10}{'GB/s':>8}{'%copy':>7}"
     )
     print(head)
     print("-" * len(head))
     for r in report["rows"]:
         print(
-            f"{r['op']:<10}{r['mode']:<9}{'x'.join(map(str, r['shape'])):<16}{r['dtype']:<9}"
+            f"{r['op']:<22}{r['mode']:<9}{'x'.join(map(str, r['shape'])):<16}{r['dtype']:<9}"
             f"{r['device']:<5}{r['layout']:<14}{r['torch_ms']:>10.2f}{r['pyconv_ms']:>11.2f}"
             f"{r['speedup']:>8.1f}x{r['max_abs_err']:>10.1e}{r['pyconv_gbps']:>8.1f}"
             f"{r['pct_of_copy']:>6.0f}%"

@@ -269,26 +269,29 @@ void avg_bwd_cl(const void* go, void* gi, const PoolShape& s, int64_t q0, int64_
 
 // ---------------------------------------------------------------- NCHW, forward
 
-// Eight inputs for outputs ow0 .. ow0 + 7 at stride 1 or 2, starting at p.
+// Eight inputs for outputs ow0 .. ow0 + 7 at stride 1 or 2, starting at p: p[0], p[s], ...,
+// p[7 s]. Reads nothing past p[7 s] (at stride 2 the second load starts at p[7]).
 template <typename Io, int kStride>
 inline __m256 load_strided8(const typename Io::T* p) {
   if constexpr (kStride == 1) {
     return Io::load(p);
   } else {
-    const __m256 a = Io::load(p), b = Io::load(p + 8);
-    const __m256 even =
-        _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));  // a0 a2 b0 b2 | a4 a6 b4 b6
-    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), 0xD8));
+    const __m256 a = Io::load(p), b = Io::load(p + 7);  // p0..p7 and p7..p14
+    // a0 a2 b1 b3 | a4 a6 b5 b7 = p0 p2 p8 p10 | p4 p6 p12 p14
+    const __m256 mix = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 2, 0));
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(mix), 0xD8));
   }
 }
 
-// Block starts ow in [lo, hi) for which the 8-wide loads (16 wide at stride 2) of outputs
-// ow .. ow + 7 lie inside the row for every kernel column.
+// Block starts ow in [lo, hi) whose eight outputs ow .. ow + 7 have whole windows inside the row:
+// then the loads of load_strided8 stay inside it too. With `wide_access`, 8 kStride elements from
+// each window column must fit instead (the 16-wide stores of the backward scatter at stride 2).
 template <int kStride>
-inline Span vector_columns(const PoolShape& s) {
+inline Span vector_columns(const PoolShape& s, bool wide_access = false) {
   const int64_t reach = (s.kW - 1) * s.dW;  // last kernel column, relative to the window start
   const int64_t lo = (s.pW + kStride - 1) / kStride;
-  const int64_t num = s.W - reach - 8 * kStride + s.pW;  // ow * stride <= num
+  const int64_t span = wide_access ? 8 * kStride : 7 * kStride + 1;  // elements from a column
+  const int64_t num = s.W - reach - span + s.pW;                     // ow * stride <= num
   const int64_t hi = num < 0 ? lo : num / kStride + 1;
   return {lo, std::max(lo, hi)};
 }
@@ -316,20 +319,27 @@ void max_fwd_rows(const typename Io::T* in, typename Io::T* out, uint8_t* am, co
     };
     int64_t ow = 0;
     for (; ow < std::min(cols.lo, s.OW); ++ow) scalar(ow);
-    if (kh.lo < kh.hi) {
-      for (; ow < cols.hi && ow + 8 <= s.OW; ow += 8) {
-        const int64_t w0 = ow * s.sW - s.pW;
-        __m256 best = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-        __m256 idx = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(kh.lo * s.kW)));
-        for (int64_t i = kh.lo; i < kh.hi; ++i) {
-          const T* row = in + (h0 + i * s.dH) * s.W + w0;
-          for (int64_t j = 0; j < s.kW; ++j) {
-            const __m256 k = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(i * s.kW + j)));
-            max_step(load_strided8<Io, kStride>(row + j * s.dW), k, best, idx);
-          }
+    auto vec = [&](int64_t ow) {
+      const int64_t w0 = ow * s.sW - s.pW;
+      __m256 best = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+      __m256 idx = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(kh.lo * s.kW)));
+      for (int64_t i = kh.lo; i < kh.hi; ++i) {
+        const T* row = in + (h0 + i * s.dH) * s.W + w0;
+        for (int64_t j = 0; j < s.kW; ++j) {
+          const __m256 k = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(i * s.kW + j)));
+          max_step(load_strided8<Io, kStride>(row + j * s.dW), k, best, idx);
         }
-        Io::store(out + oh * s.OW + ow, best);
-        store_argmax8(am + oh * s.OW + ow, _mm256_castps_si256(idx));
+      }
+      Io::store(out + oh * s.OW + ow, best);
+      store_argmax8(am + oh * s.OW + ow, _mm256_castps_si256(idx));
+    };
+    if (kh.lo < kh.hi) {
+      for (; ow < cols.hi && ow + 8 <= s.OW; ow += 8) vec(ow);
+      // the last outputs as one more block ending at OW, overlapping the previous one
+      const int64_t last = s.OW - 8;
+      if (ow < s.OW && last >= cols.lo && last < cols.hi && last >= 0) {
+        vec(last);
+        ow = s.OW;
       }
     }
     for (; ow < s.OW; ++ow) scalar(ow);
@@ -356,18 +366,25 @@ void avg_fwd_rows(const typename Io::T* in, typename Io::T* out, const PoolShape
     };
     int64_t ow = 0;
     for (; ow < std::min(cols.lo, s.OW); ++ow) scalar(ow);
-    if (ih0 < ih1) {
-      for (; ow < cols.hi && ow + 8 <= s.OW; ow += 8) {
-        // interior columns: the divisor changes only with the row
-        const __m256 div = _mm256_set1_ps(static_cast<float>(avg_pool_divisor(s, oh, ow)));
-        const int64_t w0 = ow * s.sW - s.pW;
-        __m256 sum = _mm256_setzero_ps();
-        for (int64_t ih = ih0; ih < ih1; ++ih) {
-          const T* row = in + ih * s.W + w0;
-          for (int64_t j = 0; j < s.kW; ++j)
-            sum = _mm256_add_ps(sum, load_strided8<Io, kStride>(row + j));
+    auto vec = [&](int64_t ow) {
+      // interior columns: the divisor changes only with the row
+      const __m256 div = _mm256_set1_ps(static_cast<float>(avg_pool_divisor(s, oh, ow)));
+      const int64_t w0 = ow * s.sW - s.pW;
+      __m256 sum = _mm256_setzero_ps();
+      for (int64_t ih = ih0; ih < ih1; ++ih) {
+        const T* row = in + ih * s.W + w0;
+        for (int64_t j = 0; j < s.kW; ++j) {
+          sum = _mm256_add_ps(sum, load_strided8<Io, kStride>(row + j));
         }
-        Io::store(out + oh * s.OW + ow, _mm256_div_ps(sum, div));
+      }
+      Io::store(out + oh * s.OW + ow, _mm256_div_ps(sum, div));
+    };
+    if (ih0 < ih1) {
+      for (; ow < cols.hi && ow + 8 <= s.OW; ow += 8) vec(ow);
+      const int64_t last = s.OW - 8;  // one more block ending at OW, overlapping the previous
+      if (ow < s.OW && last >= cols.lo && last < cols.hi && last >= 0) {
+        vec(last);
+        ow = s.OW;
       }
     }
     for (; ow < s.OW; ++ow) scalar(ow);
@@ -468,7 +485,7 @@ void avg_bwd_plane_overlap(const typename Io::T* go, typename Io::T* gi, const P
                            float* share) {
   using T = typename Io::T;
   std::memset(gi, 0, static_cast<size_t>(s.H * s.W) * sizeof(T));
-  const Span cols = vector_columns<kStride>(s);
+  const Span cols = vector_columns<kStride>(s, /*wide_access=*/true);
   const __m256 zero = _mm256_setzero_ps();
   for (int64_t oh = 0; oh < s.OH; ++oh) {
     const int64_t h0 = oh * s.sH - s.pH;
