@@ -200,8 +200,8 @@ inline Cover cover(int64_t in, int64_t out, int64_t k, int64_t stride, int64_t p
 }
 
 // Backward as a gather: each input element sums, in output order, the gradients of the windows
-// that cover it, and is written once (no zeroing pass, no read-modify-write, no races). The sums
-// of one pixel's channels build up in `acc`, so each covering window costs one pass over C.
+// that cover it, and is written once (no zeroing pass, no read-modify-write, no races). With two
+// or more covering windows the sums of one pixel's channels build up in `acc`.
 template <typename Io, bool kMax>
 void bwd_cl(const void* go_v, const void* am_v, void* gi_v, const PoolShape& s, int64_t q0,
             int64_t q1) {
@@ -217,40 +217,60 @@ void bwd_cl(const void* go_v, const void* am_v, void* gi_v, const PoolShape& s, 
     const uint8_t* am =
         kMax ? static_cast<const uint8_t*>(am_v) + n * s.OH * s.OW * C + c0 : nullptr;
     T* gi = static_cast<T*>(gi_v) + n * s.H * s.W * C + c0;
+    // The contribution of output pixel (oh, ow), window element k, to channels c .. c + 7 / c.
+    auto part8 = [&](int64_t o, __m256i kv, __m256 vdiv, int64_t c) {
+      if constexpr (kMax) {
+        const __m256 m = _mm256_castsi256_ps(_mm256_cmpeq_epi32(load_argmax8(am + o + c), kv));
+        return _mm256_and_ps(m, Io::load(go + o + c));
+      } else {
+        return _mm256_div_ps(Io::load(go + o + c), vdiv);
+      }
+    };
+    auto part1 = [&](int64_t o, int k, float div, int64_t c) {
+      if constexpr (kMax) {
+        return am[o + c] == k ? Io::load1(go + o + c) : 0.0f;
+      } else {
+        return Io::load1(go + o + c) / div;
+      }
+    };
     for (int64_t ih = 0; ih < s.H; ++ih) {
       for (int64_t iw = 0; iw < s.W; ++iw) {
-        std::memset(acc, 0, static_cast<size_t>(nc) * sizeof(float));
-        for (int32_t a = rows.start[ih]; a < rows.start[ih + 1]; ++a) {
+        T* dst = gi + (ih * s.W + iw) * C;
+        const int32_t ra = rows.start[ih], rb = rows.start[ih + 1];
+        const int32_t ca = cols.start[iw], cb = cols.start[iw + 1];
+        const int64_t count = static_cast<int64_t>(rb - ra) * (cb - ca);
+        bool first = true;
+        for (int32_t a = ra; a < rb; ++a) {
           const int64_t oh = rows.out[a];
-          for (int32_t b = cols.start[iw]; b < cols.start[iw + 1]; ++b) {
+          for (int32_t b = ca; b < cb; ++b) {
             const int64_t ow = cols.out[b];
             const int64_t o = (oh * s.OW + ow) * C;
-            if constexpr (kMax) {
-              const int k = static_cast<int>(rows.k[a] * s.kW + cols.k[b]);
-              const __m256i kv = _mm256_set1_epi32(k);
-              for (int64_t c = 0; c < nv; c += 8) {
-                const __m256 m =
-                    _mm256_castsi256_ps(_mm256_cmpeq_epi32(load_argmax8(am + o + c), kv));
-                _mm256_storeu_ps(acc + c, _mm256_add_ps(_mm256_loadu_ps(acc + c),
-                                                        _mm256_and_ps(m, Io::load(go + o + c))));
-              }
-              for (int64_t c = nv; c < nc; ++c) {
-                if (am[o + c] == k) acc[c] += Io::load1(go + o + c);
-              }
+            const int k = static_cast<int>(rows.k[a] * s.kW + cols.k[b]);
+            const float div = kMax ? 1.0f : static_cast<float>(avg_pool_divisor(s, oh, ow));
+            const __m256i kv = _mm256_set1_epi32(k);
+            const __m256 vdiv = _mm256_set1_ps(div);
+            if (count == 1) {  // one window: straight to the output
+              for (int64_t c = 0; c < nv; c += 8) Io::store(dst + c, part8(o, kv, vdiv, c));
+              for (int64_t c = nv; c < nc; ++c) Io::store1(dst + c, part1(o, k, div, c));
+            } else if (first) {
+              for (int64_t c = 0; c < nv; c += 8) _mm256_storeu_ps(acc + c, part8(o, kv, vdiv, c));
+              for (int64_t c = nv; c < nc; ++c) acc[c] = part1(o, k, div, c);
             } else {
-              const float div = static_cast<float>(avg_pool_divisor(s, oh, ow));
-              const __m256 vdiv = _mm256_set1_ps(div);
               for (int64_t c = 0; c < nv; c += 8) {
-                _mm256_storeu_ps(acc + c, _mm256_add_ps(_mm256_loadu_ps(acc + c),
-                                                        _mm256_div_ps(Io::load(go + o + c), vdiv)));
+                _mm256_storeu_ps(acc + c,
+                                 _mm256_add_ps(_mm256_loadu_ps(acc + c), part8(o, kv, vdiv, c)));
               }
-              for (int64_t c = nv; c < nc; ++c) acc[c] += Io::load1(go + o + c) / div;
+              for (int64_t c = nv; c < nc; ++c) acc[c] += part1(o, k, div, c);
             }
+            first = false;
           }
         }
-        T* dst = gi + (ih * s.W + iw) * C;
-        for (int64_t c = 0; c < nv; c += 8) Io::store(dst + c, _mm256_loadu_ps(acc + c));
-        for (int64_t c = nv; c < nc; ++c) Io::store1(dst + c, acc[c]);
+        if (count == 0) {
+          std::memset(dst, 0, static_cast<size_t>(nc) * sizeof(T));
+        } else if (count > 1) {
+          for (int64_t c = 0; c < nv; c += 8) Io::store(dst + c, _mm256_loadu_ps(acc + c));
+          for (int64_t c = nv; c < nc; ++c) Io::store1(dst + c, acc[c]);
+        }
       }
     }
   });
