@@ -133,6 +133,22 @@ def print_table(report):
         )
 
 
+def markdown(report):
+    """The rows as a Markdown table (what README's results section carries)."""
+    lines = [
+        "| op | mode | shape | dtype | device | layout | torch ms | pyconv ms | speedup | GB/s |"
+        " %copy |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['op']} | {r['mode']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | "
+            f"{r['device']} | {r['layout']} | {r['torch_ms']:.2f} | {r['pyconv_ms']:.2f} | "
+            f"{r['speedup']:.1f}x | {r['pyconv_gbps']:.1f} | {r['pct_of_copy']:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
 def chart(report, path):
     import matplotlib
 
@@ -166,9 +182,20 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=None)
     ap.add_argument("--json", metavar="PATH", help="write the report as JSON")
     ap.add_argument("--png", metavar="PATH", help="speedup chart (default: next to --json)")
+    ap.add_argument("--from-json", metavar="PATH", help="print a saved report instead of running")
+    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = ap.parse_args(argv)
-    report = run(args)
-    print_table(report)
+    if args.from_json:
+        with open(args.from_json) as f:
+            report = json.load(f)
+    else:
+        report = run(args)
+    if args.markdown:
+        print(markdown(report))
+    else:
+        print_table(report)
+    if args.from_json:
+        return
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
