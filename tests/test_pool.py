@@ -399,3 +399,20 @@ def test_wide_rows_take_the_vector_paths(device, width, dt):
             (gx,) = torch.autograd.grad(out, xg, grad)
             (gr,) = torch.autograd.grad(ref, xr, grad.double())
             assert_close_to(gx, gr, dt)
+
+
+@pytest.mark.parametrize("kernel", [(17, 17), (16, 16)])  # int32 and uint8 offsets
+def test_windows_with_no_element_inside_the_input(device, kernel):
+    # dilation can leave a window with every tap outside the input: -inf and torch's index; the
+    # gradient is zero (torch's own backward sends it through that index into the next plane)
+    dil = (2, 1)
+    pad = (kernel[0] // 2 - 1, kernel[1] // 2)
+    x = torch.randn(1, 2, 1, 1, device=device, requires_grad=True)
+    args = (kernel, (19, 1), pad, dil, True)
+    out, idx = PF.max_pool2d(x, *args, return_indices=True)
+    ref, ref_idx = F.max_pool2d(x, *args, return_indices=True)
+    torch.testing.assert_close(out, ref)
+    assert torch.equal(idx, ref_idx)
+    assert torch.isinf(out).all()
+    (g,) = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(g, torch.zeros_like(x))

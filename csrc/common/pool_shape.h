@@ -44,4 +44,24 @@ PYCONV_HD int64_t avg_pool_divisor(const PoolShape& s, int64_t oh, int64_t ow) {
   return (h1 - h0) * (w1 - w0);
 }
 
+// Flat position (ih * W + iw) of window element `off` of output (oh, ow), or -1 when `off` names
+// no element inside the input. A window with no element inside the input (possible with dilation)
+// stores an offset that names none, whatever its type's range.
+PYCONV_HD int64_t argmax_position(const PoolShape& s, int64_t oh, int64_t ow, int64_t off) {
+  if (off < 0 || off >= s.kH * s.kW) return -1;
+  const int64_t ih = oh * s.sH - s.pH + (off / s.kW) * s.dH;
+  const int64_t iw = ow * s.sW - s.pW + (off % s.kW) * s.dW;
+  if (ih < 0 || ih >= s.H || iw < 0 || iw >= s.W) return -1;
+  return ih * s.W + iw;
+}
+
+// torch's index for a window with no element inside the input: its first tap, moved by whole
+// dilation steps to row and column >= 0.
+PYCONV_HD int64_t empty_window_index(const PoolShape& s, int64_t oh, int64_t ow) {
+  int64_t ih = oh * s.sH - s.pH, iw = ow * s.sW - s.pW;
+  if (ih < 0) ih += (-ih + s.dH - 1) / s.dH * s.dH;
+  if (iw < 0) iw += (-iw + s.dW - 1) / s.dW * s.dW;
+  return ih * s.W + iw;
+}
+
 }  // namespace pyconv

@@ -116,14 +116,8 @@ at::Tensor max_pool2d_indices(const at::Tensor& argmax_, at::IntArrayRef input_s
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t pix = s.channels_last ? (i % per_image) / s.C : i % pixels;
       const int64_t oh = pix / s.OW, ow = pix % s.OW;
-      const int64_t off = wide ? a32[i] : a8[i];
-      if (off >= s.kH * s.kW) {
-        out[i] = -1;
-        continue;
-      }
-      const int64_t ih = oh * s.sH - s.pH + (off / s.kW) * s.dH;
-      const int64_t iw = ow * s.sW - s.pW + (off % s.kW) * s.dW;
-      out[i] = ih * s.W + iw;
+      const int64_t pos = argmax_position(s, oh, ow, wide ? a32[i] : a8[i]);
+      out[i] = pos >= 0 ? pos : empty_window_index(s, oh, ow);
     }
   });
   return idx;

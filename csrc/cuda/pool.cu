@@ -152,14 +152,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
     const Coord o = coord(i, s, s.OH, s.OW);
-    const int64_t off = static_cast<int64_t>(am[i]);
-    if (off >= s.kH * s.kW) {
-      idx[i] = -1;
-      continue;
-    }
-    const int64_t ih = o.h * s.sH - s.pH + (off / s.kW) * s.dH;
-    const int64_t iw = o.w * s.sW - s.pW + (off % s.kW) * s.dW;
-    idx[i] = ih * s.W + iw;
+    const int64_t pos = argmax_position(s, o.h, o.w, static_cast<int64_t>(am[i]));
+    idx[i] = pos >= 0 ? pos : empty_window_index(s, o.h, o.w);
   }
 }
 
@@ -227,9 +221,16 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& 
   const PoolShape s = make_pool_shape("max_pool2d_backward",
                                       meta_like(input_size, grad_output, is_channels_last(argmax_)),
                                       kernel_size, stride, padding, dilation, ceil_mode);
-  TORCH_CHECK(argmax_.sizes() == grad_output.sizes() && argmax_.scalar_type() == argmax_dtype(s),
-              "max_pool2d_backward: expected argmax of grad_output's shape and dtype ",
-              argmax_dtype(s), ", got ", argmax_.sizes(), " ", argmax_.scalar_type());
+  TORCH_CHECK(
+      argmax_.sizes() == grad_output.sizes() &&
+          argmax_.sizes() == at::IntArrayRef(pool_sizes(s, input_size.size(), s.OH, s.OW)) &&
+          argmax_.scalar_type() == argmax_dtype(s),
+      "max_pool2d_backward: expected grad_output and argmax of the output's shape, argmax "
+      "of dtype ",
+      argmax_dtype(s), ", got ", grad_output.sizes(), ", ", argmax_.sizes(), " ",
+      argmax_.scalar_type());
+  TORCH_CHECK(argmax_.device() == grad_output.device(), "max_pool2d_backward: expected argmax on ",
+              grad_output.device(), ", got ", argmax_.device());
   const at::Tensor go = grad_output.contiguous(memory_format(s));
   const at::Tensor am = argmax_.contiguous(memory_format(s));
   at::Tensor gi = at::empty(input_size, go.options().memory_format(memory_format(s)));
@@ -261,6 +262,10 @@ at::Tensor max_pool2d_indices(const at::Tensor& argmax_, at::IntArrayRef input_s
   const PoolShape s = make_pool_shape("max_pool2d_indices",
                                       meta_like(input_size, argmax_, is_channels_last(argmax_)),
                                       kernel_size, stride, padding, dilation, ceil_mode);
+  TORCH_CHECK(argmax_.scalar_type() == argmax_dtype(s) &&
+                  argmax_.sizes() == at::IntArrayRef(pool_sizes(s, input_size.size(), s.OH, s.OW)),
+              "max_pool2d_indices: expected argmax of the output's shape and dtype ",
+              argmax_dtype(s), ", got ", argmax_.sizes(), " ", argmax_.scalar_type());
   const at::Tensor am = argmax_.contiguous(memory_format(s));
   at::Tensor idx =
       at::empty(am.sizes(), am.options().dtype(at::kLong).memory_format(memory_format(s)));

@@ -447,13 +447,18 @@ void max_bwd_plane(const typename Io::T* go, const uint8_t* am, typename Io::T* 
   const bool direct = tiles(s);
   if (!direct) {
     // overlapping windows (float32 only here): zero, then one add per output at its maximum;
-    // lut[off] is the maximum's position relative to the window start
+    // lut[off] is the maximum's position relative to the window start (lut[256 + off] and
+    // lut[512 + off] its row and column offsets)
     std::memset(gi, 0, static_cast<size_t>(s.H * s.W) * sizeof(T));
     for (int64_t oh = 0; oh < s.OH; ++oh) {
       const int64_t base = (oh * s.sH - s.pH) * s.W - s.pW;
       for (int64_t ow = 0; ow < s.OW; ++ow) {
         const int64_t off = am[oh * s.OW + ow];
+        // a window with no element inside the input stores an offset that names none
         if (off >= s.kH * s.kW) continue;
+        const int64_t ih = oh * s.sH - s.pH + lut[256 + off],
+                      iw = ow * s.sW - s.pW + lut[512 + off];
+        if (ih < 0 || ih >= s.H || iw < 0 || iw >= s.W) continue;
         T* p = gi + base + ow * s.sW + lut[off];
         Io::store1(p, Io::load1(p) + Io::load1(go + oh * s.OW + ow));
       }
@@ -625,9 +630,12 @@ void max_bwd_t(const void* go, const void* am, void* gi, const PoolShape& s, int
                int64_t q1) {
   using T = typename Io::T;
   if (s.channels_last) return max_bwd_cl<Io>(go, am, gi, s, q0, q1);
-  int32_t lut[256];
+  // per window offset: position relative to the window start, then its row and column parts
+  int32_t lut[768];
   for (int64_t off = 0; off < s.kH * s.kW; ++off) {
     lut[off] = static_cast<int32_t>((off / s.kW) * s.dH * s.W + (off % s.kW) * s.dW);
+    lut[256 + off] = static_cast<int32_t>((off / s.kW) * s.dH);
+    lut[512 + off] = static_cast<int32_t>((off % s.kW) * s.dW);
   }
   for (int64_t q = q0; q < q1; ++q) {
     max_bwd_plane<Io>(static_cast<const T*>(go) + q * s.OH * s.OW,

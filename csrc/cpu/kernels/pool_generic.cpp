@@ -108,11 +108,9 @@ void max_bwd_t(const void* go_v, const void* am_v, void* gi_v, const PoolShape& 
     for (int64_t oh = 0; oh < s.OH; ++oh) {
       for (int64_t ow = 0; ow < s.OW; ++ow) {
         const int64_t o = a.out_base + (oh * s.OW + ow) * a.pix_out;
-        const int64_t off = static_cast<int64_t>(am[o]);
-        if (off >= s.kH * s.kW) continue;  // a window with no element inside the input
-        const int64_t ih = oh * s.sH - s.pH + (off / s.kW) * s.dH;
-        const int64_t iw = ow * s.sW - s.pW + (off % s.kW) * s.dW;
-        acc.add(ih * s.W + iw, Io<Tag>::load(go[o]));
+        const int64_t pos = argmax_position(s, oh, ow, static_cast<int64_t>(am[o]));
+        if (pos < 0) continue;  // a window with no element inside the input
+        acc.add(pos, Io<Tag>::load(go[o]));
       }
     }
     acc.finish();
