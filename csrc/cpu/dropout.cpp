@@ -16,21 +16,6 @@
 namespace pyconv::cpu {
 namespace {
 
-ScalarKind scalar_kind(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return ScalarKind::kFloat;
-    case at::kDouble:
-      return ScalarKind::kDouble;
-    case at::kHalf:
-      return ScalarKind::kHalf;
-    case at::kBFloat16:
-      return ScalarKind::kBFloat16;
-    default:
-      TORCH_CHECK(false, "pyconv: unsupported dtype ", t);
-  }
-}
-
 int64_t seed_value(const char* op, const at::Tensor& seed) {
   TORCH_CHECK(seed.device().is_cpu(), op, ": expected seed on the CPU for a CPU input, got ",
               seed.device());

@@ -16,19 +16,6 @@
 namespace pyconv::cpu {
 namespace {
 
-ScalarKind kind_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return ScalarKind::kFloat;
-    case at::kDouble:
-      return ScalarKind::kDouble;
-    case at::kHalf:
-      return ScalarKind::kHalf;
-    default:
-      return ScalarKind::kBFloat16;
-  }
-}
-
 // Splits the N * C (sample, channel) pairs among threads, about 64 Ki elements of work a task.
 // channels_last tasks take whole images when there are enough of them: the kernels walk pixels
 // and vectorise along C, so a task with a slice of the channels pays the per-pixel work for less.
@@ -56,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d(const at::Tensor& input_, at::IntA
       empty_cached(sizes, input.options().dtype(argmax_dtype(ab)), memory_format(s));
   if (out.numel() == 0) return {out, argmax};
   const PoolKernels& k = pool_kernels();
-  const ScalarKind kind = kind_of(input.scalar_type());
+  const ScalarKind kind = scalar_kind(input.scalar_type());
   const void* in = input.const_data_ptr();
   void* o = out.mutable_data_ptr();
   void* am = argmax.mutable_data_ptr();
@@ -85,7 +72,7 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& 
   at::Tensor gi = empty_cached(input_size, go.options(), memory_format(s));
   if (gi.numel() == 0) return gi;
   const PoolKernels& k = pool_kernels();
-  const ScalarKind kind = kind_of(go.scalar_type());
+  const ScalarKind kind = scalar_kind(go.scalar_type());
   for_pairs(s, s.H * s.W + s.OH * s.OW, [&](int64_t q0, int64_t q1) {
     k.max_bwd(go.const_data_ptr(), argmax.const_data_ptr(), ab, gi.mutable_data_ptr(), s, q0, q1,
               kind);
@@ -133,7 +120,7 @@ at::Tensor avg_pool2d(const at::Tensor& input_, at::IntArrayRef kernel_size, at:
       empty_cached(pool_sizes(s, input.dim(), s.OH, s.OW), input.options(), memory_format(s));
   if (out.numel() == 0) return out;
   const PoolKernels& k = pool_kernels();
-  const ScalarKind kind = kind_of(input.scalar_type());
+  const ScalarKind kind = scalar_kind(input.scalar_type());
   for_pairs(s, s.OH * s.OW * s.kH * s.kW, [&](int64_t q0, int64_t q1) {
     k.avg_fwd(input.const_data_ptr(), out.mutable_data_ptr(), s, q0, q1, kind);
   });
@@ -156,7 +143,7 @@ at::Tensor avg_pool2d_backward(const at::Tensor& grad_output, at::IntArrayRef in
   at::Tensor gi = empty_cached(input_size, go.options(), memory_format(s));
   if (gi.numel() == 0) return gi;
   const PoolKernels& k = pool_kernels();
-  const ScalarKind kind = kind_of(go.scalar_type());
+  const ScalarKind kind = scalar_kind(go.scalar_type());
   for_pairs(s, s.H * s.W + s.OH * s.OW * s.kH * s.kW, [&](int64_t q0, int64_t q1) {
     k.avg_bwd(go.const_data_ptr(), gi.mutable_data_ptr(), s, q0, q1, kind);
   });

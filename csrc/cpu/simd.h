@@ -2,6 +2,9 @@
 // switchable at run time so that tests can hold every path against the others.
 #pragma once
 
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+
 #include <string>
 
 #include "cpu/kernels/dropout_kernels.h"
@@ -10,6 +13,22 @@
 namespace pyconv::cpu {
 
 bool cpu_has_avx2();  // AVX2, FMA and F16C together
+
+// The kernels' name for a floating dtype.
+inline ScalarKind scalar_kind(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return ScalarKind::kFloat;
+    case at::kDouble:
+      return ScalarKind::kDouble;
+    case at::kHalf:
+      return ScalarKind::kHalf;
+    case at::kBFloat16:
+      return ScalarKind::kBFloat16;
+    default:
+      TORCH_CHECK(false, "pyconv: unsupported dtype ", t);
+  }
+}
 std::string simd_path();
 void set_simd_path(const std::string& name);  // "avx2" (where supported) or "generic"
 const DropoutKernels& dropout_kernels();

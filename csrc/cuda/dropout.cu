@@ -135,22 +135,6 @@ SeedArg seed_arg(const char* op, const at::Tensor& seed, const at::Tensor& input
   return s;
 }
 
-template <typename F>
-void dispatch_float_types(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat:
-      return f(float{});
-    case at::kDouble:
-      return f(double{});
-    case at::kHalf:
-      return f(c10::Half{});
-    case at::kBFloat16:
-      return f(c10::BFloat16{});
-    default:
-      TORCH_CHECK(false, "pyconv: unsupported dtype ", t);
-  }
-}
-
 void dropout_dense(const at::Tensor& src, at::Tensor& dst, double p, const SeedArg& seed) {
   const int64_t n = dst.numel();
   DropoutParams d = dropout_params_from(p, static_cast<int64_t>(seed.value));

@@ -162,22 +162,6 @@ unsigned int blocks_for(int64_t total) {
   return static_cast<unsigned int>(b < (int64_t{1} << 30) ? b : (int64_t{1} << 30));
 }
 
-template <typename F>
-void dispatch(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat:
-      return f(float{});
-    case at::kDouble:
-      return f(double{});
-    case at::kHalf:
-      return f(c10::Half{});
-    case at::kBFloat16:
-      return f(c10::BFloat16{});
-    default:
-      TORCH_CHECK(false, "pyconv: unsupported dtype ", t);
-  }
-}
-
 at::ScalarType argmax_dtype(const PoolShape& s) {
   return s.kH * s.kW <= 256 ? at::kByte : at::kInt;
 }
@@ -196,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d(const at::Tensor& input_, at::IntA
   const int64_t total = out.numel();
   if (total == 0) return {out, am};
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch(input.scalar_type(), [&](auto tag) {
+  dispatch_float_types(input.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* in = static_cast<const T*>(input.const_data_ptr());
     T* o = static_cast<T*>(out.mutable_data_ptr());
@@ -237,7 +221,7 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& 
   const int64_t total = gi.numel();
   if (total == 0) return gi;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch(go.scalar_type(), [&](auto tag) {
+  dispatch_float_types(go.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* g = static_cast<const T*>(go.const_data_ptr());
     T* d = static_cast<T*>(gi.mutable_data_ptr());
@@ -295,7 +279,7 @@ at::Tensor avg_pool2d(const at::Tensor& input_, at::IntArrayRef kernel_size, at:
   const int64_t total = out.numel();
   if (total == 0) return out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch(input.scalar_type(), [&](auto tag) {
+  dispatch_float_types(input.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     avg_fwd_kernel<T><<<blocks_for(total), kThreads, 0, stream>>>(
         static_cast<const T*>(input.const_data_ptr()), static_cast<T*>(out.mutable_data_ptr()), s,
@@ -322,7 +306,7 @@ at::Tensor avg_pool2d_backward(const at::Tensor& grad_output, at::IntArrayRef in
   const int64_t total = gi.numel();
   if (total == 0) return gi;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch(go.scalar_type(), [&](auto tag) {
+  dispatch_float_types(go.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     bwd_kernel<T, uint8_t, false><<<blocks_for(total), kThreads, 0, stream>>>(
         static_cast<const T*>(go.const_data_ptr()), nullptr, static_cast<T*>(gi.mutable_data_ptr()),
