@@ -16,15 +16,6 @@ CASES = [(d, c) for d in DEVICES for c in dropout_cases(d) if c.quick]
 
 @pytest.mark.parametrize("impl", ["torch", "pyconv"])
 @pytest.mark.parametrize("device,case", CASES, ids=lambda v: v if isinstance(v, str) else v.label())
-def test_dropout(benchmark, device, case, impl):
+def test_dropout(timed, device, case, impl):
     torch_fn, our_fn, _, _, _ = callables(case, device)
-    fn = torch_fn if impl == "torch" else our_fn
-    if device == "cuda":
-
-        def fn_sync():
-            fn()
-            torch.cuda.synchronize()
-
-        benchmark(fn_sync)
-    else:
-        benchmark(fn)
+    timed(torch_fn if impl == "torch" else our_fn, device)
