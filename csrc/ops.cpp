@@ -35,4 +35,19 @@ TORCH_LIBRARY(pyconv, m) {
       "avg_pool2d_backward(Tensor grad_output, int[] input_size, int[2] kernel_size, "
       "int[2] stride, int[2] padding, bool ceil_mode, bool count_include_pad, "
       "int? divisor_override) -> Tensor");
+
+  // 2-D convolution, with the epilogue that follows every conv of a CNN fused in:
+  // out = relu?(conv(input, weight) + bias + residual). padding is (top, bottom, left, right), so
+  // that padding='same' with an even kernel needs no separate pad.
+  m.def(
+      "conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[4] padding, "
+      "int[2] dilation, int groups, bool relu, Tensor? residual) -> Tensor");
+  m.def(
+      "conv2d_backward_input(Tensor grad_output, Tensor weight, int[] input_size, int[2] stride, "
+      "int[4] padding, int[2] dilation, int groups) -> Tensor");
+  m.def(
+      "conv2d_backward_weight(Tensor grad_output, Tensor input, int[] weight_size, "
+      "int[2] stride, int[4] padding, int[2] dilation, int groups) -> Tensor");
+  m.def("conv2d_backward_bias(Tensor grad_output) -> Tensor");
+  m.def("relu_backward(Tensor grad_output, Tensor output) -> Tensor");
 }

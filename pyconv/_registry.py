@@ -8,7 +8,7 @@ import torch
 from torch._prims_common import suggest_memory_format
 
 from . import _C  # noqa: F401  (the schemas must exist before registering against them)
-from ._sizes import pool_output_shape
+from ._sizes import conv_output_shape, pool_output_shape
 
 _lib = torch.library
 
@@ -180,4 +180,140 @@ _lib.register_autograd(
     "pyconv::avg_pool2d_backward",
     _avg_pool2d_double_backward,
     setup_context=_avg_pool2d_backward_setup,
+)
+
+
+# --- convolution ---
+# The fused epilogue's ReLU needs the output in backward (where it is positive); nothing else of
+# the forward is kept but the input and the weight, which the gradients need.
+
+
+@_lib.register_fake("pyconv::conv2d")
+def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups, relu, residual):
+    shape = conv_output_shape(input.shape, weight.shape, stride, padding, dilation)
+    return _pool_empty(input, shape)
+
+
+@_lib.register_fake("pyconv::conv2d_backward_input")
+def _conv2d_backward_input_fake(grad_output, weight, input_size, stride, padding, dilation, groups):
+    return _pool_empty(grad_output, input_size)
+
+
+@_lib.register_fake("pyconv::conv2d_backward_weight")
+def _conv2d_backward_weight_fake(
+    grad_output, input, weight_size, stride, padding, dilation, groups
+):
+    return grad_output.new_empty(weight_size)
+
+
+@_lib.register_fake("pyconv::conv2d_backward_bias")
+def _conv2d_backward_bias_fake(grad_output):
+    return grad_output.new_empty(grad_output.shape[1])
+
+
+@_lib.register_fake("pyconv::relu_backward")
+def _relu_backward_fake(grad_output, output):
+    return _pool_empty(output, output.shape, grad_output.dtype)
+
+
+def _conv2d_setup(ctx, inputs, output):
+    input, weight, bias, stride, padding, dilation, groups, relu, residual = inputs
+    ctx.geometry = (stride, padding, dilation, groups)
+    ctx.relu = relu
+    ctx.has_bias = bias is not None
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(input, weight, output if relu else None)
+
+
+def _conv2d_backward(ctx, grad):
+    input, weight, output = ctx.saved_tensors
+    ops = torch.ops.pyconv
+    if ctx.relu:
+        grad = ops.relu_backward(grad, output)
+    need = ctx.needs_input_grad
+    gi = gw = gb = gr = None
+    if need[0]:
+        gi = ops.conv2d_backward_input(grad, weight, list(input.shape), *ctx.geometry)
+    if need[1]:
+        gw = ops.conv2d_backward_weight(grad, input, list(weight.shape), *ctx.geometry)
+    if ctx.has_bias and need[2]:
+        gb = ops.conv2d_backward_bias(grad)
+    if ctx.has_residual and need[8]:
+        gr = grad
+    return gi, gw, gb, None, None, None, None, None, gr
+
+
+_lib.register_autograd("pyconv::conv2d", _conv2d_backward, setup_context=_conv2d_setup)
+
+
+# Double backward: each backward op is linear in each argument, and its adjoints are the other
+# convolution ops, so gradient penalties run on the same kernels.
+def _backward_input_setup(ctx, inputs, output):
+    grad_output, weight, _, *ctx.geometry = inputs
+    ctx.save_for_backward(grad_output, weight)
+
+
+def _backward_input_backward(ctx, ggi):
+    grad_output, weight = ctx.saved_tensors
+    ops = torch.ops.pyconv
+    dgo = dw = None
+    if ctx.needs_input_grad[0]:
+        dgo = ops.conv2d(ggi, weight, None, *ctx.geometry, False, None)
+    if ctx.needs_input_grad[1]:
+        dw = ops.conv2d_backward_weight(grad_output, ggi, list(weight.shape), *ctx.geometry)
+    return dgo, dw, None, None, None, None, None
+
+
+_lib.register_autograd(
+    "pyconv::conv2d_backward_input", _backward_input_backward, setup_context=_backward_input_setup
+)
+
+
+def _backward_weight_setup(ctx, inputs, output):
+    grad_output, input, _, *ctx.geometry = inputs
+    ctx.save_for_backward(grad_output, input)
+
+
+def _backward_weight_backward(ctx, ggw):
+    grad_output, input = ctx.saved_tensors
+    ops = torch.ops.pyconv
+    dgo = dx = None
+    if ctx.needs_input_grad[0]:
+        dgo = ops.conv2d(input, ggw, None, *ctx.geometry, False, None)
+    if ctx.needs_input_grad[1]:
+        dx = ops.conv2d_backward_input(grad_output, ggw, list(input.shape), *ctx.geometry)
+    return dgo, dx, None, None, None, None, None
+
+
+_lib.register_autograd(
+    "pyconv::conv2d_backward_weight",
+    _backward_weight_backward,
+    setup_context=_backward_weight_setup,
+)
+
+
+def _backward_bias_setup(ctx, inputs, output):
+    ctx.shape = inputs[0].shape
+
+
+def _backward_bias_backward(ctx, ggb):
+    return ggb.view(1, -1, 1, 1).expand(ctx.shape)
+
+
+_lib.register_autograd(
+    "pyconv::conv2d_backward_bias", _backward_bias_backward, setup_context=_backward_bias_setup
+)
+
+
+def _relu_backward_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _relu_backward_backward(ctx, gg):
+    (output,) = ctx.saved_tensors
+    return torch.ops.pyconv.relu_backward(gg, output), None
+
+
+_lib.register_autograd(
+    "pyconv::relu_backward", _relu_backward_backward, setup_context=_relu_backward_setup
 )

@@ -16,3 +16,17 @@ def pool_output_shape(input_shape, kernel_size, stride, padding, dilation, ceil_
     oh = pool_output_size(h, kernel_size[0], padding[0], stride[0], dilation[0], ceil_mode)
     ow = pool_output_size(w, kernel_size[1], padding[1], stride[1], dilation[1], ceil_mode)
     return (*input_shape[:-2], oh, ow)
+
+
+def conv_output_size(size, kernel, pad_begin, pad_end, stride, dilation):
+    """Twin of conv_output_size in csrc/common/conv_shape.h."""
+    return (size + pad_begin + pad_end - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def conv_output_shape(input_shape, weight_shape, stride, padding, dilation):
+    """(N, K, OH, OW) of a convolution; padding is (top, bottom, left, right)."""
+    n, _, h, w = input_shape
+    k, _, r, s = weight_shape
+    oh = conv_output_size(h, r, padding[0], padding[1], stride[0], dilation[0])
+    ow = conv_output_size(w, s, padding[2], padding[3], stride[1], dilation[1])
+    return (n, k, oh, ow)

@@ -6,7 +6,15 @@ import torch
 
 from . import _registry  # noqa: F401  (fake kernels and autograd)
 
-__all__ = ["dropout", "dropout1d", "dropout2d", "dropout3d", "max_pool2d", "avg_pool2d"]
+__all__ = [
+    "dropout",
+    "dropout1d",
+    "dropout2d",
+    "dropout3d",
+    "max_pool2d",
+    "avg_pool2d",
+    "conv2d",
+]
 
 
 def _check_p(p):
@@ -177,3 +185,56 @@ def avg_pool2d(
     return torch.ops.pyconv.avg_pool2d(
         input, k, s, p, bool(ceil_mode), bool(count_include_pad), divisor_override
     )
+
+
+# --- convolution ---
+
+
+def _conv_padding(padding, weight, dilation, stride):
+    """(top, bottom, left, right) from torch's padding argument."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [0, 0, 0, 0]
+        if padding != "same":
+            raise RuntimeError(f"Invalid padding string: '{padding}'")
+        if any(s != 1 for s in stride):
+            raise RuntimeError("padding='same' is not supported for strided convolutions")
+        pads = []
+        for k, d in zip(weight.shape[2:], dilation, strict=True):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]  # the odd one goes after, as torch
+        return pads
+    ph, pw = _pair(padding, "padding", "conv2d")
+    return [ph, ph, pw, pw]
+
+
+def conv2d(
+    input,
+    weight,
+    bias=None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    *,
+    activation=None,
+    residual=None,
+):
+    """2-D convolution with torch.nn.functional.conv2d's arguments (padding: int, tuple, 'valid' or
+    'same'), and a fused epilogue: ``activation(conv(input) + bias + residual)`` in one pass over
+    the output, with ``activation`` None or ``'relu'`` and ``residual`` None or a tensor of the
+    output's shape.
+    """
+    if activation not in (None, "relu"):
+        raise ValueError(f"conv2d: activation must be None or 'relu', got {activation!r}")
+    s = _pair(stride, "stride", "conv2d")
+    d = _pair(dilation, "dilation", "conv2d")
+    p = _conv_padding(padding, weight, d, s)
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+        residual = residual.unsqueeze(0) if residual is not None else None
+    out = torch.ops.pyconv.conv2d(
+        input, weight, bias, s, p, d, int(groups), activation == "relu", residual
+    )
+    return out.squeeze(0) if unbatched else out

@@ -11,6 +11,7 @@ __all__ = [
     "Dropout3d",
     "MaxPool2d",
     "AvgPool2d",
+    "Conv2d",
 ]
 
 
@@ -62,3 +63,17 @@ class AvgPool2d(torch.nn.AvgPool2d):
             self.count_include_pad,
             self.divisor_override,
         )
+
+
+class Conv2d(torch.nn.Conv2d):
+    """torch.nn.Conv2d's constructor, parameters, initialisation and state_dict; the convolution
+    runs on pyconv's kernels. padding_mode other than 'zeros' pads with torch's F.pad first, as
+    torch.nn.Conv2d does."""
+
+    def _conv_forward(self, input, weight, bias):
+        if self.padding_mode != "zeros":
+            input = torch.nn.functional.pad(
+                input, self._reversed_padding_repeated_twice, mode=self.padding_mode
+            )
+            return F.conv2d(input, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)

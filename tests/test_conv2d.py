@@ -1,0 +1,224 @@
+"""conv2d against torch: values, gradients (double backward too), fused epilogue, module, errors.
+
+The CPU path tested here is the portable direct one; faster kernels will be held to the same tests.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TOLERANCES, assert_close_to
+
+import pyconv.functional as PF
+import pyconv.nn as pnn
+from pyconv._sizes import conv_output_shape
+
+ops = torch.ops.pyconv
+
+# (in_channels, out_channels, kernel, stride, padding, dilation, groups)
+CONFIGS = [
+    (3, 8, 3, 1, 1, 1, 1),
+    (4, 6, (3, 2), (2, 1), (1, 0), 1, 2),
+    (4, 4, 3, 1, "same", 2, 4),  # depthwise, dilated
+    (2, 3, 4, 1, "same", 1, 1),  # even kernel: asymmetric padding
+    (3, 5, (2, 3), 1, "valid", (2, 1), 1),
+    (6, 6, 1, 1, 0, 1, 3),
+    (3, 4, 5, 3, 2, 1, 1),
+]
+
+
+def ids(c):
+    return "-".join(str(v).replace(" ", "") for v in c)
+
+
+def make(config, device, dtype, bias=True):
+    cin, cout, k, s, p, d, g = config
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = torch.randn(2, cin, 11, 10, dtype=torch.float64, device=device)
+    w = torch.randn(cout, cin // g, kh, kw, dtype=torch.float64, device=device)
+    b = torch.randn(cout, dtype=torch.float64, device=device) if bias else None
+    args = dict(stride=s, padding=p, dilation=d, groups=g)
+    return x.to(dtype), w.to(dtype), (b.to(dtype) if b is not None else None), args
+
+
+# conv sums many products: the 16-bit types are computed in float32 but their inputs and output
+# are rounded, and the comparison is against float64 on the rounded inputs
+CONV_TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-4),
+    torch.float64: TOLERANCES[torch.float64],
+    torch.float16: dict(rtol=2e-3, atol=2e-2),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-1),
+}
+
+
+def close(actual, expected64, dtype):
+    torch.testing.assert_close(actual.double(), expected64, **CONV_TOL[dtype])
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=ids)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_forward(device, dtype, config, fmt):
+    x, w, b, args = make(config, device, dtype)
+    x = x.contiguous(memory_format=fmt)
+    ref = F.conv2d(x.double(), w.double(), b.double(), **args)
+    out = PF.conv2d(x, w, b, **args)
+    assert out.dtype == dtype and out.shape == ref.shape
+    if fmt == torch.channels_last:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=ids)
+def test_backward(device, config):
+    x, w, b, args = make(config, device, torch.float64)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    ref = F.conv2d(x, w, b, **args)
+    grad = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, (x, w, b), grad)
+    got = torch.autograd.grad(PF.conv2d(x, w, b, **args), (x, w, b), grad)
+    for a, e in zip(got, want, strict=True):
+        assert_close_to(a, e, torch.float64)
+
+
+def test_only_needed_gradients_are_computed(device):
+    x, w, b, args = make(CONFIGS[0], device, torch.float64)
+    w.requires_grad_()
+    out = PF.conv2d(x, w, b, **args)
+    (gw,) = torch.autograd.grad(out.sum(), w)
+    assert gw.shape == w.shape and x.grad is None
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[1], CONFIGS[3]], ids=ids)
+def test_gradcheck_and_gradgradcheck(device, config):
+    cin, cout, k, s, p, d, g = config
+    x, w, b, args = make(config, device, torch.float64)
+    x, w, b = x[:1, :, :6, :5].clone(), w.clone(), b.clone()
+    for t in (x, w, b):
+        t.requires_grad_()
+    fn = lambda x, w, b: PF.conv2d(x, w, b, **args)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+def test_fused_bias_relu_residual(device, dtype):
+    x, w, b, args = make(CONFIGS[0], device, dtype)
+    res = torch.randn(
+        conv_output_shape(x.shape, w.shape, (1, 1), (1, 1, 1, 1), (1, 1)), device=device
+    ).to(dtype)
+    out = PF.conv2d(x, w, b, **args, activation="relu", residual=res)
+    ref = torch.relu(F.conv2d(x.double(), w.double(), b.double(), **args) + res.double())
+    close(out, ref, dtype)
+
+
+def test_fused_epilogue_gradients(device):
+    x, w, b, args = make(CONFIGS[1], device, torch.float64)
+    res = torch.randn(
+        conv_output_shape(x.shape, w.shape, args["stride"], (1, 1, 0, 0), (1, 1)),
+        dtype=torch.float64,
+        device=device,
+    )
+    ts = [t.requires_grad_() for t in (x, w, b, res)]
+    fn = lambda x, w, b, r: PF.conv2d(x, w, b, **args, activation="relu", residual=r)  # noqa: E731
+    ref = lambda x, w, b, r: torch.relu(F.conv2d(x, w, b, **args) + r)  # noqa: E731
+    out = fn(*ts)
+    grad = torch.randn_like(out)
+    for a, e in zip(
+        torch.autograd.grad(out, ts, grad), torch.autograd.grad(ref(*ts), ts, grad), strict=True
+    ):
+        assert_close_to(a, e, torch.float64)
+    # gradcheck on one sample (x and residual), the whole weight and bias
+    small = [t.detach()[:1] if t.dim() == 4 and t is not ts[1] else t.detach() for t in ts]
+    assert torch.autograd.gradcheck(fn, tuple(t.clone().requires_grad_() for t in small))
+
+
+def test_unbatched_and_empty_batch(device):
+    x, w, b, args = make(CONFIGS[0], device, torch.float32)
+    torch.testing.assert_close(
+        PF.conv2d(x[0], w, b, **args), F.conv2d(x[0], w, b, **args), rtol=1e-5, atol=1e-4
+    )
+    e = torch.empty(0, 3, 11, 10, device=device)
+    assert PF.conv2d(e, w, b, **args).shape == (0, 8, 11, 10)
+
+
+def test_strided_input(device):
+    x, w, b, args = make(CONFIGS[0], device, torch.float64)
+    wide = torch.randn(2, 3, 11, 20, dtype=torch.float64, device=device)[..., ::2]
+    assert_close_to(PF.conv2d(wide, w, b, **args), F.conv2d(wide, w, b, **args), torch.float64)
+
+
+def test_opcheck(device):
+    x, w, b, _ = make(CONFIGS[1], device, torch.float32)
+    x.requires_grad_()
+    w.requires_grad_()
+    geometry = ([2, 1], [1, 1, 0, 0], [1, 1], 2)
+    torch.library.opcheck(ops.conv2d, (x, w, b, *geometry, True, None))
+    out = ops.conv2d(x, w, b, *geometry, False, None)
+    g = torch.randn_like(out)
+    torch.library.opcheck(ops.conv2d_backward_input, (g, w, list(x.shape), *geometry))
+    torch.library.opcheck(ops.conv2d_backward_weight, (g, x, list(w.shape), *geometry))
+    torch.library.opcheck(ops.conv2d_backward_bias, (g,))
+    torch.library.opcheck(ops.relu_backward, (g, out))
+
+
+def test_compile_fullgraph(device):
+    torch._dynamo.reset()
+    x, w, b, args = make(CONFIGS[0], device, torch.float32)
+    w.requires_grad_()
+
+    def f(x):
+        return PF.conv2d(x, w, b, **args, activation="relu").sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), f(x))
+    torch.testing.assert_close(
+        torch.autograd.grad(compiled(x), w)[0], torch.autograd.grad(f(x), w)[0]
+    )
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_module_is_drop_in(padding_mode):
+    theirs = torch.nn.Conv2d(4, 6, 3, stride=1, padding=1, groups=2, padding_mode=padding_mode)
+    ours = pnn.Conv2d(4, 6, 3, stride=1, padding=1, groups=2, padding_mode=padding_mode)
+    assert repr(ours) == repr(theirs)
+    assert ours.weight.shape == theirs.weight.shape and ours.bias.shape == theirs.bias.shape
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 4, 7, 9)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    same = pnn.Conv2d(2, 2, 4, padding="same", bias=False)
+    ref = torch.nn.Conv2d(2, 2, 4, padding="same", bias=False)
+    ref.load_state_dict(same.state_dict())
+    y = torch.randn(1, 2, 6, 6)
+    torch.testing.assert_close(same(y), ref(y), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(weight=(3, 3, 2, 2)), "expected input with 3 channels, got 2"),
+        (dict(weight=(3, 1, 2, 2), groups=2), "must be divisible by groups=2"),
+        (dict(weight=(4, 2, 2, 2), bias=5), "expected bias to be 1-D with 4 elements"),
+        (dict(weight=(4, 2, 7, 7)), "can't be greater than the padded input size"),
+        (dict(stride=0), "stride must be positive"),
+        (dict(dilation=0), "dilation must be positive"),
+        (dict(padding=-1), "padding must be non-negative"),
+        (dict(padding="same", stride=2), "'same' is not supported for strided"),
+        (dict(padding="foo"), "Invalid padding string"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    x = torch.randn(1, 2, 5, 5)
+    w = torch.randn(*kwargs.pop("weight", (4, 2, 2, 2)))
+    nb = kwargs.pop("bias", None)
+    b = torch.randn(nb) if nb is not None else None
+    with pytest.raises(RuntimeError, match=match):
+        PF.conv2d(x, w, b, **kwargs)
+
+
+def test_bad_dtypes_and_devices():
+    x = torch.randn(1, 2, 5, 5)
+    with pytest.raises(RuntimeError, match="expected weight of dtype Float"):
+        PF.conv2d(x, torch.randn(3, 2, 2, 2, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="expected a floating-point input"):
+        PF.conv2d(x.long(), torch.randn(3, 2, 2, 2).long())
+    with pytest.raises(ValueError, match="activation must be None or 'relu'"):
+        PF.conv2d(x, torch.randn(3, 2, 2, 2), activation="gelu")
