@@ -222,3 +222,21 @@ def test_bad_dtypes_and_devices():
         PF.conv2d(x.long(), torch.randn(3, 2, 2, 2).long())
     with pytest.raises(ValueError, match="activation must be None or 'relu'"):
         PF.conv2d(x, torch.randn(3, 2, 2, 2), activation="gelu")
+
+
+@pytest.mark.parametrize("width", [9, 21, 37, 64])
+def test_wide_rows_every_kernel_path(simd, width):  # simd: each CPU path this machine has
+    # rows long enough for the 16- and 8-wide register tiles, their overlapping last blocks and the
+    # scalar borders, at strides 1, 2 and 3, with dilation, groups and the fused epilogue
+    for cin, cout, k, s, p, d, g in CONFIGS + [(5, 13, 3, (1, 2), 2, (1, 2), 1)]:
+        x = torch.randn(2, cin, 7, width, dtype=torch.float64)
+        kh, kw = (k, k) if isinstance(k, int) else k
+        w = torch.randn(cout, cin // g, kh, kw, dtype=torch.float64)
+        b = torch.randn(cout, dtype=torch.float64)
+        args = dict(stride=s, padding=p, dilation=d, groups=g)
+        ref = F.conv2d(x, w, b, **args)
+        res = torch.randn_like(ref)
+        out = PF.conv2d(
+            x.float(), w.float(), b.float(), **args, activation="relu", residual=res.float()
+        )
+        close(out, torch.relu(ref + res), torch.float32)

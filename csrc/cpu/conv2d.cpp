@@ -13,8 +13,11 @@
 
 #include <algorithm>
 #include <optional>
+#include <vector>
 
 #include "common/conv.h"
+#include "cpu/kernels/conv2d_kernels.h"
+#include "cpu/simd.h"
 
 namespace pyconv::cpu {
 namespace {
@@ -181,13 +184,24 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor x = nchw(input, ct), w = nchw(weight, ct);
     const at::Tensor b = bias.has_value() ? nchw(*bias, ct) : at::Tensor();
     const at::Tensor rs = residual.has_value() ? nchw(*residual, ct) : at::Tensor();
-    by_type(ct, [&](auto tag) {
-      using T = decltype(tag);
-      forward_impl<T>(x.const_data_ptr<T>(), w.const_data_ptr<T>(),
-                      b.defined() ? b.const_data_ptr<T>() : nullptr,
-                      rs.defined() ? rs.const_data_ptr<T>() : nullptr, relu,
-                      out.mutable_data_ptr<T>(), s);
-    });
+    if (ct == at::kFloat && simd_is_avx2()) {
+      std::vector<float> packed(static_cast<size_t>(conv_packed_size(s)));
+      conv_pack_weights(w.const_data_ptr<float>(), packed.data(), s);
+      const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+      const float* rp = rs.defined() ? rs.const_data_ptr<float>() : nullptr;
+      float* yp = out.mutable_data_ptr<float>();
+      at::parallel_for(0, s.N * s.G * conv_tiles(s), 1, [&](int64_t t0, int64_t t1) {
+        conv2d_fwd_nchw_avx2(x.const_data_ptr<float>(), packed.data(), bp, rp, relu, yp, s, t0, t1);
+      });
+    } else {
+      by_type(ct, [&](auto tag) {
+        using T = decltype(tag);
+        forward_impl<T>(x.const_data_ptr<T>(), w.const_data_ptr<T>(),
+                        b.defined() ? b.const_data_ptr<T>() : nullptr,
+                        rs.defined() ? rs.const_data_ptr<T>() : nullptr, relu,
+                        out.mutable_data_ptr<T>(), s);
+      });
+    }
   }
   return out.to(input.scalar_type()).contiguous(format_of(input));
 }

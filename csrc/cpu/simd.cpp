@@ -33,6 +33,8 @@ bool cpu_has_avx2() {
 #endif
 }
 
+bool simd_is_avx2() { return current().load() == kAvx2; }
+
 std::string simd_path() { return current().load() == kAvx2 ? "avx2" : "generic"; }
 
 void set_simd_path(const std::string& name) {

@@ -30,6 +30,7 @@ inline ScalarKind scalar_kind(at::ScalarType t) {
   }
 }
 std::string simd_path();
+bool simd_is_avx2();                          // the AVX2 kernels are the ones in use
 void set_simd_path(const std::string& name);  // "avx2" (where supported) or "generic"
 const DropoutKernels& dropout_kernels();
 const PoolKernels& pool_kernels();

@@ -1,0 +1,230 @@
+// AVX2 + FMA float32 convolution, NCHW forward: a register tile of 6 output channels x 16 output
+// columns (12 accumulators) over the taps (c, r, s), the input row read in place (no im2col, no
+// padded copy). Columns whose windows reach into the padding, and strides above 2, take a scalar
+// loop over the same packed weights. This file alone is compiled for AVX2 (the pragma below).
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "cpu/kernels/conv2d_kernels.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#elif defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#endif
+
+namespace pyconv::cpu {
+
+int64_t conv_packed_size(const ConvShape& s) {
+  return s.G * conv_tiles(s) * s.Cg() * s.R * s.S * kConvTileK;
+}
+
+void conv_pack_weights(const float* w, float* packed, const ConvShape& s) {
+  const int64_t Cg = s.Cg(), Kg = s.Kg(), taps = Cg * s.R * s.S, tiles = conv_tiles(s);
+  for (int64_t g = 0; g < s.G; ++g) {
+    for (int64_t t = 0; t < tiles; ++t) {
+      float* dst = packed + (g * tiles + t) * taps * kConvTileK;
+      for (int64_t tap = 0; tap < taps; ++tap) {
+        for (int64_t i = 0; i < kConvTileK; ++i) {
+          const int64_t k = t * kConvTileK + i;
+          dst[tap * kConvTileK + i] = k < Kg ? w[(g * Kg + k) * taps + tap] : 0.0f;
+        }
+      }
+    }
+  }
+}
+
+namespace {
+
+// p[0], p[2], ..., p[14], reading nothing past p[14].
+inline __m256 load_stride2(const float* p) {
+  const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 7);  // p0..p7, p7..p14
+  const __m256 mix =
+      _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 2, 0));  // p0 p2 p8 p10 | p4 p6 p12 p14
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(mix), 0xD8));
+}
+
+template <int kStride>
+inline __m256 load16(const float* p, int half) {
+  if constexpr (kStride == 1) {
+    return _mm256_loadu_ps(p + 8 * half);
+  } else {
+    return load_stride2(p + 16 * half);
+  }
+}
+
+struct Task {
+  const float* x;        // input of sample n, group g: (Cg, H, W)
+  const float* wp;       // packed weights of the tile: (Cg, R, S, 6)
+  float* y[kConvTileK];  // output planes of the tile's channels (nullptr beyond Kg)
+  const float* res[kConvTileK];
+  float bias[kConvTileK];
+};
+
+inline float epilogue1(float v, const float* res, int64_t i, bool relu) {
+  if (res != nullptr) v += res[i];
+  return relu && !(v > 0.0f) && v == v ? 0.0f : v;
+}
+
+// The 8 kHalves outputs ow .. ow + 8 kHalves - 1 of row oh for the tile's six channels. Geometry is
+// copied into locals and the kernel rows outside the input are cut from the loop bounds, so that
+// the (up to) twelve accumulators stay in registers through the whole reduction.
+template <int kStride, int kHalves>
+void block(const Task& t, const ConvShape& s, int64_t oh, int64_t ow, bool relu) {
+  const int64_t Cg = s.Cg(), S = s.S, R = s.R, dW = s.dW, dH = s.dH, W = s.W, HW = s.H * s.W;
+  const int64_t h0 = oh * s.sH - s.pT;
+  const int64_t r0 = h0 < 0 ? (-h0 + dH - 1) / dH : 0;
+  const int64_t r1 = std::min(R, s.H - h0 <= 0 ? 0 : (s.H - h0 + dH - 1) / dH);
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00;
+  __m256 a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+  const float* xbase = t.x + (h0 + r0 * dH) * W + ow * kStride - s.pL;
+  for (int64_t c = 0; c < Cg; ++c) {
+    const float* wc = t.wp + (c * R + r0) * S * kConvTileK;
+    const float* xc = xbase + c * HW;
+    for (int64_t r = r0; r < r1; ++r, xc += dH * W) {
+      const float* xr = xc;
+      for (int64_t q = 0; q < S; ++q, xr += dW, wc += kConvTileK) {
+        const __m256 x0 = load16<kStride>(xr, 0);
+        const __m256 x1 = kHalves == 2 ? load16<kStride>(xr, 1) : x0;
+        __m256 wv = _mm256_broadcast_ss(wc + 0);
+        a00 = _mm256_fmadd_ps(wv, x0, a00);
+        a01 = _mm256_fmadd_ps(wv, x1, a01);
+        wv = _mm256_broadcast_ss(wc + 1);
+        a10 = _mm256_fmadd_ps(wv, x0, a10);
+        a11 = _mm256_fmadd_ps(wv, x1, a11);
+        wv = _mm256_broadcast_ss(wc + 2);
+        a20 = _mm256_fmadd_ps(wv, x0, a20);
+        a21 = _mm256_fmadd_ps(wv, x1, a21);
+        wv = _mm256_broadcast_ss(wc + 3);
+        a30 = _mm256_fmadd_ps(wv, x0, a30);
+        a31 = _mm256_fmadd_ps(wv, x1, a31);
+        wv = _mm256_broadcast_ss(wc + 4);
+        a40 = _mm256_fmadd_ps(wv, x0, a40);
+        a41 = _mm256_fmadd_ps(wv, x1, a41);
+        wv = _mm256_broadcast_ss(wc + 5);
+        a50 = _mm256_fmadd_ps(wv, x0, a50);
+        a51 = _mm256_fmadd_ps(wv, x1, a51);
+      }
+    }
+  }
+  const __m256 acc[kConvTileK][2] = {{a00, a01}, {a10, a11}, {a20, a21},
+                                     {a30, a31}, {a40, a41}, {a50, a51}};
+  const __m256 zero = _mm256_setzero_ps();
+  for (int i = 0; i < kConvTileK; ++i) {
+    if (t.y[i] == nullptr) continue;
+    const int64_t o = oh * s.OW + ow;
+    for (int h = 0; h < kHalves; ++h) {
+      __m256 v = _mm256_add_ps(acc[i][h], _mm256_set1_ps(t.bias[i]));
+      if (t.res[i] != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(t.res[i] + o + 8 * h));
+      if (relu) {
+        // max(v, 0) but NaN stays: keep v where v > 0 or v is NaN
+        const __m256 keep =
+            _mm256_or_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        v = _mm256_and_ps(keep, v);
+      }
+      _mm256_storeu_ps(t.y[i] + o + 8 * h, v);
+    }
+  }
+}
+
+void column1(const Task& t, const ConvShape& s, int64_t oh, int64_t ow, bool relu) {
+  float acc[kConvTileK] = {};
+  const int64_t taps_rs = s.R * s.S;
+  for (int64_t c = 0; c < s.Cg(); ++c) {
+    const float* xc = t.x + c * s.H * s.W;
+    for (int64_t r = 0; r < s.R; ++r) {
+      const int64_t ih = oh * s.sH - s.pT + r * s.dH;
+      if (ih < 0 || ih >= s.H) continue;
+      for (int64_t q = 0; q < s.S; ++q) {
+        const int64_t iw = ow * s.sW - s.pL + q * s.dW;
+        if (iw < 0 || iw >= s.W) continue;
+        const float xv = xc[ih * s.W + iw];
+        const float* w = t.wp + (c * taps_rs + r * s.S + q) * kConvTileK;
+        for (int i = 0; i < kConvTileK; ++i) acc[i] += w[i] * xv;
+      }
+    }
+  }
+  const int64_t o = oh * s.OW + ow;
+  for (int i = 0; i < kConvTileK; ++i) {
+    if (t.y[i] != nullptr) t.y[i][o] = epilogue1(acc[i] + t.bias[i], t.res[i], o, relu);
+  }
+}
+
+// Block starts ow in [lo, hi) whose reads of 8 kHalves outputs stay inside the row for every tap.
+template <int kStride, int kHalves>
+inline void block_span(const ConvShape& s, int64_t& lo, int64_t& hi) {
+  const int64_t reach = (s.S - 1) * s.dW;
+  lo = (s.pL + kStride - 1) / kStride;
+  const int64_t num = s.W - 1 - reach + s.pL - (8 * kHalves - 1) * kStride;  // ow * stride <= num
+  hi = num < 0 ? lo : std::max(lo, num / kStride + 1);
+}
+
+// Blocks of 8 kHalves outputs from ow on while they fit, then one block ending at the span's end
+// (overlapping: outputs are written, not accumulated). Returns the first column not done.
+template <int kStride, int kHalves>
+int64_t blocks(const Task& t, const ConvShape& s, int64_t oh, int64_t ow, bool relu) {
+  constexpr int64_t kWidth = 8 * kHalves;
+  int64_t lo, hi;
+  block_span<kStride, kHalves>(s, lo, hi);
+  if (ow < lo || ow >= hi) return ow;
+  const int64_t end = std::min(s.OW, hi - 1 + kWidth);  // columns the span can reach
+  for (; ow + kWidth <= end; ow += kWidth) block<kStride, kHalves>(t, s, oh, ow, relu);
+  if (ow < end && end - kWidth >= lo) {
+    block<kStride, kHalves>(t, s, oh, end - kWidth, relu);
+    ow = end;
+  }
+  return ow;
+}
+
+template <int kStride>
+void rows(const Task& t, const ConvShape& s, bool relu) {
+  const int64_t lo = (s.pL + kStride - 1) / kStride;  // first column clear of the left padding
+  for (int64_t oh = 0; oh < s.OH; ++oh) {
+    int64_t ow = 0;
+    for (; ow < std::min(lo, s.OW); ++ow) column1(t, s, oh, ow, relu);
+    if (kStride <= 2) {
+      ow = blocks<kStride, 2>(t, s, oh, ow, relu);
+      ow = blocks<kStride, 1>(t, s, oh, ow, relu);
+    }
+    for (; ow < s.OW; ++ow) column1(t, s, oh, ow, relu);
+  }
+}
+
+}  // namespace
+
+void conv2d_fwd_nchw_avx2(const float* x, const float* packed, const float* bias,
+                          const float* residual, bool relu, float* y, const ConvShape& s,
+                          int64_t t0, int64_t t1) {
+  const int64_t tiles = conv_tiles(s), Kg = s.Kg(), Cg = s.Cg();
+  const int64_t plane = s.OH * s.OW, taps = Cg * s.R * s.S;
+  for (int64_t task = t0; task < t1; ++task) {
+    const int64_t n = task / (s.G * tiles), g = (task / tiles) % s.G, tile = task % tiles;
+    Task t;
+    t.x = x + (n * s.C + g * Cg) * s.H * s.W;
+    t.wp = packed + (g * tiles + tile) * taps * kConvTileK;
+    for (int64_t i = 0; i < kConvTileK; ++i) {
+      const int64_t kl = tile * kConvTileK + i, k = g * Kg + kl;
+      const bool on = kl < Kg;
+      t.y[i] = on ? y + (n * s.K + k) * plane : nullptr;
+      t.res[i] = on && residual != nullptr ? residual + (n * s.K + k) * plane : nullptr;
+      t.bias[i] = on && bias != nullptr ? bias[k] : 0.0f;
+    }
+    if (s.sW == 1) {
+      rows<1>(t, s, relu);
+    } else if (s.sW == 2) {
+      rows<2>(t, s, relu);
+    } else {
+      rows<3>(t, s, relu);  // no vector columns: every column scalar
+    }
+  }
+}
+
+}  // namespace pyconv::cpu
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#elif defined(__clang__)
+#pragma clang attribute pop
+#endif
