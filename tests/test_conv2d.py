@@ -234,9 +234,14 @@ def test_wide_rows_every_kernel_path(simd, width):  # simd: each CPU path this m
         w = torch.randn(cout, cin // g, kh, kw, dtype=torch.float64)
         b = torch.randn(cout, dtype=torch.float64)
         args = dict(stride=s, padding=p, dilation=d, groups=g)
-        ref = F.conv2d(x, w, b, **args)
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        ref = F.conv2d(xr, wr, b, **args)
         res = torch.randn_like(ref)
-        out = PF.conv2d(
-            x.float(), w.float(), b.float(), **args, activation="relu", residual=res.float()
-        )
+        xf, wf = x.float().requires_grad_(), w.float().requires_grad_()
+        out = PF.conv2d(xf, wf, b.float(), **args, activation="relu", residual=res.float())
         close(out, torch.relu(ref + res), torch.float32)
+        grad = torch.randn_like(ref)
+        want = torch.autograd.grad(ref, (xr, wr), grad)
+        got = torch.autograd.grad(PF.conv2d(xf, wf, b.float(), **args), (xf, wf), grad.float())
+        for a, e in zip(got, want, strict=True):
+            close(a, e, torch.float32)

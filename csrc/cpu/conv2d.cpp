@@ -138,6 +138,48 @@ void backward_weight_impl(const T* go, const T* x, T* gw, const ConvShape& s) {
   });
 }
 
+// float32 NCHW forward on the AVX2 kernel: y = relu?(conv(x, w) + bias + residual).
+void forward_avx2(const float* x, const float* w, const float* bias, const float* residual,
+                  bool relu, float* y, const ConvShape& s) {
+  std::vector<float> packed(static_cast<size_t>(conv_packed_size(s)));
+  conv_pack_weights(w, packed.data(), s);
+  at::parallel_for(0, s.N * s.G * conv_tiles(s), 1, [&](int64_t t0, int64_t t1) {
+    conv2d_fwd_nchw_avx2(x, packed.data(), bias, residual, relu, y, s, t0, t1);
+  });
+}
+
+// At stride 1 the input gradient is a forward convolution of grad_output with the weights
+// flipped in space and transposed in channels, padded by dilation * (k - 1) - pad: it runs on the
+// forward kernel. Returns false (nothing done) where that padding would be negative.
+bool backward_input_as_forward(const float* go, const float* w, float* gi, const ConvShape& s) {
+  if (s.sH != 1 || s.sW != 1) return false;
+  ConvShape t = s;
+  t.C = s.K;
+  t.H = s.OH;
+  t.W = s.OW;
+  t.K = s.C;
+  t.pT = s.dH * (s.R - 1) - s.pT;
+  t.pB = s.dH * (s.R - 1) - s.pB;
+  t.pL = s.dW * (s.S - 1) - s.pL;
+  t.pR = s.dW * (s.S - 1) - s.pR;
+  if (t.pT < 0 || t.pB < 0 || t.pL < 0 || t.pR < 0) return false;
+  t.OH = s.H;
+  t.OW = s.W;
+  const int64_t Cg = s.Cg(), Kg = s.Kg(), RS = s.R * s.S;
+  std::vector<float> wt(static_cast<size_t>(s.C * Kg * RS));  // (C, K / G, R, S)
+  for (int64_t g = 0; g < s.G; ++g) {
+    for (int64_t kl = 0; kl < Kg; ++kl) {
+      for (int64_t c = 0; c < Cg; ++c) {
+        const float* src = w + ((g * Kg + kl) * Cg + c) * RS;
+        float* dst = wt.data() + ((g * Cg + c) * Kg + kl) * RS;
+        for (int64_t i = 0; i < RS; ++i) dst[i] = src[RS - 1 - i];  // flip r and s together
+      }
+    }
+  }
+  forward_avx2(go, wt.data(), nullptr, nullptr, false, gi, t);
+  return true;
+}
+
 // The dtype the loops run in, and the layout the caller's tensors are given back in.
 at::ScalarType compute_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
@@ -221,11 +263,17 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
   at::Tensor gi = at::empty(input_size, grad_output.options().dtype(ct));
   if (gi.numel() > 0) {
     const at::Tensor go = nchw(grad_output, ct), w = nchw(weight, ct);
-    by_type(ct, [&](auto tag) {
-      using T = decltype(tag);
-      backward_input_impl<T>(go.const_data_ptr<T>(), w.const_data_ptr<T>(),
-                             gi.mutable_data_ptr<T>(), s);
-    });
+    const bool done =
+        ct == at::kFloat && simd_is_avx2() &&
+        backward_input_as_forward(go.const_data_ptr<float>(), w.const_data_ptr<float>(),
+                                  gi.mutable_data_ptr<float>(), s);
+    if (!done) {
+      by_type(ct, [&](auto tag) {
+        using T = decltype(tag);
+        backward_input_impl<T>(go.const_data_ptr<T>(), w.const_data_ptr<T>(),
+                               gi.mutable_data_ptr<T>(), s);
+      });
+    }
   }
   return gi.to(grad_output.scalar_type()).contiguous(format_of(grad_output));
 }
@@ -245,11 +293,20 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
   at::Tensor gw = at::empty(weight_size, grad_output.options().dtype(ct));
   if (gw.numel() > 0) {
     const at::Tensor go = nchw(grad_output, ct), x = nchw(input, ct);
-    by_type(ct, [&](auto tag) {
-      using T = decltype(tag);
-      backward_weight_impl<T>(go.const_data_ptr<T>(), x.const_data_ptr<T>(),
-                              gw.mutable_data_ptr<T>(), s);
-    });
+    if (ct == at::kFloat && simd_is_avx2() && s.sW <= 2) {
+      const float* gp = go.const_data_ptr<float>();
+      const float* xp = x.const_data_ptr<float>();
+      float* wp = gw.mutable_data_ptr<float>();
+      at::parallel_for(0, s.G * conv_wtiles(s) * s.Cg(), 1, [&](int64_t t0, int64_t t1) {
+        conv2d_bwd_weight_nchw_avx2(gp, xp, wp, s, t0, t1);
+      });
+    } else {
+      by_type(ct, [&](auto tag) {
+        using T = decltype(tag);
+        backward_weight_impl<T>(go.const_data_ptr<T>(), x.const_data_ptr<T>(),
+                                gw.mutable_data_ptr<T>(), s);
+      });
+    }
   }
   return gw.to(grad_output.scalar_type());
 }

@@ -221,6 +221,115 @@ void conv2d_fwd_nchw_avx2(const float* x, const float* packed, const float* bias
   }
 }
 
+namespace {
+
+inline float hsum(__m256 v) {
+  const __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
+}
+
+// Taps q0 .. q0 + kQ - 1 of kernel row r for up to four output channels: vector accumulators over
+// eight output columns (4 x 3 = 12 registers), scalar ones for the border columns.
+template <int kStride, int kQ>
+void wgrad_taps(const float* const go[kConvWTileK], const float* xc, const ConvShape& s, int64_t r,
+                int64_t q0, float out[kConvWTileK][kQ]) {
+  __m256 acc[kConvWTileK][kQ];
+  float tail[kConvWTileK][kQ] = {};
+  for (int i = 0; i < kConvWTileK; ++i) {
+    for (int j = 0; j < kQ; ++j) acc[i][j] = _mm256_setzero_ps();
+  }
+  const int64_t dW = s.dW, W = s.W, OW = s.OW, pL = s.pL;
+  // columns ow whose eight-wide reads stay inside the row for all kQ taps
+  const int64_t first = q0 * dW - pL, last = (q0 + kQ - 1) * dW - pL;  // column offsets
+  const int64_t lo = first < 0 ? (-first + kStride - 1) / kStride : 0;
+  const int64_t num = W - 1 - last - 7 * kStride;  // ow * stride <= num
+  const int64_t hi = num < 0 ? lo : std::max(lo, std::min(OW - 7, num / kStride + 1));
+  for (int64_t n = 0; n < s.N; ++n) {
+    for (int64_t oh = 0; oh < s.OH; ++oh) {
+      const int64_t ih = oh * s.sH - s.pT + r * s.dH;
+      if (ih < 0 || ih >= s.H) continue;
+      const float* xr = xc + (n * s.C * s.H + ih) * W;
+      const int64_t orow = (n * s.K * s.OH + oh) * OW;
+      auto scalar = [&](int64_t ow) {
+        for (int j = 0; j < kQ; ++j) {
+          const int64_t iw = ow * kStride + (q0 + j) * dW - pL;
+          if (iw < 0 || iw >= W) continue;
+          const float xv = xr[iw];
+          for (int i = 0; i < kConvWTileK; ++i) {
+            if (go[i] != nullptr) tail[i][j] += go[i][orow + ow] * xv;
+          }
+        }
+      };
+      int64_t ow = 0;
+      for (; ow < std::min(lo, OW); ++ow) scalar(ow);
+      for (; ow < hi; ow += 8) {
+        __m256 g[kConvWTileK];
+        for (int i = 0; i < kConvWTileK; ++i) {
+          g[i] = go[i] != nullptr ? _mm256_loadu_ps(go[i] + orow + ow) : _mm256_setzero_ps();
+        }
+        for (int j = 0; j < kQ; ++j) {
+          const float* p = xr + ow * kStride + (q0 + j) * dW - pL;
+          const __m256 xv = kStride == 1 ? _mm256_loadu_ps(p) : load_stride2(p);
+          for (int i = 0; i < kConvWTileK; ++i) acc[i][j] = _mm256_fmadd_ps(g[i], xv, acc[i][j]);
+        }
+      }
+      for (; ow < OW; ++ow) scalar(ow);
+    }
+  }
+  for (int i = 0; i < kConvWTileK; ++i) {
+    for (int j = 0; j < kQ; ++j) out[i][j] = hsum(acc[i][j]) + tail[i][j];
+  }
+}
+
+template <int kStride>
+void wgrad_task(const float* grad_out, const float* x, float* grad_w, const ConvShape& s,
+                int64_t task) {
+  const int64_t Cg = s.Cg(), Kg = s.Kg(), tiles = conv_wtiles(s), RS = s.R * s.S;
+  const int64_t c = task % Cg, tile = (task / Cg) % tiles, g = task / (Cg * tiles);
+  const float* go[kConvWTileK];
+  for (int64_t i = 0; i < kConvWTileK; ++i) {
+    const int64_t kl = tile * kConvWTileK + i;
+    go[i] = kl < Kg ? grad_out + (g * Kg + kl) * s.OH * s.OW : nullptr;
+  }
+  const float* xc = x + (g * Cg + c) * s.H * s.W;
+  auto store = [&](int64_t r, int64_t q0, int kq, const float* vals, int64_t stride_i) {
+    for (int64_t i = 0; i < kConvWTileK; ++i) {
+      const int64_t kl = tile * kConvWTileK + i;
+      if (kl >= Kg) continue;
+      for (int j = 0; j < kq; ++j) {
+        grad_w[((g * Kg + kl) * Cg + c) * RS + r * s.S + q0 + j] = vals[i * stride_i + j];
+      }
+    }
+  };
+  for (int64_t r = 0; r < s.R; ++r) {
+    int64_t q = 0;
+    for (; q + 3 <= s.S; q += 3) {
+      float out[kConvWTileK][3];
+      wgrad_taps<kStride, 3>(go, xc, s, r, q, out);
+      store(r, q, 3, &out[0][0], 3);
+    }
+    for (; q < s.S; ++q) {
+      float out[kConvWTileK][1];
+      wgrad_taps<kStride, 1>(go, xc, s, r, q, out);
+      store(r, q, 1, &out[0][0], 1);
+    }
+  }
+}
+
+}  // namespace
+
+void conv2d_bwd_weight_nchw_avx2(const float* grad_out, const float* x, float* grad_w,
+                                 const ConvShape& s, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    if (s.sW == 1) {
+      wgrad_task<1>(grad_out, x, grad_w, s, t);
+    } else {
+      wgrad_task<2>(grad_out, x, grad_w, s, t);  // the caller sends only strides 1 and 2
+    }
+  }
+}
+
 }  // namespace pyconv::cpu
 
 #if defined(__GNUC__) && !defined(__clang__)

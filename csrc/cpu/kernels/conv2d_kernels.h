@@ -21,6 +21,17 @@ void conv2d_fwd_nchw_avx2(const float* x, const float* packed, const float* bias
                           const float* residual, bool relu, float* y, const ConvShape& s,
                           int64_t t0, int64_t t1);
 
+// Output channels per task of the float32 NCHW weight-gradient kernel.
+constexpr int64_t kConvWTileK = 4;
+
+// float32 NCHW weight gradient of tasks [t0, t1), a task being (g, tile, c): the R x S taps of
+// four output channels and one input channel, reduced over samples and output pixels in a fixed
+// order (deterministic).
+void conv2d_bwd_weight_nchw_avx2(const float* grad_out, const float* x, float* grad_w,
+                                 const ConvShape& s, int64_t t0, int64_t t1);
+
+inline int64_t conv_wtiles(const ConvShape& s) { return (s.Kg() + kConvWTileK - 1) / kConvWTileK; }
+
 inline int64_t conv_tiles(const ConvShape& s) { return (s.Kg() + kConvTileK - 1) / kConvTileK; }
 
 }  // namespace pyconv::cpu
