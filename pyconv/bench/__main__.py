@@ -1,8 +1,8 @@
 """python -m pyconv.bench [--op OP] [--device cpu|cuda] [--quick] [--json PATH] [--png PATH]
 
 Prints, per op and case: shape, dtype, device, memory format, torch time, pyconv time, speedup,
-max abs error against torch, and pyconv's achieved GB/s, also as a share of what plain copies of
-the same bytes reach in the same run.
+max abs error against torch, and pyconv's achieved rate: GB/s for the memory-bound ops (also as a
+share of what plain copies of the same bytes reach in the same run), GFLOP/s for convolution.
 """
 
 import argparse
@@ -16,6 +16,7 @@ import torch
 
 import pyconv
 
+from . import conv as conv_bench
 from . import dropout as dropout_bench
 from . import pool as pool_bench
 from .cases import all_cases
@@ -26,6 +27,7 @@ BODIES = {
     "dropout2d": dropout_bench,
     "max_pool2d": pool_bench,
     "avg_pool2d": pool_bench,
+    "conv2d": conv_bench,
 }
 
 
@@ -76,13 +78,18 @@ def run(args):
         repeat = args.repeat or (5 if args.quick else 9)
         for i, case in enumerate(cases, 1):
             progress(i, len(cases), f"{device} {case.label()}")
-            torch_fn, our_fn, copy_fn, error_fn, nbytes = BODIES[case.op].callables(case, device)
-            t = interleaved({"torch": torch_fn, "pyconv": our_fn, "copy": copy_fn}, device, repeat)
-            gbps = nbytes / t["pyconv"] / 1e9
-            ceiling = nbytes / t["copy"] / 1e9
+            body = BODIES[case.op]
+            torch_fn, our_fn, copy_fn, error_fn, amount = body.callables(case, device)
+            fns = {"torch": torch_fn, "pyconv": our_fn}
+            if copy_fn is not None:
+                fns["copy"] = copy_fn
+            t = interleaved(fns, device, repeat)
+            # bytes moved (GB/s) or floating-point operations (GFLOP/s) per second
+            rate = amount / t["pyconv"] / 1e9
+            ceiling = amount / t["copy"] / 1e9 if copy_fn is not None else None
             report["rows"].append(
                 {
-                    "op": case.op + ("" if not case.pool else " k{}s{}p{}".format(*case.pool)),
+                    "op": case.label().split(" fwd")[0],
                     "mode": case.mode,
                     "shape": list(case.shape),
                     "dtype": case.dtype_name,
@@ -93,14 +100,23 @@ def run(args):
                     "pyconv_ms": t["pyconv"] * 1e3,
                     "speedup": t["torch"] / t["pyconv"],
                     "max_abs_err": error_fn(),
-                    "pyconv_gbps": gbps,
+                    "unit": getattr(body, "UNIT", "GB/s"),
+                    "rate": rate,
                     "copy_gbps": ceiling,
-                    "pct_of_copy": 100 * gbps / ceiling,
+                    "pct_of_copy": 100 * rate / ceiling if ceiling else None,
                 }
             )
         if sys.stderr.isatty():
             sys.stderr.write("\n")
     return report
+
+
+def _rate(r):
+    return f"{r['rate']:.1f} {r['unit']}"
+
+
+def _pct(r):
+    return "-" if r["pct_of_copy"] is None else f"{r['pct_of_copy']:.0f}%"
 
 
 def print_table(report):
@@ -112,17 +128,16 @@ def print_table(report):
             f"plain copy of 256 MiB {gbps:.1f} GB/s (read + write)"
         )
     head = (
-        f"{'op':<22}{'mode':<9}{'shape':<16}{'dtype':<9}{'dev':<5}{'layout':<14}"
-        f"{'torch ms':>10}{'pyconv ms':>11}{'speedup':>9}{'max err':>10}{'GB/s':>8}{'%copy':>7}"
+        f"{'op':<33}{'mode':<9}{'shape':<16}{'dtype':<9}{'dev':<5}{'layout':<14}"
+        f"{'torch ms':>10}{'pyconv ms':>11}{'speedup':>9}{'max err':>10}{'rate':>15}{'%copy':>7}"
     )
     print(head)
     print("-" * len(head))
     for r in report["rows"]:
         print(
-            f"{r['op']:<22}{r['mode']:<9}{'x'.join(map(str, r['shape'])):<16}{r['dtype']:<9}"
+            f"{r['op']:<33}{r['mode']:<9}{'x'.join(map(str, r['shape'])):<16}{r['dtype']:<9}"
             f"{r['device']:<5}{r['layout']:<14}{r['torch_ms']:>10.2f}{r['pyconv_ms']:>11.2f}"
-            f"{r['speedup']:>8.1f}x{r['max_abs_err']:>10.1e}{r['pyconv_gbps']:>8.1f}"
-            f"{r['pct_of_copy']:>6.0f}%"
+            f"{r['speedup']:>8.1f}x{r['max_abs_err']:>10.1e}{_rate(r):>15}{_pct(r):>7}"
         )
     speedups = [r["speedup"] for r in report["rows"]]
     if speedups:
@@ -136,7 +151,7 @@ def print_table(report):
 def markdown(report):
     """The rows as a Markdown table (what README's results section carries)."""
     lines = [
-        "| op | mode | shape | dtype | device | layout | torch ms | pyconv ms | speedup | GB/s |"
+        "| op | mode | shape | dtype | device | layout | torch ms | pyconv ms | speedup | rate |"
         " %copy |",
         "|---|---|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
@@ -144,7 +159,7 @@ def markdown(report):
         lines.append(
             f"| {r['op']} | {r['mode']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | "
             f"{r['device']} | {r['layout']} | {r['torch_ms']:.2f} | {r['pyconv_ms']:.2f} | "
-            f"{r['speedup']:.1f}x | {r['pyconv_gbps']:.1f} | {r['pct_of_copy']:.0f}% |"
+            f"{r['speedup']:.1f}x | {_rate(r)} | {_pct(r)} |"
         )
     return "\n".join(lines)
 

@@ -15,6 +15,7 @@ class Case:
     p: float = 0.5
     quick: bool = False  # part of the --quick subset
     pool: tuple = ()  # (kernel_size, stride, padding) of pooling cases
+    conv: tuple = ()  # (in_channels, out_channels, kernel, stride, padding, groups) of conv cases
 
     @property
     def layout(self):
@@ -27,6 +28,8 @@ class Case:
     def label(self):
         shape = "x".join(map(str, self.shape))
         extra = " k{}s{}p{}".format(*self.pool) if self.pool else ""
+        if self.conv:
+            extra = " {}->{} k{}s{}p{}g{}".format(*self.conv)
         return f"{self.op}{extra} {self.mode} {shape} {self.dtype_name} {self.layout}"
 
 
@@ -70,8 +73,31 @@ def pool_cases(device):
     return cases
 
 
+def conv_cases(device):
+    """A first slice of issue 4's suite: first layers, 1x1, 3x3 (plain, strided), depthwise."""
+    f32 = torch.float32
+    cases = []
+    for shape, conv, quick in [
+        ((32, 3, 32, 32), (3, 16, 3, 1, 1, 1), True),  # CIFAR first layer
+        ((32, 1, 28, 28), (1, 32, 5, 1, 0, 1), True),  # LeNet first layer
+        ((8, 64, 56, 56), (64, 128, 1, 1, 0, 1), True),  # 1x1
+        ((8, 64, 56, 56), (64, 64, 3, 1, 1, 1), True),  # ResNet stage 1
+        ((8, 64, 56, 56), (64, 128, 3, 2, 1, 1), False),  # strided
+        ((8, 64, 56, 56), (64, 64, 3, 1, 1, 64), False),  # depthwise
+    ]:
+        for cl in (False, True):
+            for mode in ("fwd", "fwd+bwd"):
+                cases.append(
+                    Case("conv2d", shape, f32, cl, mode, conv=conv, quick=quick and not cl)
+                )
+    return cases
+
+
 def all_cases(device):
     by_op = {}
-    for c in dropout_cases(device) + pool_cases(device):
+    cases = dropout_cases(device) + pool_cases(device)
+    if device == "cpu":  # no CUDA convolution yet
+        cases += conv_cases(device)
+    for c in cases:
         by_op.setdefault(c.op, []).append(c)
     return by_op

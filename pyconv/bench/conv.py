@@ -1,0 +1,44 @@
+"""Benchmark bodies of conv2d: pyconv against torch.nn.functional.conv2d (oneDNN on the CPU)."""
+
+import torch
+import torch.nn.functional as F
+
+import pyconv.functional as PF
+
+UNIT = "GFLOP/s"
+
+
+def callables(case, device):
+    """(torch_fn, pyconv_fn, None, error_fn, flops) for one case; case.conv is
+    (in_channels, out_channels, kernel, stride, padding, groups)."""
+    cin, cout, k, stride, pad, groups = case.conv
+    n, _, h, w = case.shape
+    x = torch.randn(n, cin, h, w, device=device).to(case.dtype)
+    wt = (
+        torch.randn(cout, cin // groups, k, k, device=device).to(case.dtype) * (cin * k * k) ** -0.5
+    )
+    b = torch.randn(cout, device=device).to(case.dtype)
+    if case.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    args = dict(stride=stride, padding=pad, groups=groups)
+    out = F.conv2d(x, wt, b, **args)
+    flops = 2 * out.numel() * (cin // groups) * k * k
+    if case.mode == "fwd":
+
+        def run(op):
+            return lambda: op(x, wt, b, **args)
+
+    else:
+        xg, wg, bg = (t.detach().requires_grad_() for t in (x, wt, b))
+        grad = torch.randn_like(out)
+
+        def run(op):
+            return lambda: torch.autograd.grad(op(xg, wg, bg, **args), (xg, wg, bg), grad)
+
+        flops *= 3  # input and weight gradients cost a forward each
+
+    def max_abs_error():
+        ref = F.conv2d(x.double(), wt.double(), b.double(), **args)
+        return (PF.conv2d(x, wt, b, **args).double() - ref).abs().max().item()
+
+    return run(F.conv2d), run(PF.conv2d), None, max_abs_error, flops
