@@ -143,7 +143,7 @@ void forward_avx2(const float* x, const float* w, const float* bias, const float
                   bool relu, float* y, const ConvShape& s) {
   std::vector<float> packed(static_cast<size_t>(conv_packed_size(s)));
   conv_pack_weights(w, packed.data(), s);
-  at::parallel_for(0, s.N * s.G * conv_tiles(s), 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, conv_fwd_tasks(s), 1, [&](int64_t t0, int64_t t1) {
     conv2d_fwd_nchw_avx2(x, packed.data(), bias, residual, relu, y, s, t0, t1);
   });
 }
@@ -227,14 +227,10 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor b = bias.has_value() ? nchw(*bias, ct) : at::Tensor();
     const at::Tensor rs = residual.has_value() ? nchw(*residual, ct) : at::Tensor();
     if (ct == at::kFloat && simd_is_avx2()) {
-      std::vector<float> packed(static_cast<size_t>(conv_packed_size(s)));
-      conv_pack_weights(w.const_data_ptr<float>(), packed.data(), s);
-      const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
-      const float* rp = rs.defined() ? rs.const_data_ptr<float>() : nullptr;
-      float* yp = out.mutable_data_ptr<float>();
-      at::parallel_for(0, s.N * s.G * conv_tiles(s), 1, [&](int64_t t0, int64_t t1) {
-        conv2d_fwd_nchw_avx2(x.const_data_ptr<float>(), packed.data(), bp, rp, relu, yp, s, t0, t1);
-      });
+      forward_avx2(x.const_data_ptr<float>(), w.const_data_ptr<float>(),
+                   b.defined() ? b.const_data_ptr<float>() : nullptr,
+                   rs.defined() ? rs.const_data_ptr<float>() : nullptr, relu,
+                   out.mutable_data_ptr<float>(), s);
     } else {
       by_type(ct, [&](auto tag) {
         using T = decltype(tag);
@@ -297,7 +293,7 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
       const float* gp = go.const_data_ptr<float>();
       const float* xp = x.const_data_ptr<float>();
       float* wp = gw.mutable_data_ptr<float>();
-      at::parallel_for(0, s.G * conv_wtiles(s) * s.Cg(), 1, [&](int64_t t0, int64_t t1) {
+      at::parallel_for(0, s.G * conv_wtiles(s), 1, [&](int64_t t0, int64_t t1) {
         conv2d_bwd_weight_nchw_avx2(gp, xp, wp, s, t0, t1);
       });
     } else {

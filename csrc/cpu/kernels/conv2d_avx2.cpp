@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "cpu/kernels/conv2d_kernels.h"
 
@@ -162,34 +163,40 @@ inline void block_span(const ConvShape& s, int64_t& lo, int64_t& hi) {
 }
 
 // Blocks of 8 kHalves outputs from ow on while they fit, then one block ending at the span's end
-// (overlapping: outputs are written, not accumulated). Returns the first column not done.
+// (overlapping: outputs are written, not accumulated); each block for every channel tile in turn,
+// so that its input columns stay in L1 while all the weights pass. Returns the first column not
+// done.
 template <int kStride, int kHalves>
-int64_t blocks(const Task& t, const ConvShape& s, int64_t oh, int64_t ow, bool relu) {
+int64_t blocks(const Task* t, int64_t ntiles, const ConvShape& s, int64_t oh, int64_t ow,
+               bool relu) {
   constexpr int64_t kWidth = 8 * kHalves;
   int64_t lo, hi;
   block_span<kStride, kHalves>(s, lo, hi);
   if (ow < lo || ow >= hi) return ow;
   const int64_t end = std::min(s.OW, hi - 1 + kWidth);  // columns the span can reach
-  for (; ow + kWidth <= end; ow += kWidth) block<kStride, kHalves>(t, s, oh, ow, relu);
+  for (; ow + kWidth <= end; ow += kWidth) {
+    for (int64_t i = 0; i < ntiles; ++i) block<kStride, kHalves>(t[i], s, oh, ow, relu);
+  }
   if (ow < end && end - kWidth >= lo) {
-    block<kStride, kHalves>(t, s, oh, end - kWidth, relu);
+    for (int64_t i = 0; i < ntiles; ++i) block<kStride, kHalves>(t[i], s, oh, end - kWidth, relu);
     ow = end;
   }
   return ow;
 }
 
 template <int kStride>
-void rows(const Task& t, const ConvShape& s, bool relu) {
+void row(const Task* t, int64_t ntiles, const ConvShape& s, int64_t oh, bool relu) {
   const int64_t lo = (s.pL + kStride - 1) / kStride;  // first column clear of the left padding
-  for (int64_t oh = 0; oh < s.OH; ++oh) {
-    int64_t ow = 0;
-    for (; ow < std::min(lo, s.OW); ++ow) column1(t, s, oh, ow, relu);
-    if (kStride <= 2) {
-      ow = blocks<kStride, 2>(t, s, oh, ow, relu);
-      ow = blocks<kStride, 1>(t, s, oh, ow, relu);
-    }
-    for (; ow < s.OW; ++ow) column1(t, s, oh, ow, relu);
+  int64_t ow = 0;
+  auto scalar = [&](int64_t col) {
+    for (int64_t i = 0; i < ntiles; ++i) column1(t[i], s, oh, col, relu);
+  };
+  for (; ow < std::min(lo, s.OW); ++ow) scalar(ow);
+  if (kStride <= 2) {
+    ow = blocks<kStride, 2>(t, ntiles, s, oh, ow, relu);
+    ow = blocks<kStride, 1>(t, ntiles, s, oh, ow, relu);
   }
+  for (; ow < s.OW; ++ow) scalar(ow);
 }
 
 }  // namespace
@@ -199,24 +206,27 @@ void conv2d_fwd_nchw_avx2(const float* x, const float* packed, const float* bias
                           int64_t t0, int64_t t1) {
   const int64_t tiles = conv_tiles(s), Kg = s.Kg(), Cg = s.Cg();
   const int64_t plane = s.OH * s.OW, taps = Cg * s.R * s.S;
-  for (int64_t task = t0; task < t1; ++task) {
-    const int64_t n = task / (s.G * tiles), g = (task / tiles) % s.G, tile = task % tiles;
-    Task t;
-    t.x = x + (n * s.C + g * Cg) * s.H * s.W;
-    t.wp = packed + (g * tiles + tile) * taps * kConvTileK;
-    for (int64_t i = 0; i < kConvTileK; ++i) {
-      const int64_t kl = tile * kConvTileK + i, k = g * Kg + kl;
-      const bool on = kl < Kg;
-      t.y[i] = on ? y + (n * s.K + k) * plane : nullptr;
-      t.res[i] = on && residual != nullptr ? residual + (n * s.K + k) * plane : nullptr;
-      t.bias[i] = on && bias != nullptr ? bias[k] : 0.0f;
+  std::vector<Task> tt(static_cast<size_t>(tiles));
+  for (int64_t task = t0; task < t1; ++task) {  // task = (n, g, oh): one output row, all channels
+    const int64_t oh = task % s.OH, g = (task / s.OH) % s.G, n = task / (s.OH * s.G);
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      Task& t = tt[tile];
+      t.x = x + (n * s.C + g * Cg) * s.H * s.W;
+      t.wp = packed + (g * tiles + tile) * taps * kConvTileK;
+      for (int64_t i = 0; i < kConvTileK; ++i) {
+        const int64_t kl = tile * kConvTileK + i, k = g * Kg + kl;
+        const bool on = kl < Kg;
+        t.y[i] = on ? y + (n * s.K + k) * plane : nullptr;
+        t.res[i] = on && residual != nullptr ? residual + (n * s.K + k) * plane : nullptr;
+        t.bias[i] = on && bias != nullptr ? bias[k] : 0.0f;
+      }
     }
     if (s.sW == 1) {
-      rows<1>(t, s, relu);
+      row<1>(tt.data(), tiles, s, oh, relu);
     } else if (s.sW == 2) {
-      rows<2>(t, s, relu);
+      row<2>(tt.data(), tiles, s, oh, relu);
     } else {
-      rows<3>(t, s, relu);  // no vector columns: every column scalar
+      row<3>(tt.data(), tiles, s, oh, relu);  // no vector columns: every column scalar
     }
   }
 }
@@ -229,90 +239,111 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
 }
 
-// Taps q0 .. q0 + kQ - 1 of kernel row r for up to four output channels: vector accumulators over
-// eight output columns (4 x 3 = 12 registers), scalar ones for the border columns.
+// Output columns [lo, hi) (block starts, 8 wide) whose reads for taps q0 .. q0 + kQ - 1 stay inside
+// the row.
 template <int kStride, int kQ>
-void wgrad_taps(const float* const go[kConvWTileK], const float* xc, const ConvShape& s, int64_t r,
-                int64_t q0, float out[kConvWTileK][kQ]) {
-  __m256 acc[kConvWTileK][kQ];
-  float tail[kConvWTileK][kQ] = {};
-  for (int i = 0; i < kConvWTileK; ++i) {
-    for (int j = 0; j < kQ; ++j) acc[i][j] = _mm256_setzero_ps();
-  }
-  const int64_t dW = s.dW, W = s.W, OW = s.OW, pL = s.pL;
-  // columns ow whose eight-wide reads stay inside the row for all kQ taps
-  const int64_t first = q0 * dW - pL, last = (q0 + kQ - 1) * dW - pL;  // column offsets
-  const int64_t lo = first < 0 ? (-first + kStride - 1) / kStride : 0;
-  const int64_t num = W - 1 - last - 7 * kStride;  // ow * stride <= num
-  const int64_t hi = num < 0 ? lo : std::max(lo, std::min(OW - 7, num / kStride + 1));
-  for (int64_t n = 0; n < s.N; ++n) {
-    for (int64_t oh = 0; oh < s.OH; ++oh) {
-      const int64_t ih = oh * s.sH - s.pT + r * s.dH;
-      if (ih < 0 || ih >= s.H) continue;
-      const float* xr = xc + (n * s.C * s.H + ih) * W;
-      const int64_t orow = (n * s.K * s.OH + oh) * OW;
-      auto scalar = [&](int64_t ow) {
-        for (int j = 0; j < kQ; ++j) {
-          const int64_t iw = ow * kStride + (q0 + j) * dW - pL;
-          if (iw < 0 || iw >= W) continue;
-          const float xv = xr[iw];
-          for (int i = 0; i < kConvWTileK; ++i) {
-            if (go[i] != nullptr) tail[i][j] += go[i][orow + ow] * xv;
-          }
-        }
-      };
-      int64_t ow = 0;
-      for (; ow < std::min(lo, OW); ++ow) scalar(ow);
-      for (; ow < hi; ow += 8) {
-        __m256 g[kConvWTileK];
-        for (int i = 0; i < kConvWTileK; ++i) {
-          g[i] = go[i] != nullptr ? _mm256_loadu_ps(go[i] + orow + ow) : _mm256_setzero_ps();
-        }
-        for (int j = 0; j < kQ; ++j) {
-          const float* p = xr + ow * kStride + (q0 + j) * dW - pL;
-          const __m256 xv = kStride == 1 ? _mm256_loadu_ps(p) : load_stride2(p);
-          for (int i = 0; i < kConvWTileK; ++i) acc[i][j] = _mm256_fmadd_ps(g[i], xv, acc[i][j]);
-        }
-      }
-      for (; ow < OW; ++ow) scalar(ow);
-    }
-  }
-  for (int i = 0; i < kConvWTileK; ++i) {
-    for (int j = 0; j < kQ; ++j) out[i][j] = hsum(acc[i][j]) + tail[i][j];
-  }
+inline void wgrad_span(const ConvShape& s, int64_t q0, int64_t& lo, int64_t& hi) {
+  const int64_t first = q0 * s.dW - s.pL, last = (q0 + kQ - 1) * s.dW - s.pL;
+  lo = first < 0 ? (-first + kStride - 1) / kStride : 0;
+  const int64_t num = s.W - 1 - last - 7 * kStride;  // ow * stride <= num
+  hi = num < 0 ? lo : std::max(lo, std::min(s.OW - 7, num / kStride + 1));
 }
 
+// One (sample, output row, input channel, kernel row): taps q0 .. q0 + kQ - 1 of four output
+// channels, accumulated into acc (vectors over eight output columns, kept across calls) and tail
+// (the border columns).
+template <int kStride, int kQ>
+inline void wgrad_row(const float* const go[kConvWTileK], const float* xr, const ConvShape& s,
+                      int64_t q0, int64_t lo, int64_t hi, float* acc, float* tail) {
+  __m256 a[kConvWTileK][kQ];
+  for (int j = 0; j < kQ; ++j) {
+    for (int i = 0; i < kConvWTileK; ++i)
+      a[i][j] = _mm256_loadu_ps(acc + (j * kConvWTileK + i) * 8);
+  }
+  for (int64_t ow = lo; ow < hi; ow += 8) {
+    __m256 g[kConvWTileK];
+    for (int i = 0; i < kConvWTileK; ++i) g[i] = _mm256_loadu_ps(go[i] + ow);
+    for (int j = 0; j < kQ; ++j) {
+      const float* p = xr + ow * kStride + (q0 + j) * s.dW - s.pL;
+      const __m256 xv = kStride == 1 ? _mm256_loadu_ps(p) : load_stride2(p);
+      for (int i = 0; i < kConvWTileK; ++i) a[i][j] = _mm256_fmadd_ps(g[i], xv, a[i][j]);
+    }
+  }
+  for (int j = 0; j < kQ; ++j) {
+    for (int i = 0; i < kConvWTileK; ++i)
+      _mm256_storeu_ps(acc + (j * kConvWTileK + i) * 8, a[i][j]);
+  }
+  // columns outside [lo, hi): scalar, with the bounds test
+  auto scalar = [&](int64_t ow) {
+    for (int j = 0; j < kQ; ++j) {
+      const int64_t iw = ow * kStride + (q0 + j) * s.dW - s.pL;
+      if (iw < 0 || iw >= s.W) continue;
+      const float xv = xr[iw];
+      for (int i = 0; i < kConvWTileK; ++i) tail[j * kConvWTileK + i] += go[i][ow] * xv;
+    }
+  };
+  for (int64_t ow = 0; ow < std::min(lo, s.OW); ++ow) scalar(ow);
+  const int64_t done = lo >= hi ? std::min(lo, s.OW) : lo + (hi - lo + 7) / 8 * 8;
+  for (int64_t ow = done; ow < s.OW; ++ow) scalar(ow);
+}
+
+// Task (g, tile): the weight gradient of four output channels of group g, all input channels and
+// taps. Samples and output rows run outermost, so each grad_output row is read once from memory
+// and reused from L1 for every input channel and tap; the sums live in `acc` and `tail` (one
+// vector and one scalar per channel, input channel and tap) until the end.
 template <int kStride>
 void wgrad_task(const float* grad_out, const float* x, float* grad_w, const ConvShape& s,
                 int64_t task) {
   const int64_t Cg = s.Cg(), Kg = s.Kg(), tiles = conv_wtiles(s), RS = s.R * s.S;
-  const int64_t c = task % Cg, tile = (task / Cg) % tiles, g = task / (Cg * tiles);
-  const float* go[kConvWTileK];
-  for (int64_t i = 0; i < kConvWTileK; ++i) {
-    const int64_t kl = tile * kConvWTileK + i;
-    go[i] = kl < Kg ? grad_out + (g * Kg + kl) * s.OH * s.OW : nullptr;
+  const int64_t tile = task % tiles, g = task / tiles;
+  // eight lanes per (channel, input channel, tap); plain floats: std::vector gives no 32-byte
+  // alignment guarantee, and the loops use unaligned loads
+  std::vector<float> acc(static_cast<size_t>(Cg * RS * kConvWTileK * 8), 0.0f);
+  std::vector<float> tail(static_cast<size_t>(Cg * RS * kConvWTileK), 0.0f);
+  // the tap chunks of a kernel row: threes, then ones
+  const int64_t full = s.S / 3 * 3;
+  std::vector<int64_t> lo3(static_cast<size_t>(s.S)), hi3(lo3.size());
+  for (int64_t q = 0; q < s.S; ++q) {
+    if (q < full && q % 3 == 0) {
+      wgrad_span<kStride, 3>(s, q, lo3[q], hi3[q]);
+    } else if (q >= full) {
+      wgrad_span<kStride, 1>(s, q, lo3[q], hi3[q]);
+    }
   }
-  const float* xc = x + (g * Cg + c) * s.H * s.W;
-  auto store = [&](int64_t r, int64_t q0, int kq, const float* vals, int64_t stride_i) {
-    for (int64_t i = 0; i < kConvWTileK; ++i) {
-      const int64_t kl = tile * kConvWTileK + i;
-      if (kl >= Kg) continue;
-      for (int j = 0; j < kq; ++j) {
-        grad_w[((g * Kg + kl) * Cg + c) * RS + r * s.S + q0 + j] = vals[i * stride_i + j];
+  std::vector<float> zero_row(static_cast<size_t>(s.OW), 0.0f);
+  for (int64_t n = 0; n < s.N; ++n) {
+    for (int64_t oh = 0; oh < s.OH; ++oh) {
+      const float* go[kConvWTileK];
+      for (int64_t i = 0; i < kConvWTileK; ++i) {
+        const int64_t kl = tile * kConvWTileK + i;
+        go[i] = kl < Kg ? grad_out + ((n * s.K + g * Kg + kl) * s.OH + oh) * s.OW : zero_row.data();
+      }
+      for (int64_t c = 0; c < Cg; ++c) {
+        const float* xc = x + (n * s.C + g * Cg + c) * s.H * s.W;
+        for (int64_t r = 0; r < s.R; ++r) {
+          const int64_t ih = oh * s.sH - s.pT + r * s.dH;
+          if (ih < 0 || ih >= s.H) continue;
+          const float* xr = xc + ih * s.W;
+          const int64_t base = (c * s.R + r) * s.S;
+          int64_t q = 0;
+          for (; q < full; q += 3) {
+            wgrad_row<kStride, 3>(go, xr, s, q, lo3[q], hi3[q], &acc[(base + q) * kConvWTileK * 8],
+                                  &tail[(base + q) * kConvWTileK]);
+          }
+          for (; q < s.S; ++q) {
+            wgrad_row<kStride, 1>(go, xr, s, q, lo3[q], hi3[q], &acc[(base + q) * kConvWTileK * 8],
+                                  &tail[(base + q) * kConvWTileK]);
+          }
+        }
       }
     }
-  };
-  for (int64_t r = 0; r < s.R; ++r) {
-    int64_t q = 0;
-    for (; q + 3 <= s.S; q += 3) {
-      float out[kConvWTileK][3];
-      wgrad_taps<kStride, 3>(go, xc, s, r, q, out);
-      store(r, q, 3, &out[0][0], 3);
-    }
-    for (; q < s.S; ++q) {
-      float out[kConvWTileK][1];
-      wgrad_taps<kStride, 1>(go, xc, s, r, q, out);
-      store(r, q, 1, &out[0][0], 1);
+  }
+  for (int64_t i = 0; i < kConvWTileK; ++i) {
+    const int64_t kl = tile * kConvWTileK + i;
+    if (kl >= Kg) continue;
+    float* dst = grad_w + (g * Kg + kl) * Cg * RS;
+    for (int64_t t = 0; t < Cg * RS; ++t) {
+      dst[t] = hsum(_mm256_loadu_ps(&acc[(t * kConvWTileK + i) * 8])) + tail[t * kConvWTileK + i];
     }
   }
 }

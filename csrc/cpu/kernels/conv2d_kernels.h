@@ -15,8 +15,9 @@ constexpr int64_t kConvTileK = 6;
 int64_t conv_packed_size(const ConvShape& s);
 void conv_pack_weights(const float* w, float* packed, const ConvShape& s);
 
-// float32 NCHW forward of tasks [t0, t1), a task being (n, g, tile): all output rows of six output
-// channels of one sample, bias, residual and ReLU applied as each output is stored.
+// float32 NCHW forward of tasks [t0, t1), a task being (n, g, oh): one output row of every output
+// channel of group g, bias, residual and ReLU applied as each output is stored. conv_fwd_tasks(s)
+// tasks in all.
 void conv2d_fwd_nchw_avx2(const float* x, const float* packed, const float* bias,
                           const float* residual, bool relu, float* y, const ConvShape& s,
                           int64_t t0, int64_t t1);
@@ -24,14 +25,16 @@ void conv2d_fwd_nchw_avx2(const float* x, const float* packed, const float* bias
 // Output channels per task of the float32 NCHW weight-gradient kernel.
 constexpr int64_t kConvWTileK = 4;
 
-// float32 NCHW weight gradient of tasks [t0, t1), a task being (g, tile, c): the R x S taps of
-// four output channels and one input channel, reduced over samples and output pixels in a fixed
-// order (deterministic).
+// float32 NCHW weight gradient of tasks [t0, t1), a task being (g, tile): all taps of four output
+// channels, reduced over samples and output pixels in a fixed order (deterministic).
+// G * conv_wtiles(s) tasks in all.
 void conv2d_bwd_weight_nchw_avx2(const float* grad_out, const float* x, float* grad_w,
                                  const ConvShape& s, int64_t t0, int64_t t1);
 
 inline int64_t conv_wtiles(const ConvShape& s) { return (s.Kg() + kConvWTileK - 1) / kConvWTileK; }
 
 inline int64_t conv_tiles(const ConvShape& s) { return (s.Kg() + kConvTileK - 1) / kConvTileK; }
+
+inline int64_t conv_fwd_tasks(const ConvShape& s) { return s.N * s.G * s.OH; }
 
 }  // namespace pyconv::cpu
