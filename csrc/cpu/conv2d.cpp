@@ -138,9 +138,23 @@ void backward_weight_impl(const T* go, const T* x, T* gw, const ConvShape& s) {
   });
 }
 
+// A 1x1, stride-1, unpadded convolution is the same computation on planes viewed as one long row:
+// the row kernels then run without borders or short rows. Kept as is when there would be too few
+// rows to share among threads.
+ConvShape as_long_rows(const ConvShape& s) {
+  const bool pointwise = s.R == 1 && s.S == 1 && s.sH == 1 && s.sW == 1 && s.pT == 0 && s.pB == 0 &&
+                         s.pL == 0 && s.pR == 0;
+  if (!pointwise || s.N * s.G < 2 * at::get_num_threads()) return s;
+  ConvShape t = s;
+  t.W = t.OW = s.H * s.W;
+  t.H = t.OH = 1;
+  return t;
+}
+
 // float32 NCHW forward on the AVX2 kernel: y = relu?(conv(x, w) + bias + residual).
 void forward_avx2(const float* x, const float* w, const float* bias, const float* residual,
-                  bool relu, float* y, const ConvShape& s) {
+                  bool relu, float* y, const ConvShape& s_) {
+  const ConvShape s = as_long_rows(s_);
   std::vector<float> packed(static_cast<size_t>(conv_packed_size(s)));
   conv_pack_weights(w, packed.data(), s);
   at::parallel_for(0, conv_fwd_tasks(s), 1, [&](int64_t t0, int64_t t1) {
@@ -293,8 +307,9 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
       const float* gp = go.const_data_ptr<float>();
       const float* xp = x.const_data_ptr<float>();
       float* wp = gw.mutable_data_ptr<float>();
-      at::parallel_for(0, s.G * conv_wtiles(s), 1, [&](int64_t t0, int64_t t1) {
-        conv2d_bwd_weight_nchw_avx2(gp, xp, wp, s, t0, t1);
+      const ConvShape t = as_long_rows(s);
+      at::parallel_for(0, t.G * conv_wtiles(t), 1, [&](int64_t t0, int64_t t1) {
+        conv2d_bwd_weight_nchw_avx2(gp, xp, wp, t, t0, t1);
       });
     } else {
       by_type(ct, [&](auto tag) {
