@@ -130,6 +130,38 @@ void block(const Task& t, const ConvShape& s, int64_t oh, int64_t ow, bool relu)
   }
 }
 
+// Depthwise (one input and one output channel per group): the same block for a single channel.
+template <int kStride, int kHalves>
+void block_dw(const Task& t, const ConvShape& s, int64_t oh, int64_t ow, bool relu) {
+  const int64_t S = s.S, dW = s.dW, dH = s.dH, W = s.W;
+  const int64_t h0 = oh * s.sH - s.pT;
+  const int64_t r0 = h0 < 0 ? (-h0 + dH - 1) / dH : 0;
+  const int64_t r1 = std::min(s.R, s.H - h0 <= 0 ? 0 : (s.H - h0 + dH - 1) / dH);
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+  const float* xr = t.x + (h0 + r0 * dH) * W + ow * kStride - s.pL;
+  const float* w = t.wp + r0 * S * kConvTileK;
+  for (int64_t r = r0; r < r1; ++r, xr += dH * W) {
+    for (int64_t q = 0; q < S; ++q, w += kConvTileK) {
+      const __m256 wv = _mm256_broadcast_ss(w);
+      a0 = _mm256_fmadd_ps(wv, load16<kStride>(xr + q * dW, 0), a0);
+      if (kHalves == 2) a1 = _mm256_fmadd_ps(wv, load16<kStride>(xr + q * dW, 1), a1);
+    }
+  }
+  const __m256 acc[2] = {a0, a1};
+  const __m256 zero = _mm256_setzero_ps();
+  const int64_t o = oh * s.OW + ow;
+  for (int h = 0; h < kHalves; ++h) {
+    __m256 v = _mm256_add_ps(acc[h], _mm256_set1_ps(t.bias[0]));
+    if (t.res[0] != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(t.res[0] + o + 8 * h));
+    if (relu) {
+      const __m256 keep =
+          _mm256_or_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      v = _mm256_and_ps(keep, v);
+    }
+    _mm256_storeu_ps(t.y[0] + o + 8 * h, v);
+  }
+}
+
 void column1(const Task& t, const ConvShape& s, int64_t oh, int64_t ow, bool relu) {
   float acc[kConvTileK] = {};
   const int64_t taps_rs = s.R * s.S;
@@ -174,11 +206,19 @@ int64_t blocks(const Task* t, int64_t ntiles, const ConvShape& s, int64_t oh, in
   block_span<kStride, kHalves>(s, lo, hi);
   if (ow < lo || ow >= hi) return ow;
   const int64_t end = std::min(s.OW, hi - 1 + kWidth);  // columns the span can reach
-  for (; ow + kWidth <= end; ow += kWidth) {
-    for (int64_t i = 0; i < ntiles; ++i) block<kStride, kHalves>(t[i], s, oh, ow, relu);
-  }
+  const bool depthwise = s.Cg() == 1 && s.Kg() == 1;
+  auto run = [&](int64_t col) {
+    for (int64_t i = 0; i < ntiles; ++i) {
+      if (depthwise) {
+        block_dw<kStride, kHalves>(t[i], s, oh, col, relu);
+      } else {
+        block<kStride, kHalves>(t[i], s, oh, col, relu);
+      }
+    }
+  };
+  for (; ow + kWidth <= end; ow += kWidth) run(ow);
   if (ow < end && end - kWidth >= lo) {
-    for (int64_t i = 0; i < ntiles; ++i) block<kStride, kHalves>(t[i], s, oh, end - kWidth, relu);
+    run(end - kWidth);
     ow = end;
   }
   return ow;
