@@ -64,6 +64,19 @@ struct Task {
   float bias[kConvTileK];
 };
 
+// Stores eight outputs of channel i of the tile at plane offset o: + bias, + residual, ReLU
+// (NaN passes, as torch's).
+inline void store8(const Task& t, int i, int64_t o, __m256 v, bool relu) {
+  v = _mm256_add_ps(v, _mm256_set1_ps(t.bias[i]));
+  if (t.res[i] != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(t.res[i] + o));
+  if (relu) {  // keep v where v > 0 or v is NaN
+    const __m256 keep = _mm256_or_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ),
+                                     _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    v = _mm256_and_ps(keep, v);
+  }
+  _mm256_storeu_ps(t.y[i] + o, v);
+}
+
 inline float epilogue1(float v, const float* res, int64_t i, bool relu) {
   if (res != nullptr) v += res[i];
   return relu && !(v > 0.0f) && v == v ? 0.0f : v;
@@ -112,21 +125,9 @@ void block(const Task& t, const ConvShape& s, int64_t oh, int64_t ow, bool relu)
   }
   const __m256 acc[kConvTileK][2] = {{a00, a01}, {a10, a11}, {a20, a21},
                                      {a30, a31}, {a40, a41}, {a50, a51}};
-  const __m256 zero = _mm256_setzero_ps();
   for (int i = 0; i < kConvTileK; ++i) {
     if (t.y[i] == nullptr) continue;
-    const int64_t o = oh * s.OW + ow;
-    for (int h = 0; h < kHalves; ++h) {
-      __m256 v = _mm256_add_ps(acc[i][h], _mm256_set1_ps(t.bias[i]));
-      if (t.res[i] != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(t.res[i] + o + 8 * h));
-      if (relu) {
-        // max(v, 0) but NaN stays: keep v where v > 0 or v is NaN
-        const __m256 keep =
-            _mm256_or_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-        v = _mm256_and_ps(keep, v);
-      }
-      _mm256_storeu_ps(t.y[i] + o + 8 * h, v);
-    }
+    for (int h = 0; h < kHalves; ++h) store8(t, i, oh * s.OW + ow + 8 * h, acc[i][h], relu);
   }
 }
 
@@ -148,18 +149,7 @@ void block_dw(const Task& t, const ConvShape& s, int64_t oh, int64_t ow, bool re
     }
   }
   const __m256 acc[2] = {a0, a1};
-  const __m256 zero = _mm256_setzero_ps();
-  const int64_t o = oh * s.OW + ow;
-  for (int h = 0; h < kHalves; ++h) {
-    __m256 v = _mm256_add_ps(acc[h], _mm256_set1_ps(t.bias[0]));
-    if (t.res[0] != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(t.res[0] + o + 8 * h));
-    if (relu) {
-      const __m256 keep =
-          _mm256_or_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-      v = _mm256_and_ps(keep, v);
-    }
-    _mm256_storeu_ps(t.y[0] + o + 8 * h, v);
-  }
+  for (int h = 0; h < kHalves; ++h) store8(t, 0, oh * s.OW + ow + 8 * h, acc[h], relu);
 }
 
 void column1(const Task& t, const ConvShape& s, int64_t oh, int64_t ow, bool relu) {
