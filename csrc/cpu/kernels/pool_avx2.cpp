@@ -67,6 +67,13 @@ inline void max_step1(float v, int64_t k, float& best, int64_t& idx) {
   }
 }
 
+// One dimension's factor of avg_pool_divisor: the window's extent, clipped to input + padding
+// (count_include_pad) or to the input.
+inline int64_t divisor_part(int64_t start, int64_t k, int64_t size, int64_t pad, bool include_pad) {
+  if (include_pad) return std::min(start + k, size + pad) - start;
+  return std::min(start + k, size) - std::max<int64_t>(start, 0);
+}
+
 // Windows tile the input (kernel == stride, no dilation): every input element is in at most one
 // window, so backward writes each element once instead of zeroing and accumulating.
 inline bool tiles(const PoolShape& s) {
@@ -512,16 +519,36 @@ void avg_bwd_plane_overlap(const typename Io::T* go, typename Io::T* gi, const P
   std::memset(gi, 0, static_cast<size_t>(s.H * s.W) * sizeof(T));
   const Span cols = vector_columns<kStride>(s, /*wide_access=*/true);
   const __m256 zero = _mm256_setzero_ps();
+  // the column part of each output's divisor (<= 0 where the window holds no input column); for
+  // count_include_pad=False it is the number of columns inside the input, and is used to mask
+  // empty windows in every mode
+  float* wpart = share + s.OW;
+  for (int64_t ow = 0; ow < s.OW; ++ow) {
+    const int64_t w0 = ow * s.sW - s.pW;
+    const bool any = std::max<int64_t>(w0, 0) < std::min<int64_t>(w0 + s.kW, s.W);
+    wpart[ow] =
+        any ? static_cast<float>(divisor_part(w0, s.kW, s.W, s.pW, s.count_include_pad)) : 0.0f;
+  }
   for (int64_t oh = 0; oh < s.OH; ++oh) {
     const int64_t h0 = oh * s.sH - s.pH;
     const int64_t ih0 = std::max<int64_t>(h0, 0), ih1 = std::min<int64_t>(h0 + s.kH, s.H);
     if (ih0 >= ih1) continue;
-    for (int64_t ow = 0; ow < s.OW; ++ow) {
-      const int64_t w0 = ow * s.sW - s.pW;
-      const bool empty = std::max<int64_t>(w0, 0) >= std::min<int64_t>(w0 + s.kW, s.W);
-      share[ow] =
-          empty ? 0.0f
-                : Io::load1(go + oh * s.OW + ow) / static_cast<float>(avg_pool_divisor(s, oh, ow));
+    // share = go / divisor, the divisor being (its row part) x (its column part) or the override
+    const float hpart = static_cast<float>(divisor_part(h0, s.kH, s.H, s.pH, s.count_include_pad));
+    const T* gr = go + oh * s.OW;
+    int64_t ow = 0;
+    for (; ow + 8 <= s.OW; ow += 8) {
+      const __m256 w = _mm256_loadu_ps(wpart + ow);
+      const __m256 div = s.divisor_override != 0
+                             ? _mm256_set1_ps(static_cast<float>(s.divisor_override))
+                             : _mm256_mul_ps(_mm256_set1_ps(hpart), w);
+      const __m256 nonempty = _mm256_cmp_ps(w, zero, _CMP_GT_OQ);  // window inside the input
+      _mm256_storeu_ps(share + ow, _mm256_and_ps(nonempty, _mm256_div_ps(Io::load(gr + ow), div)));
+    }
+    for (; ow < s.OW; ++ow) {
+      const float div =
+          s.divisor_override != 0 ? static_cast<float>(s.divisor_override) : hpart * wpart[ow];
+      share[ow] = wpart[ow] > 0.0f ? Io::load1(gr + ow) / div : 0.0f;
     }
     for (int64_t ih = ih0; ih < ih1; ++ih) {
       T* row = gi + ih * s.W;
@@ -549,6 +576,61 @@ void avg_bwd_plane_overlap(const typename Io::T* go, typename Io::T* gi, const P
         }
       }
       for (; ow < s.OW; ++ow) scalar(ow);
+    }
+  }
+}
+
+// The ResNet stem's window (3 x 3, stride 2, padding 1, no dilation) as a gather. Along a row,
+// input column 2m takes the share of output m, and column 2m + 1 the shares of outputs m and m + 1;
+// rows combine the same way. So each output row's column sums are built once (8 shares -> 16
+// columns), and each gradient row is one of them or the sum of two: written once, no zeroing pass.
+inline bool stem_window(const PoolShape& s) {
+  return s.kH == 3 && s.kW == 3 && s.sH == 2 && s.sW == 2 && s.pH == 1 && s.pW == 1 && s.dH == 1 &&
+         s.dW == 1;
+}
+
+template <typename Io>
+void avg_bwd_plane_stem(const typename Io::T* go, typename Io::T* gi, const PoolShape& s,
+                        float* buf) {
+  const int64_t OWp = (s.OW + 8) / 8 * 8 + 8;  // share row: OW shares, then zeros
+  const int64_t Wp = 2 * OWp;                  // column-sum row
+  float* share = buf;                          // one row of shares
+  float* cols = buf + OWp;                     // OH column-sum rows
+  for (int64_t oh = 0; oh < s.OH; ++oh) {
+    const int64_t h0 = oh * 2 - 1;
+    const float hpart = static_cast<float>(divisor_part(h0, 3, s.H, 1, s.count_include_pad));
+    for (int64_t ow = 0; ow < OWp; ++ow) share[ow] = 0.0f;
+    for (int64_t ow = 0; ow < s.OW; ++ow) {
+      const int64_t w0 = ow * 2 - 1;
+      const float div =
+          s.divisor_override != 0
+              ? static_cast<float>(s.divisor_override)
+              : hpart * static_cast<float>(divisor_part(w0, 3, s.W, 1, s.count_include_pad));
+      share[ow] = Io::load1(go + oh * s.OW + ow) / div;
+    }
+    float* c = cols + oh * Wp;
+    for (int64_t m = 0; m + 8 <= OWp - 1; m += 8) {
+      const __m256 a = _mm256_loadu_ps(share + m), b = _mm256_loadu_ps(share + m + 1);
+      const __m256 odd = _mm256_add_ps(a, b);
+      const __m256 lo = _mm256_unpacklo_ps(a, odd), hi = _mm256_unpackhi_ps(a, odd);
+      _mm256_storeu_ps(c + 2 * m, _mm256_permute2f128_ps(lo, hi, 0x20));
+      _mm256_storeu_ps(c + 2 * m + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+    }
+  }
+  for (int64_t ih = 0; ih < s.H; ++ih) {
+    // ih = 2m: output row m; ih = 2m + 1: output rows m and m + 1
+    const int64_t m = ih / 2;
+    const float* c0 = m < s.OH ? cols + m * Wp : nullptr;
+    const float* c1 = (ih % 2 == 1 && m + 1 < s.OH) ? cols + (m + 1) * Wp : nullptr;
+    typename Io::T* row = gi + ih * s.W;
+    int64_t iw = 0;
+    for (; iw + 8 <= s.W; iw += 8) {
+      __m256 v = c0 != nullptr ? _mm256_loadu_ps(c0 + iw) : _mm256_setzero_ps();
+      if (c1 != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(c1 + iw));
+      Io::store(row + iw, v);
+    }
+    for (; iw < s.W; ++iw) {
+      Io::store1(row + iw, (c0 != nullptr ? c0[iw] : 0.0f) + (c1 != nullptr ? c1[iw] : 0.0f));
     }
   }
 }
@@ -648,12 +730,18 @@ template <typename Io>
 void avg_bwd_t(const void* go, void* gi, const PoolShape& s, int64_t q0, int64_t q1) {
   using T = typename Io::T;
   if (s.channels_last) return avg_bwd_cl<Io>(go, gi, s, q0, q1);
+  const bool stem = stem_window(s);
   const bool overlap = !tiles(s) && (s.sW == 1 || s.sW == 2);
-  std::vector<float> share(overlap ? static_cast<size_t>(s.OW) : 0);
+  const int64_t OWp = (s.OW + 8) / 8 * 8 + 8;
+  std::vector<float> share(stem      ? static_cast<size_t>(OWp + s.OH * 2 * OWp)
+                           : overlap ? static_cast<size_t>(2 * s.OW)
+                                     : 0);
   for (int64_t q = q0; q < q1; ++q) {
     const T* g = static_cast<const T*>(go) + q * s.OH * s.OW;
     T* d = static_cast<T*>(gi) + q * s.H * s.W;
-    if (overlap && s.sW == 2) {
+    if (stem) {
+      avg_bwd_plane_stem<Io>(g, d, s, share.data());
+    } else if (overlap && s.sW == 2) {
       avg_bwd_plane_overlap<Io, 2>(g, d, s, share.data());
     } else if (overlap) {
       avg_bwd_plane_overlap<Io, 1>(g, d, s, share.data());
@@ -715,7 +803,7 @@ void max_bwd(const void* go, const void* am, int ab, void* gi, const PoolShape& 
 void avg_bwd(const void* go, void* gi, const PoolShape& s, int64_t q0, int64_t q1,
              ScalarKind kind) {
   const bool wide = kind == ScalarKind::kHalf || kind == ScalarKind::kBFloat16;
-  switch ((!wide || tiles(s) || s.channels_last) ? kind : ScalarKind::kDouble) {
+  switch ((!wide || tiles(s) || s.channels_last || stem_window(s)) ? kind : ScalarKind::kDouble) {
     case ScalarKind::kFloat:
       return avg_bwd_t<F32>(go, gi, s, q0, q1);
     case ScalarKind::kHalf:
