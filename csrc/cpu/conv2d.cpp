@@ -273,10 +273,20 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
   at::Tensor gi = at::empty(input_size, grad_output.options().dtype(ct));
   if (gi.numel() > 0) {
     const at::Tensor go = nchw(grad_output, ct), w = nchw(weight, ct);
-    const bool done =
-        ct == at::kFloat && simd_is_avx2() &&
-        backward_input_as_forward(go.const_data_ptr<float>(), w.const_data_ptr<float>(),
-                                  gi.mutable_data_ptr<float>(), s);
+    // stride 1: the forward kernel; strides 1 and 2 along W otherwise: the AVX2 scatter
+    const bool avx2 = ct == at::kFloat && simd_is_avx2();
+    bool done =
+        avx2 && backward_input_as_forward(go.const_data_ptr<float>(), w.const_data_ptr<float>(),
+                                          gi.mutable_data_ptr<float>(), s);
+    if (!done && avx2 && s.sW <= 2) {
+      const float* gp = go.const_data_ptr<float>();
+      const float* wp = w.const_data_ptr<float>();
+      float* ip = gi.mutable_data_ptr<float>();
+      at::parallel_for(0, s.N * s.C, 1, [&](int64_t p0, int64_t p1) {
+        conv2d_bwd_input_nchw_avx2(gp, wp, ip, s, p0, p1);
+      });
+      done = true;
+    }
     if (!done) {
       by_type(ct, [&](auto tag) {
         using T = decltype(tag);

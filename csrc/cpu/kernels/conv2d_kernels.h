@@ -22,6 +22,11 @@ void conv2d_fwd_nchw_avx2(const float* x, const float* packed, const float* bias
                           const float* residual, bool relu, float* y, const ConvShape& s,
                           int64_t t0, int64_t t1);
 
+// float32 NCHW input gradient by scatter for strides 1 and 2 along W (any stride along H): pairs
+// [p0, p1) of (n, c), each a whole plane of grad_input, zeroed here.
+void conv2d_bwd_input_nchw_avx2(const float* grad_out, const float* w, float* grad_in,
+                                const ConvShape& s, int64_t p0, int64_t p1);
+
 // Output channels per task of the float32 NCHW weight-gradient kernel.
 constexpr int64_t kConvWTileK = 4;
 
