@@ -19,21 +19,33 @@ PYCONV_HD int64_t pool_output_size(int64_t in, int64_t k, int64_t pad, int64_t s
   return out;
 }
 
-struct PoolShape {
-  int64_t N, C, H, W;  // input
-  int64_t OH, OW;      // output
-  int64_t kH, kW, sH, sW, pH, pW, dH, dW;
+// I: the index type (int64_t; the CUDA kernels use int when every index fits, since 64-bit
+// division is slow there).
+template <typename I>
+struct PoolShapeT {
+  I N, C, H, W;  // input
+  I OH, OW;      // output
+  I kH, kW, sH, sW, pH, pW, dH, dW;
   bool channels_last;  // memory layout of input, output and their gradients
   // average pooling
   bool count_include_pad;
-  int64_t divisor_override;  // 0: none
+  I divisor_override;  // 0: none
 };
+using PoolShape = PoolShapeT<int64_t>;
+
+template <typename T>
+struct NonDeduced {
+  using type = T;
+};
+template <typename T>
+using nondeduced_t = typename NonDeduced<T>::type;
 
 // The divisor of average-pooling output (oh, ow), as torch computes it.
-PYCONV_HD int64_t avg_pool_divisor(const PoolShape& s, int64_t oh, int64_t ow) {
+template <typename I>
+PYCONV_HD I avg_pool_divisor(const PoolShapeT<I>& s, nondeduced_t<I> oh, nondeduced_t<I> ow) {
   if (s.divisor_override != 0) return s.divisor_override;
-  int64_t h0 = oh * s.sH - s.pH, w0 = ow * s.sW - s.pW;
-  int64_t h1 = h0 + s.kH, w1 = w0 + s.kW;
+  I h0 = oh * s.sH - s.pH, w0 = ow * s.sW - s.pW;
+  I h1 = h0 + s.kH, w1 = w0 + s.kW;
   if (h1 > s.H + s.pH) h1 = s.H + s.pH;
   if (w1 > s.W + s.pW) w1 = s.W + s.pW;
   if (s.count_include_pad) return (h1 - h0) * (w1 - w0);
@@ -47,21 +59,25 @@ PYCONV_HD int64_t avg_pool_divisor(const PoolShape& s, int64_t oh, int64_t ow) {
 // Flat position (ih * W + iw) of window element `off` of output (oh, ow), or -1 when `off` names
 // no element inside the input. A window with no element inside the input (possible with dilation)
 // stores an offset that names none, whatever its type's range.
-PYCONV_HD int64_t argmax_position(const PoolShape& s, int64_t oh, int64_t ow, int64_t off) {
+template <typename I>
+PYCONV_HD int64_t argmax_position(const PoolShapeT<I>& s, nondeduced_t<I> oh, nondeduced_t<I> ow,
+                                  int64_t off) {
   if (off < 0 || off >= s.kH * s.kW) return -1;
-  const int64_t ih = oh * s.sH - s.pH + (off / s.kW) * s.dH;
-  const int64_t iw = ow * s.sW - s.pW + (off % s.kW) * s.dW;
+  const I ih = oh * s.sH - s.pH + static_cast<I>(off / s.kW) * s.dH;
+  const I iw = ow * s.sW - s.pW + static_cast<I>(off % s.kW) * s.dW;
   if (ih < 0 || ih >= s.H || iw < 0 || iw >= s.W) return -1;
-  return ih * s.W + iw;
+  return static_cast<int64_t>(ih) * s.W + iw;
 }
 
 // torch's index for a window with no element inside the input: its first tap, moved by whole
 // dilation steps to row and column >= 0.
-PYCONV_HD int64_t empty_window_index(const PoolShape& s, int64_t oh, int64_t ow) {
-  int64_t ih = oh * s.sH - s.pH, iw = ow * s.sW - s.pW;
+template <typename I>
+PYCONV_HD int64_t empty_window_index(const PoolShapeT<I>& s, nondeduced_t<I> oh,
+                                     nondeduced_t<I> ow) {
+  I ih = oh * s.sH - s.pH, iw = ow * s.sW - s.pW;
   if (ih < 0) ih += (-ih + s.dH - 1) / s.dH * s.dH;
   if (iw < 0) iw += (-iw + s.dW - 1) / s.dW * s.dW;
-  return ih * s.W + iw;
+  return static_cast<int64_t>(ih) * s.W + iw;
 }
 
 }  // namespace pyconv

@@ -26,22 +26,42 @@ __device__ __forceinline__ T apply(T x, bool keep, const DropoutParams& d) {
   return keep ? static_cast<T>(static_cast<Acc>(x) * scale) : static_cast<T>(Acc(0));
 }
 
-// Each thread: one block of 32 consecutive elements (eight Philox groups, common/philox.h), read
-// and written as 16-byte vectors when src and dst are 16-byte aligned. src may equal dst (in
-// place): every load of a thread comes before its stores, and threads share no element.
+// Threads per block: the staging buffer below stays under 48 KB for every type.
+template <typename T>
+constexpr int threads_for() {
+  return sizeof(T) == 8 ? 128 : 256;
+}
+
+// Each thread: one block of 32 consecutive elements (eight Philox groups, common/philox.h). When
+// src and dst are 16-byte aligned, a warp moves its 32 blocks as 16-byte vectors with consecutive
+// lanes on consecutive vectors (coalesced), through shared memory where each lane then takes its
+// own block (rows padded by one vector: no bank conflicts). src may equal dst (in place): a warp
+// loads all of its elements before it stores any, and warps share no element.
 template <typename T, bool kVector>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(256)
     dropout_kernel(const T* src, T* dst, int64_t n, DropoutParams d, const int64_t* seed_ptr) {
+  constexpr int kT = threads_for<T>();
+  using V = Vec16<T>;
+  constexpr int kVB = kChunk / V::kSize;  // vectors per block of 32 elements
   resolve_seed(d, seed_ptr);
-  const int64_t block = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t block = static_cast<int64_t>(blockIdx.x) * kT + threadIdx.x;
   const int64_t base = block * kChunk;
-  if (base >= n) return;
-  if (kVector && base + kChunk <= n) {
-    using V = Vec16<T>;
-    constexpr int kVecs = kChunk / V::kSize;
-    V v[kVecs];
+  const int64_t warp_base = (static_cast<int64_t>(blockIdx.x) * kT + warp * 32) * kChunk;
+  if (warp_base >= n) return;
+  if (kVector && warp_base + 32 * kChunk <= n) {
+    __shared__ V stage[kT / 32][32 * (kVB + 1)];
+    V* buf = stage[warp];
+    const V* in = reinterpret_cast<const V*>(src + warp_base);
 #pragma unroll
-    for (int k = 0; k < kVecs; ++k) v[k] = reinterpret_cast<const V*>(src + base)[k];
+    for (int k = 0; k < kVB; ++k) {
+      const int vi = k * 32 + lane;
+      buf[(vi / kVB) * (kVB + 1) + vi % kVB] = in[vi];
+    }
+    __syncwarp();
+    V v[kVB];
+#pragma unroll
+    for (int k = 0; k < kVB; ++k) v[k] = buf[lane * (kVB + 1) + k];
 #pragma unroll
     for (int s = 0; s < 8; ++s) {
       const Philox4 r = philox_group(d.seed, d.offset, static_cast<uint64_t>(block) * 8 + s);
@@ -53,8 +73,15 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
 #pragma unroll
-    for (int k = 0; k < kVecs; ++k) reinterpret_cast<V*>(dst + base)[k] = v[k];
-  } else {
+    for (int k = 0; k < kVB; ++k) buf[lane * (kVB + 1) + k] = v[k];
+    __syncwarp();
+    V* out = reinterpret_cast<V*>(dst + warp_base);
+#pragma unroll
+    for (int k = 0; k < kVB; ++k) {
+      const int vi = k * 32 + lane;
+      out[vi] = buf[(vi / kVB) * (kVB + 1) + vi % kVB];
+    }
+  } else if (base < n) {
     uint32_t draws[kChunk];
     philox_block32(d.seed, d.offset, static_cast<uint64_t>(block), draws);
     for (int e = 0; e < kChunk && base + e < n; ++e) {
@@ -139,16 +166,17 @@ void dropout_dense(const at::Tensor& src, at::Tensor& dst, double p, const SeedA
   const int64_t n = dst.numel();
   DropoutParams d = dropout_params_from(p, static_cast<int64_t>(seed.value));
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t blocks = ceil_div(ceil_div(n, kChunk), kThreads);
   const bool vec = aligned16(src.const_data_ptr()) && aligned16(dst.const_data_ptr());
   dispatch_float_types(dst.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* s = static_cast<const T*>(src.const_data_ptr());
     T* o = static_cast<T*>(dst.mutable_data_ptr());
+    constexpr int kT = threads_for<T>();
+    const int64_t blocks = ceil_div(ceil_div(n, kChunk), kT);
     if (vec) {
-      dropout_kernel<T, true><<<blocks, kThreads, 0, stream>>>(s, o, n, d, seed.ptr);
+      dropout_kernel<T, true><<<blocks, kT, 0, stream>>>(s, o, n, d, seed.ptr);
     } else {
-      dropout_kernel<T, false><<<blocks, kThreads, 0, stream>>>(s, o, n, d, seed.ptr);
+      dropout_kernel<T, false><<<blocks, kT, 0, stream>>>(s, o, n, d, seed.ptr);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -17,13 +17,15 @@ namespace {
 
 constexpr int kThreads = 256;
 
+template <typename I>
 struct Coord {
-  int64_t n, c, h, w;
+  I n, c, h, w;
 };
 
 // Position of memory-order element i of an (N, C, h, w) tensor in the call's layout.
-__device__ __forceinline__ Coord coord(int64_t i, const PoolShape& s, int64_t h, int64_t w) {
-  Coord r;
+template <typename I>
+__device__ __forceinline__ Coord<I> coord(I i, const PoolShapeT<I>& s, I h, I w) {
+  Coord<I> r;
   if (s.channels_last) {
     r.c = i % s.C;
     i /= s.C;
@@ -42,8 +44,8 @@ __device__ __forceinline__ Coord coord(int64_t i, const PoolShape& s, int64_t h,
   return r;
 }
 
-__device__ __forceinline__ int64_t offset(const Coord& p, const PoolShape& s, int64_t h,
-                                          int64_t w) {
+template <typename I>
+__device__ __forceinline__ I offset(const Coord<I>& p, const PoolShapeT<I>& s, I h, I w) {
   return s.channels_last ? ((p.n * h + p.h) * w + p.w) * s.C + p.c
                          : ((p.n * s.C + p.c) * h + p.h) * w + p.w;
 }
@@ -53,24 +55,24 @@ __device__ __forceinline__ bool is_nan(T v) {
   return v != v;
 }
 
-template <typename T, typename A>
+template <typename T, typename A, typename I>
 __global__ void __launch_bounds__(kThreads)
-    max_fwd_kernel(const T* __restrict__ in, T* __restrict__ out, A* __restrict__ am, PoolShape s,
-                   int64_t total) {
+    max_fwd_kernel(const T* __restrict__ in, T* __restrict__ out, A* __restrict__ am,
+                   PoolShapeT<I> s, I total) {
   using Acc = typename AccType<T>::type;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const Coord o = coord(i, s, s.OH, s.OW);
-    const int64_t h0 = o.h * s.sH - s.pH, w0 = o.w * s.sW - s.pW;
+  for (I i = static_cast<I>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<I>(gridDim.x) * kThreads) {
+    const Coord<I> o = coord(i, s, s.OH, s.OW);
+    const I h0 = o.h * s.sH - s.pH, w0 = o.w * s.sW - s.pW;
     Acc best = -INFINITY;
-    int64_t bi = -1;
-    for (int64_t kh = 0; kh < s.kH; ++kh) {
-      const int64_t ih = h0 + kh * s.dH;
+    I bi = -1;
+    for (I kh = 0; kh < s.kH; ++kh) {
+      const I ih = h0 + kh * s.dH;
       if (ih < 0 || ih >= s.H) continue;
-      for (int64_t kw = 0; kw < s.kW; ++kw) {
-        const int64_t iw = w0 + kw * s.dW;
+      for (I kw = 0; kw < s.kW; ++kw) {
+        const I iw = w0 + kw * s.dW;
         if (iw < 0 || iw >= s.W) continue;
-        const Acc v = static_cast<Acc>(in[offset(Coord{o.n, o.c, ih, iw}, s, s.H, s.W)]);
+        const Acc v = static_cast<Acc>(in[offset(Coord<I>{o.n, o.c, ih, iw}, s, s.H, s.W)]);
         if (bi < 0 || v > best || is_nan(v)) {
           best = v;
           bi = kh * s.kW + kw;
@@ -82,20 +84,20 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T>
+template <typename T, typename I>
 __global__ void __launch_bounds__(kThreads)
-    avg_fwd_kernel(const T* __restrict__ in, T* __restrict__ out, PoolShape s, int64_t total) {
+    avg_fwd_kernel(const T* __restrict__ in, T* __restrict__ out, PoolShapeT<I> s, I total) {
   using Acc = typename AccType<T>::type;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const Coord o = coord(i, s, s.OH, s.OW);
-    const int64_t h0 = o.h * s.sH - s.pH, w0 = o.w * s.sW - s.pW;
-    const int64_t ih0 = h0 > 0 ? h0 : 0, ih1 = h0 + s.kH < s.H ? h0 + s.kH : s.H;
-    const int64_t iw0 = w0 > 0 ? w0 : 0, iw1 = w0 + s.kW < s.W ? w0 + s.kW : s.W;
+  for (I i = static_cast<I>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<I>(gridDim.x) * kThreads) {
+    const Coord<I> o = coord(i, s, s.OH, s.OW);
+    const I h0 = o.h * s.sH - s.pH, w0 = o.w * s.sW - s.pW;
+    const I ih0 = h0 > 0 ? h0 : 0, ih1 = h0 + s.kH < s.H ? h0 + s.kH : s.H;
+    const I iw0 = w0 > 0 ? w0 : 0, iw1 = w0 + s.kW < s.W ? w0 + s.kW : s.W;
     Acc sum = 0;
-    for (int64_t ih = ih0; ih < ih1; ++ih) {
-      for (int64_t iw = iw0; iw < iw1; ++iw) {
-        sum += static_cast<Acc>(in[offset(Coord{o.n, o.c, ih, iw}, s, s.H, s.W)]);
+    for (I ih = ih0; ih < ih1; ++ih) {
+      for (I iw = iw0; iw < iw1; ++iw) {
+        sum += static_cast<Acc>(in[offset(Coord<I>{o.n, o.c, ih, iw}, s, s.H, s.W)]);
       }
     }
     const bool empty = ih0 >= ih1 || iw0 >= iw1;
@@ -105,35 +107,36 @@ __global__ void __launch_bounds__(kThreads)
 
 // The outputs o (and kernel index k) whose window covers input index i along one dimension:
 // o in [lo, hi], i = o * stride - pad + k * dil.
-__device__ __forceinline__ void cover_range(int64_t i, int64_t out, int64_t k, int64_t stride,
-                                            int64_t pad, int64_t dil, int64_t& lo, int64_t& hi) {
-  const int64_t first = i + pad - (k - 1) * dil;
+template <typename I>
+__device__ __forceinline__ void cover_range(I i, I out, I k, I stride, I pad, I dil, I& lo, I& hi) {
+  const I first = i + pad - (k - 1) * dil;
   lo = first <= 0 ? 0 : (first + stride - 1) / stride;
   hi = (i + pad) / stride;
   if (hi > out - 1) hi = out - 1;
 }
 
-template <typename T, typename A, bool kMax>
+template <typename T, typename A, bool kMax, typename I>
 __global__ void __launch_bounds__(kThreads)
-    bwd_kernel(const T* __restrict__ go, const A* __restrict__ am, T* __restrict__ gi, PoolShape s,
-               int64_t total) {
+    bwd_kernel(const T* __restrict__ go, const A* __restrict__ am, T* __restrict__ gi,
+               PoolShapeT<I> s, I total) {
   using Acc = typename AccType<T>::type;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const Coord p = coord(i, s, s.H, s.W);
-    int64_t oh0, oh1, ow0, ow1;
+  for (I i = static_cast<I>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<I>(gridDim.x) * kThreads) {
+    const Coord<I> p = coord(i, s, s.H, s.W);
+    I oh0, oh1, ow0, ow1;
     cover_range(p.h, s.OH, s.kH, s.sH, s.pH, s.dH, oh0, oh1);
     cover_range(p.w, s.OW, s.kW, s.sW, s.pW, s.dW, ow0, ow1);
     Acc acc = 0;
-    for (int64_t oh = oh0; oh <= oh1; ++oh) {
-      const int64_t th = p.h + s.pH - oh * s.sH;
-      if (th % s.dH != 0) continue;
-      for (int64_t ow = ow0; ow <= ow1; ++ow) {
-        const int64_t tw = p.w + s.pW - ow * s.sW;
-        if (tw % s.dW != 0) continue;
-        const int64_t o = offset(Coord{p.n, p.c, oh, ow}, s, s.OH, s.OW);
+    for (I oh = oh0; oh <= oh1; ++oh) {
+      const I th = p.h + s.pH - oh * s.sH;
+      if (s.dH != 1 && th % s.dH != 0) continue;
+      for (I ow = ow0; ow <= ow1; ++ow) {
+        const I tw = p.w + s.pW - ow * s.sW;
+        if (s.dW != 1 && tw % s.dW != 0) continue;
+        const I o = offset(Coord<I>{p.n, p.c, oh, ow}, s, s.OH, s.OW);
         if (kMax) {
-          if (static_cast<int64_t>(am[o]) == (th / s.dH) * s.kW + tw / s.dW) {
+          if (static_cast<I>(am[o]) ==
+              (s.dH == 1 ? th : th / s.dH) * s.kW + (s.dW == 1 ? tw : tw / s.dW)) {
             acc += static_cast<Acc>(go[o]);
           }
         } else {
@@ -145,15 +148,44 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename A>
+template <typename A, typename I>
 __global__ void __launch_bounds__(kThreads)
-    indices_kernel(const A* __restrict__ am, int64_t* __restrict__ idx, PoolShape s,
-                   int64_t total) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const Coord o = coord(i, s, s.OH, s.OW);
+    indices_kernel(const A* __restrict__ am, int64_t* __restrict__ idx, PoolShapeT<I> s, I total) {
+  for (I i = static_cast<I>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<I>(gridDim.x) * kThreads) {
+    const Coord<I> o = coord(i, s, s.OH, s.OW);
     const int64_t pos = argmax_position(s, o.h, o.w, static_cast<int64_t>(am[i]));
     idx[i] = pos >= 0 ? pos : empty_window_index(s, o.h, o.w);
+  }
+}
+
+// Calls f(shape, total) with 32-bit indices when every index of the call (and a grid-stride step
+// past the end) fits in int, else with 64-bit ones.
+template <typename F>
+void with_index(const PoolShape& s, int64_t total, F&& f) {
+  const int64_t limit = int64_t{1} << 30;
+  if (s.N * s.C * s.H * s.W < limit && s.N * s.C * s.OH * s.OW < limit && total < limit) {
+    auto i = [](int64_t v) { return static_cast<int>(v); };
+    const PoolShapeT<int> t{i(s.N),
+                            i(s.C),
+                            i(s.H),
+                            i(s.W),
+                            i(s.OH),
+                            i(s.OW),
+                            i(s.kH),
+                            i(s.kW),
+                            i(s.sH),
+                            i(s.sW),
+                            i(s.pH),
+                            i(s.pW),
+                            i(s.dH),
+                            i(s.dW),
+                            s.channels_last,
+                            s.count_include_pad,
+                            i(s.divisor_override)};
+    f(t, i(total));
+  } else {
+    f(s, total);
   }
 }
 
@@ -185,11 +217,15 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d(const at::Tensor& input_, at::IntA
     const T* in = static_cast<const T*>(input.const_data_ptr());
     T* o = static_cast<T*>(out.mutable_data_ptr());
     if (am.scalar_type() == at::kByte) {
-      max_fwd_kernel<T, uint8_t><<<blocks_for(total), kThreads, 0, stream>>>(
-          in, o, am.mutable_data_ptr<uint8_t>(), s, total);
+      with_index(s, total, [&](const auto& si, auto ti) {
+        max_fwd_kernel<T, uint8_t><<<blocks_for(total), kThreads, 0, stream>>>(
+            in, o, am.mutable_data_ptr<uint8_t>(), si, ti);
+      });
     } else {
-      max_fwd_kernel<T, int32_t><<<blocks_for(total), kThreads, 0, stream>>>(
-          in, o, am.mutable_data_ptr<int32_t>(), s, total);
+      with_index(s, total, [&](const auto& si, auto ti) {
+        max_fwd_kernel<T, int32_t><<<blocks_for(total), kThreads, 0, stream>>>(
+            in, o, am.mutable_data_ptr<int32_t>(), si, ti);
+      });
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -226,11 +262,15 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& 
     const T* g = static_cast<const T*>(go.const_data_ptr());
     T* d = static_cast<T*>(gi.mutable_data_ptr());
     if (am.scalar_type() == at::kByte) {
-      bwd_kernel<T, uint8_t, true><<<blocks_for(total), kThreads, 0, stream>>>(
-          g, am.const_data_ptr<uint8_t>(), d, s, total);
+      with_index(s, total, [&](const auto& si, auto ti) {
+        bwd_kernel<T, uint8_t, true><<<blocks_for(total), kThreads, 0, stream>>>(
+            g, am.const_data_ptr<uint8_t>(), d, si, ti);
+      });
     } else {
-      bwd_kernel<T, int32_t, true><<<blocks_for(total), kThreads, 0, stream>>>(
-          g, am.const_data_ptr<int32_t>(), d, s, total);
+      with_index(s, total, [&](const auto& si, auto ti) {
+        bwd_kernel<T, int32_t, true><<<blocks_for(total), kThreads, 0, stream>>>(
+            g, am.const_data_ptr<int32_t>(), d, si, ti);
+      });
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -257,11 +297,15 @@ at::Tensor max_pool2d_indices(const at::Tensor& argmax_, at::IntArrayRef input_s
   if (total == 0) return idx;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (am.scalar_type() == at::kByte) {
-    indices_kernel<uint8_t><<<blocks_for(total), kThreads, 0, stream>>>(
-        am.const_data_ptr<uint8_t>(), idx.mutable_data_ptr<int64_t>(), s, total);
+    with_index(s, total, [&](const auto& si, auto ti) {
+      indices_kernel<uint8_t><<<blocks_for(total), kThreads, 0, stream>>>(
+          am.const_data_ptr<uint8_t>(), idx.mutable_data_ptr<int64_t>(), si, ti);
+    });
   } else {
-    indices_kernel<int32_t><<<blocks_for(total), kThreads, 0, stream>>>(
-        am.const_data_ptr<int32_t>(), idx.mutable_data_ptr<int64_t>(), s, total);
+    with_index(s, total, [&](const auto& si, auto ti) {
+      indices_kernel<int32_t><<<blocks_for(total), kThreads, 0, stream>>>(
+          am.const_data_ptr<int32_t>(), idx.mutable_data_ptr<int64_t>(), si, ti);
+    });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return idx;
@@ -308,9 +352,11 @@ at::Tensor avg_pool2d_backward(const at::Tensor& grad_output, at::IntArrayRef in
   const auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float_types(go.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    bwd_kernel<T, uint8_t, false><<<blocks_for(total), kThreads, 0, stream>>>(
-        static_cast<const T*>(go.const_data_ptr()), nullptr, static_cast<T*>(gi.mutable_data_ptr()),
-        s, total);
+    with_index(s, total, [&](const auto& si, auto ti) {
+      bwd_kernel<T, uint8_t, false><<<blocks_for(total), kThreads, 0, stream>>>(
+          static_cast<const T*>(go.const_data_ptr()), nullptr,
+          static_cast<T*>(gi.mutable_data_ptr()), si, ti);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return gi;
