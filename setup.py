@@ -85,6 +85,8 @@ def _extension():
         archs = _arch_list()
         macros += [("PYCONV_WITH_CUDA", "1"), ("PYCONV_CUDA_ARCHS", f'"{archs}"')]
         nvcc = ["-O3", "-lineinfo"]
+        if os.environ.get("PYCONV_PTXAS_VERBOSE", "0") not in ("", "0"):
+            nvcc.append("-Xptxas=-v")  # registers, shared memory and spills per kernel
         return CUDAExtension(
             "pyconv._C",
             cpu_sources + _sources("csrc/cuda/**/*.cu"),

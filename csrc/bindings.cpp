@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "common/conv_path.h"
 #include "common/philox.h"
 #include "cpu/buffer_cache.h"
 #include "cpu/simd.h"
@@ -68,4 +69,23 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_cache_clear", &pyconv::cpu::buffer_cache_clear);
   m.def("cpu_cache_set_limit", &pyconv::cpu::buffer_cache_set_limit, py::arg("bytes"));
   m.def("cpu_cache_set_poison", &pyconv::cpu::buffer_cache_set_poison, py::arg("on"));
+  // The CUDA conv2d kernel family: "auto" (per shape), "gemm" or "direct" (tests force each).
+  m.def(
+      "set_cuda_conv_path",
+      [](const std::string& name) {
+        int v = -1;
+        if (name == "auto") v = pyconv::kConvPathAuto;
+        if (name == "gemm") v = pyconv::kConvPathGemm;
+        if (name == "direct") v = pyconv::kConvPathDirect;
+        TORCH_CHECK(v >= 0, "set_cuda_conv_path: expected 'auto', 'gemm' or 'direct', got '", name,
+                    "'");
+        pyconv::conv_path_cuda_flag() = v;
+      },
+      py::arg("name"));
+  m.def("cuda_conv_path", [] {
+    const int v = pyconv::conv_path_cuda();
+    return std::string(v == pyconv::kConvPathGemm     ? "gemm"
+                       : v == pyconv::kConvPathDirect ? "direct"
+                                                      : "auto");
+  });
 }

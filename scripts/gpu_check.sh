@@ -16,7 +16,7 @@ status=0
 } 2>&1 | tee "$OUT_DIR/gpu_env.txt"
 
 echo "== build"
-if ! MAX_JOBS="$(nproc)" "$PY" -m pip install --no-build-isolation --no-deps -e . \
+if ! PYCONV_PTXAS_VERBOSE=1 MAX_JOBS="$(nproc)" "$PY" -m pip install -v --no-build-isolation --no-deps -e . \
     >"$OUT_DIR/gpu_build.log" 2>&1; then
   tail -50 "$OUT_DIR/gpu_build.log"
   echo "BUILD FAILED"
@@ -25,8 +25,11 @@ fi
 "$PY" -c "import pyconv, json; print(json.dumps(pyconv.info()))" | tee -a "$OUT_DIR/gpu_env.txt"
 
 echo "== tests (cuda)"
-"$PY" -m pytest tests -q -k cuda -p no:cacheprovider 2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -25
+timeout 300 "$PY" -m pytest tests -q -k cuda -p no:cacheprovider -rf --tb=short 2>&1 \
+  | tee "$OUT_DIR/gpu_tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" | cut -c1-220 | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "ptxas: $(grep -cE "[1-9][0-9]* bytes spill" "$OUT_DIR/gpu_build.log") kernels with spills"
 
 echo "== benchmark (cuda)"
 "$PY" -m pyconv.bench --device cuda --json "$OUT_DIR/bench_cuda.json" 2>"$OUT_DIR/gpu_bench.err" \

@@ -29,6 +29,17 @@ def poisoned_outputs():
     pyconv.empty_cache()
 
 
+@pytest.fixture(autouse=True)
+def strict_float32_convolutions():
+    """float32 convolutions compare against float64 at float32's tolerance: TF32 (which torch
+    allows for cuDNN convolutions by default, and pyconv follows) is turned off unless a test
+    turns it on."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = before
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param

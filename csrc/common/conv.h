@@ -77,4 +77,28 @@ inline void check_same_device_dtype(const char* op, const at::Tensor& input, con
               input.scalar_type(), " like the input, got ", t.scalar_type());
 }
 
+// bias: (K); residual: the output's size; each on the input's device with its dtype.
+inline void check_conv_extras(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& residual, const ConvShape& s) {
+  if (bias.has_value()) {
+    check_same_device_dtype(op, input, "bias", *bias);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == s.K, op, ": given weight of size ",
+                weight.sizes(), ", expected bias to be 1-D with ", s.K,
+                " elements, got bias of size ", bias->sizes());
+  }
+  if (residual.has_value()) {
+    check_same_device_dtype(op, input, "residual", *residual);
+    TORCH_CHECK(residual->sizes() == c10::IntArrayRef({s.N, s.K, s.OH, s.OW}), op,
+                ": expected residual of the output's size (", s.N, ", ", s.K, ", ", s.OH, ", ",
+                s.OW, "), got ", residual->sizes());
+  }
+}
+
+inline void check_grad_output(const char* op, const at::Tensor& grad_output, const ConvShape& s) {
+  TORCH_CHECK(grad_output.sizes() == c10::IntArrayRef({s.N, s.K, s.OH, s.OW}), op,
+              ": expected grad_output of size (", s.N, ", ", s.K, ", ", s.OH, ", ", s.OW, "), got ",
+              grad_output.sizes());
+}
+
 }  // namespace pyconv

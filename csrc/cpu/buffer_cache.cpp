@@ -144,6 +144,7 @@ at::Tensor empty_cached(c10::IntArrayRef sizes, const at::TensorOptions& options
 }
 
 void buffer_cache_set_poison(bool on) { g_poison = on; }
+bool buffer_cache_poison() { return g_poison.load(); }
 
 BufferCacheStats buffer_cache_stats() { return cache().stats(); }
 void buffer_cache_clear() { cache().clear(); }

@@ -36,5 +36,6 @@ void buffer_cache_set_limit(int64_t bytes);
 // Testing aid: every output then comes from the cache, filled with 0xFF bytes (NaN), so that an
 // element a kernel forgets to write shows.
 void buffer_cache_set_poison(bool on);
+bool buffer_cache_poison();
 
 }  // namespace pyconv::cpu

@@ -222,18 +222,7 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
   check_same_device_dtype("conv2d", input, "weight", weight);
   const ConvShape s =
       make_conv_shape("conv2d", input.sizes(), weight.sizes(), stride, padding, dilation, groups);
-  if (bias.has_value()) {
-    check_same_device_dtype("conv2d", input, "bias", *bias);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == s.K, "conv2d: given weight of size ",
-                weight.sizes(), ", expected bias to be 1-D with ", s.K,
-                " elements, got bias of size ", bias->sizes());
-  }
-  if (residual.has_value()) {
-    check_same_device_dtype("conv2d", input, "residual", *residual);
-    TORCH_CHECK(residual->sizes() == at::IntArrayRef({s.N, s.K, s.OH, s.OW}),
-                "conv2d: expected residual of the output's size (", s.N, ", ", s.K, ", ", s.OH,
-                ", ", s.OW, "), got ", residual->sizes());
-  }
+  check_conv_extras("conv2d", input, weight, bias, residual, s);
   const at::ScalarType ct = compute_type(input.scalar_type());
   at::Tensor out = at::empty({s.N, s.K, s.OH, s.OW}, input.options().dtype(ct));
   if (out.numel() > 0) {
@@ -266,9 +255,7 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
   check_same_device_dtype("conv2d_backward_input", grad_output, "weight", weight);
   const ConvShape s = make_conv_shape("conv2d_backward_input", input_size, weight.sizes(), stride,
                                       padding, dilation, groups);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({s.N, s.K, s.OH, s.OW}),
-              "conv2d_backward_input: expected grad_output of size (", s.N, ", ", s.K, ", ", s.OH,
-              ", ", s.OW, "), got ", grad_output.sizes());
+  check_grad_output("conv2d_backward_input", grad_output, s);
   const at::ScalarType ct = compute_type(grad_output.scalar_type());
   at::Tensor gi = at::empty(input_size, grad_output.options().dtype(ct));
   if (gi.numel() > 0) {
@@ -306,9 +293,7 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
   check_same_device_dtype("conv2d_backward_weight", grad_output, "input", input);
   const ConvShape s = make_conv_shape("conv2d_backward_weight", input.sizes(), weight_size, stride,
                                       padding, dilation, groups);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({s.N, s.K, s.OH, s.OW}),
-              "conv2d_backward_weight: expected grad_output of size (", s.N, ", ", s.K, ", ", s.OH,
-              ", ", s.OW, "), got ", grad_output.sizes());
+  check_grad_output("conv2d_backward_weight", grad_output, s);
   const at::ScalarType ct = compute_type(grad_output.scalar_type());
   at::Tensor gw = at::empty(weight_size, grad_output.options().dtype(ct));
   if (gw.numel() > 0) {

@@ -16,6 +16,7 @@ class Case:
     quick: bool = False  # part of the --quick subset
     pool: tuple = ()  # (kernel_size, stride, padding) of pooling cases
     conv: tuple = ()  # (in_channels, out_channels, kernel, stride, padding, groups) of conv cases
+    tf32: bool = True  # CUDA float32 convolutions may use TF32 (torch's default for cuDNN)
 
     @property
     def layout(self):
@@ -25,12 +26,19 @@ class Case:
     def dtype_name(self):
         return str(self.dtype).removeprefix("torch.")
 
+    @property
+    def dtype_label(self):
+        """The dtype, and for float32 convolutions whether TF32 was allowed."""
+        if self.conv and self.dtype == torch.float32:
+            return self.dtype_name + ("/tf32" if self.tf32 else "/strict")
+        return self.dtype_name
+
     def label(self):
         shape = "x".join(map(str, self.shape))
         extra = " k{}s{}p{}".format(*self.pool) if self.pool else ""
         if self.conv:
             extra = " {}->{} k{}s{}p{}g{}".format(*self.conv)
-        return f"{self.op}{extra} {self.mode} {shape} {self.dtype_name} {self.layout}"
+        return f"{self.op}{extra} {self.mode} {shape} {self.dtype_label} {self.layout}"
 
 
 RESNET = (64, 64, 56, 56)  # the activation of a ResNet stage-1 block at batch 64
@@ -93,11 +101,36 @@ def conv_cases(device):
     return cases
 
 
+def cuda_conv_cases():
+    """Issue 6's ResNet-50 layers against cuDNN: 16-bit and TF32 channels_last, strict float32,
+    and the fused epilogue (mode "fused": relu(conv + bias + residual))."""
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    layers = [
+        ((32, 64, 56, 56), (64, 64, 3, 1, 1, 1)),
+        ((256, 256, 14, 14), (256, 256, 3, 1, 1, 1)),
+        ((32, 256, 56, 56), (256, 64, 1, 1, 0, 1)),
+        ((32, 128, 56, 56), (128, 128, 3, 2, 1, 1)),
+    ]
+    cases = []
+    for shape, conv in layers:
+        for mode in ("fwd", "fwd+bwd"):
+            cases.append(Case("conv2d", shape, bf16, True, mode, conv=conv, quick=True))
+        cases.append(Case("conv2d", shape, f16, True, "fwd", conv=conv))
+        cases.append(Case("conv2d", shape, f32, True, "fwd", conv=conv, tf32=True))
+        cases.append(Case("conv2d", shape, f32, True, "fwd+bwd", conv=conv, tf32=True))
+        cases.append(Case("conv2d", shape, f32, False, "fwd", conv=conv, tf32=False))
+        cases.append(Case("conv2d", shape, bf16, True, "fused", conv=conv))
+    cases.append(Case("conv2d", (32, 64, 56, 56), bf16, False, "fwd", conv=(64, 64, 3, 1, 1, 1)))
+    cases.append(
+        Case("conv2d", (32, 128, 28, 28), bf16, True, "fwd+bwd", conv=(128, 128, 3, 1, 1, 128))
+    )
+    return cases
+
+
 def all_cases(device):
     by_op = {}
     cases = dropout_cases(device) + pool_cases(device)
-    if device == "cpu":  # no CUDA convolution yet
-        cases += conv_cases(device)
+    cases += conv_cases(device) if device == "cpu" else cuda_conv_cases()
     for c in cases:
         by_op.setdefault(c.op, []).append(c)
     return by_op

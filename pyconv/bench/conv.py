@@ -20,13 +20,29 @@ def callables(case, device):
     b = torch.randn(cout, device=device).to(case.dtype)
     if case.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    if device == "cuda":  # read by torch (cuDNN) and pyconv alike, at each call
+        torch.backends.cudnn.allow_tf32 = case.tf32
     args = dict(stride=stride, padding=pad, groups=groups)
     out = F.conv2d(x, wt, b, **args)
     flops = 2 * out.numel() * (cin // groups) * k * k
+    res = torch.randn_like(out)
     if case.mode == "fwd":
 
         def run(op):
             return lambda: op(x, wt, b, **args)
+
+    elif case.mode == "fused":  # relu(conv + bias + residual): torch's conv, add and relu
+        fns = (
+            lambda: torch.relu(F.conv2d(x, wt, b, **args) + res),
+            lambda: PF.conv2d(x, wt, b, **args, activation="relu", residual=res),
+        )
+
+        def max_abs_error():
+            ref = torch.relu(F.conv2d(x.double(), wt.double(), b.double(), **args) + res.double())
+            got = PF.conv2d(x, wt, b, **args, activation="relu", residual=res)
+            return (got.double() - ref).abs().max().item()
+
+        return fns[0], fns[1], None, max_abs_error, flops
 
     else:
         xg, wg, bg = (t.detach().requires_grad_() for t in (x, wt, b))
