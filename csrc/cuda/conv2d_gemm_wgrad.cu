@@ -15,7 +15,11 @@ void gemm_backward_weight(const at::Tensor& go, const at::Tensor& x, const at::T
     const int P = g.N * g.OH * g.OW, J = g.R * g.S * g.Cg;
     GoRowsOp<T> a{go.const_data_ptr<T>(), gs, g, P, false};
     a.vec_ok = gs.w == 1 && g.OW % V == 0 && vec_aligned<T>(a.go, {gs.n, gs.c, gs.h});
+    // channels_last: 16 bytes across output channels (rows of A) and input channels (rows of B)
+    a.rows_vec_ok =
+        !a.vec_ok && gs.c == 1 && g.Kg % V == 0 && vec_aligned<T>(a.go, {gs.n, gs.h, gs.w});
     XColsOp<T> b{x.const_data_ptr<T>(), xs, g, P, false};
+    b.rows_vec_ok = xs.c == 1 && g.Cg % V == 0 && vec_aligned<T>(b.x, {xs.n, xs.h, xs.w});
     WgradEpi<Acc> epi{ws.mutable_data_ptr<Acc>(), g.G, g.Kg, J};
     GemmArgs ga{g.Kg, J, P, kchunk, splits, gs.w == 1, xs.c != 1};
     launch_gemm<T>(a, b, epi, ga, g.G, tf32);

@@ -56,6 +56,7 @@ struct DenseOp {
   int64_t ld;
   int rows, kdim;
   bool vec_ok;
+  bool rows_vec_ok = false;  // 16 bytes across kVec consecutive rows at one k
   __device__ const T* data() const { return p; }
   struct Row {
     const T* base;
@@ -69,6 +70,10 @@ struct DenseOp {
     *q = rw.base + k;
     return rw.valid && k < kdim;
   }
+  __device__ bool rows_vec_ptr(const Row&, int, const T** q) const {
+    *q = nullptr;
+    return false;
+  }
 };
 
 // Forward A: rows are output pixels m = (n, oh, ow); k = (r, s, c) within the group's channels.
@@ -79,6 +84,7 @@ struct PatchOp {
   Geo g;
   int M, kdim;
   bool vec_ok;
+  bool rows_vec_ok = false;  // 16 bytes across kVec consecutive rows at one k
   __device__ const T* data() const { return x; }
   struct Row {
     const T* base;
@@ -113,6 +119,10 @@ struct PatchOp {
     *q = at(rw, k);
     return *q != nullptr;
   }
+  __device__ bool rows_vec_ptr(const Row&, int, const T** q) const {
+    *q = nullptr;
+    return false;
+  }
 };
 
 // Input-gradient A: rows are input pixels m = (n, h, w); k = (r, s, k_out) within the group's
@@ -124,6 +134,7 @@ struct DgradPatchOp {
   Geo g;
   int M, kdim;
   bool vec_ok;
+  bool rows_vec_ok = false;  // 16 bytes across kVec consecutive rows at one k
   __device__ const T* data() const { return go; }
   struct Row {
     const T* base;
@@ -160,6 +171,10 @@ struct DgradPatchOp {
     *q = at(rw, k);
     return *q != nullptr;
   }
+  __device__ bool rows_vec_ptr(const Row&, int, const T** q) const {
+    *q = nullptr;
+    return false;
+  }
 };
 
 // Weight-gradient A: rows are the group's output channels; k = p = (n, oh, ow).
@@ -169,7 +184,8 @@ struct GoRowsOp {
   Strides4 st;
   Geo g;
   int P;
-  bool vec_ok;  // ow contiguous, OW divisible by the vector width
+  bool vec_ok;               // ow contiguous, OW divisible by the vector width
+  bool rows_vec_ok = false;  // 16 bytes across kVec consecutive rows at one k
   __device__ const T* data() const { return go; }
   struct Row {
     const T* base;
@@ -193,6 +209,11 @@ struct GoRowsOp {
     *q = at(rw, p);
     return *q != nullptr;
   }
+  // channels_last: the row (output channel) is the contiguous dimension
+  __device__ bool rows_vec_ptr(const Row& rw, int p, const T** q) const {
+    *q = at(rw, p);
+    return *q != nullptr;
+  }
 };
 
 // Weight-gradient B: rows are the weight's columns j = (r, s, c); k = p = (n, oh, ow).
@@ -202,7 +223,8 @@ struct XColsOp {
   Strides4 st;
   Geo g;
   int P;
-  bool vec_ok;  // never: a shifted window is not 16-byte aligned
+  bool vec_ok;               // never: a shifted window is not 16-byte aligned
+  bool rows_vec_ok = false;  // 16 bytes across kVec consecutive rows at one k
   __device__ const T* data() const { return x; }
   struct Row {
     const T* base;
@@ -232,6 +254,17 @@ struct XColsOp {
   __device__ bool vec_ptr(const Row&, int, const T** q) const {
     *q = nullptr;
     return false;
+  }
+  // channels_last: kVec consecutive rows j are consecutive channels of one tap (r, s)
+  __device__ bool rows_vec_ptr(const Row& rw, int p, const T** q) const {
+    *q = nullptr;
+    if (!rw.valid || p >= P) return false;
+    const int ow = p % g.OW, t = p / g.OW;
+    const int oh = t % g.OH, n = t / g.OH;
+    const int ih = oh * g.sH + rw.dh, iw = ow * g.sW + rw.dw;
+    if (ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) return false;
+    *q = rw.base + n * st.n + ih * st.h + iw * st.w;
+    return true;
   }
 };
 
@@ -500,23 +533,36 @@ __global__ void __launch_bounds__(256)
   typename OpA::Row ra[SA];
   typename OpB::Row rb[SB];
   int rowa[SA], kva[SA], rowb[SB], kvb[SB];
+  // slot s: a vector along k of row s / KV (at k offset (s % KV) VEC), or, for an operand read
+  // across rows, the VEC rows from (s % (rows / VEC)) VEC at k offset s / (rows / VEC)
 #pragma unroll
   for (int i = 0; i < SA; ++i) {
     const int s = tid + i * NT;
-    rowa[i] = s / KV;
-    kva[i] = (s % KV) * VEC;
+    rowa[i] = a.rows_vec_ok ? (s % (BM / VEC)) * VEC : s / KV;
+    kva[i] = a.rows_vec_ok ? s / (BM / VEC) : (s % KV) * VEC;
     ra[i] = a.row(grp, m0 + rowa[i]);
   }
 #pragma unroll
   for (int i = 0; i < SB; ++i) {
     const int s = tid + i * NT;
-    rowb[i] = s / KV;
-    kvb[i] = (s % KV) * VEC;
+    rowb[i] = b.rows_vec_ok ? (s % (BN / VEC)) * VEC : s / KV;
+    kvb[i] = b.rows_vec_ok ? s / (BN / VEC) : (s % KV) * VEC;
     rb[i] = b.row(grp, n0 + rowb[i]);
   }
 
   auto load_slot = [&](const auto& op, const auto& rw, int k, T* dst) {
-    if (op.vec_ok) {
+    if (op.rows_vec_ok) {  // one 16-byte load, spread over VEC rows of shared memory
+      const T* q = nullptr;
+      Vec16<T> v;
+      if (k < k_end && op.rows_vec_ptr(rw, k, &q)) {
+        v = *reinterpret_cast<const Vec16<T>*>(q);
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) v.v[e] = T(0);
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) dst[e * LD] = v.v[e];
+    } else if (op.vec_ok) {
       const T* q = nullptr;
       const bool ok = k < k_end && op.vec_ptr(rw, k, &q);
       cp_async16(dst, ok ? q : op.data(), ok);
@@ -615,7 +661,9 @@ void launch_gemm(const OpA& a, const OpB& b, const Epi& epi, const GemmArgs& ga,
                  bool tf32) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const bool tc = !std::is_same_v<T, double> && (!std::is_same_v<T, float> || tf32);
-  const int bm = tc || std::is_same_v<T, float> ? 128 : 64, bn = bm;
+  // SIMT float32: 8 x 8 per thread when the GEMM is at least 128 wide, else 4 x 4
+  const bool wide = std::is_same_v<T, float> && ga.N >= 128;
+  const int bm = tc || wide ? 128 : 64, bn = bm;
   const dim3 grid(static_cast<unsigned>(ceil_div(ga.M, bm)),
                   static_cast<unsigned>(ceil_div(ga.N, bn)),
                   static_cast<unsigned>(groups * ga.splits));
@@ -630,7 +678,11 @@ void launch_gemm(const OpA& a, const OpB& b, const Epi& epi, const GemmArgs& ga,
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
       kernel<<<grid, 256, smem, stream>>>(a, b, epi, ga);
     } else if constexpr (std::is_same_v<T, float>) {
-      igemm_simt_kernel<float, float, 8, 8><<<grid, 256, 0, stream>>>(a, b, epi, ga);
+      if (wide) {
+        igemm_simt_kernel<float, float, 8, 8><<<grid, 256, 0, stream>>>(a, b, epi, ga);
+      } else {
+        igemm_simt_kernel<float, float, 4, 8><<<grid, 256, 0, stream>>>(a, b, epi, ga);
+      }
     }
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
