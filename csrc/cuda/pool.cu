@@ -22,24 +22,71 @@ struct Coord {
   I n, c, h, w;
 };
 
+// n / d for a divisor fixed per call. 64-bit indices divide plainly; 32-bit ones (0 <= n < 2^31)
+// with a multiply-high and a shift, as ATen's IntDivider: integer division is a long instruction
+// sequence on the GPU, and the index arithmetic, not memory, bounded these kernels.
+template <typename I>
+struct Divider {
+  I d;
+  __device__ __forceinline__ I div(I n) const { return n / d; }
+};
+template <>
+struct Divider<int> {
+  int d;
+  uint32_t m;
+  int shift;
+  __device__ __forceinline__ int div(int n) const {
+    const uint32_t u = static_cast<uint32_t>(n);
+    return static_cast<int>((__umulhi(u, m) + u) >> shift);
+  }
+};
+
+inline Divider<int64_t> make_divider(int64_t d) { return {d}; }
+inline Divider<int> make_divider(int d) {
+  int shift = 0;
+  while (shift < 32 && (uint64_t{1} << shift) < static_cast<uint64_t>(d)) ++shift;
+  const uint64_t magic = ((uint64_t{1} << 32) * ((uint64_t{1} << shift) - d)) / d + 1;
+  return {d, static_cast<uint32_t>(magic), shift};
+}
+
+// The divisors a kernel needs: channels, input and output height and width, strides.
+template <typename I>
+struct Divs {
+  Divider<I> C, H, W, OH, OW, sH, sW;
+};
+
+template <typename I>
+Divs<I> make_divs(const PoolShapeT<I>& s) {
+  return {make_divider(s.C),  make_divider(s.H),  make_divider(s.W), make_divider(s.OH),
+          make_divider(s.OW), make_divider(s.sH), make_divider(s.sW)};
+}
+
 // Position of memory-order element i of an (N, C, h, w) tensor in the call's layout.
 template <typename I>
-__device__ __forceinline__ Coord<I> coord(I i, const PoolShapeT<I>& s, I h, I w) {
+__device__ __forceinline__ Coord<I> coord(I i, bool channels_last, const Divider<I>& C,
+                                          const Divider<I>& h, const Divider<I>& w) {
   Coord<I> r;
-  if (s.channels_last) {
-    r.c = i % s.C;
-    i /= s.C;
-    r.w = i % w;
-    i /= w;
-    r.h = i % h;
-    r.n = i / h;
+  I q;
+  if (channels_last) {
+    q = C.div(i);
+    r.c = i - q * C.d;
+    i = q;
+    q = w.div(i);
+    r.w = i - q * w.d;
+    i = q;
+    q = h.div(i);
+    r.h = i - q * h.d;
+    r.n = q;
   } else {
-    r.w = i % w;
-    i /= w;
-    r.h = i % h;
-    i /= h;
-    r.c = i % s.C;
-    r.n = i / s.C;
+    q = w.div(i);
+    r.w = i - q * w.d;
+    i = q;
+    q = h.div(i);
+    r.h = i - q * h.d;
+    i = q;
+    q = C.div(i);
+    r.c = i - q * C.d;
+    r.n = q;
   }
   return r;
 }
@@ -58,11 +105,11 @@ __device__ __forceinline__ bool is_nan(T v) {
 template <typename T, typename A, typename I>
 __global__ void __launch_bounds__(kThreads)
     max_fwd_kernel(const T* __restrict__ in, T* __restrict__ out, A* __restrict__ am,
-                   PoolShapeT<I> s, I total) {
+                   PoolShapeT<I> s, Divs<I> dv, I total) {
   using Acc = typename AccType<T>::type;
   for (I i = static_cast<I>(blockIdx.x) * kThreads + threadIdx.x; i < total;
        i += static_cast<I>(gridDim.x) * kThreads) {
-    const Coord<I> o = coord(i, s, s.OH, s.OW);
+    const Coord<I> o = coord(i, s.channels_last, dv.C, dv.OH, dv.OW);
     const I h0 = o.h * s.sH - s.pH, w0 = o.w * s.sW - s.pW;
     Acc best = -INFINITY;
     I bi = -1;
@@ -86,11 +133,12 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, typename I>
 __global__ void __launch_bounds__(kThreads)
-    avg_fwd_kernel(const T* __restrict__ in, T* __restrict__ out, PoolShapeT<I> s, I total) {
+    avg_fwd_kernel(const T* __restrict__ in, T* __restrict__ out, PoolShapeT<I> s, Divs<I> dv,
+                   I total) {
   using Acc = typename AccType<T>::type;
   for (I i = static_cast<I>(blockIdx.x) * kThreads + threadIdx.x; i < total;
        i += static_cast<I>(gridDim.x) * kThreads) {
-    const Coord<I> o = coord(i, s, s.OH, s.OW);
+    const Coord<I> o = coord(i, s.channels_last, dv.C, dv.OH, dv.OW);
     const I h0 = o.h * s.sH - s.pH, w0 = o.w * s.sW - s.pW;
     const I ih0 = h0 > 0 ? h0 : 0, ih1 = h0 + s.kH < s.H ? h0 + s.kH : s.H;
     const I iw0 = w0 > 0 ? w0 : 0, iw1 = w0 + s.kW < s.W ? w0 + s.kW : s.W;
@@ -108,24 +156,25 @@ __global__ void __launch_bounds__(kThreads)
 // The outputs o (and kernel index k) whose window covers input index i along one dimension:
 // o in [lo, hi], i = o * stride - pad + k * dil.
 template <typename I>
-__device__ __forceinline__ void cover_range(I i, I out, I k, I stride, I pad, I dil, I& lo, I& hi) {
+__device__ __forceinline__ void cover_range(I i, I out, I k, const Divider<I>& stride, I pad, I dil,
+                                            I& lo, I& hi) {
   const I first = i + pad - (k - 1) * dil;
-  lo = first <= 0 ? 0 : (first + stride - 1) / stride;
-  hi = (i + pad) / stride;
+  lo = first <= 0 ? 0 : stride.div(first + stride.d - 1);
+  hi = stride.div(i + pad);
   if (hi > out - 1) hi = out - 1;
 }
 
 template <typename T, typename A, bool kMax, typename I>
 __global__ void __launch_bounds__(kThreads)
     bwd_kernel(const T* __restrict__ go, const A* __restrict__ am, T* __restrict__ gi,
-               PoolShapeT<I> s, I total) {
+               PoolShapeT<I> s, Divs<I> dv, I total) {
   using Acc = typename AccType<T>::type;
   for (I i = static_cast<I>(blockIdx.x) * kThreads + threadIdx.x; i < total;
        i += static_cast<I>(gridDim.x) * kThreads) {
-    const Coord<I> p = coord(i, s, s.H, s.W);
+    const Coord<I> p = coord(i, s.channels_last, dv.C, dv.H, dv.W);
     I oh0, oh1, ow0, ow1;
-    cover_range(p.h, s.OH, s.kH, s.sH, s.pH, s.dH, oh0, oh1);
-    cover_range(p.w, s.OW, s.kW, s.sW, s.pW, s.dW, ow0, ow1);
+    cover_range(p.h, s.OH, s.kH, dv.sH, s.pH, s.dH, oh0, oh1);
+    cover_range(p.w, s.OW, s.kW, dv.sW, s.pW, s.dW, ow0, ow1);
     Acc acc = 0;
     for (I oh = oh0; oh <= oh1; ++oh) {
       const I th = p.h + s.pH - oh * s.sH;
@@ -150,10 +199,11 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename A, typename I>
 __global__ void __launch_bounds__(kThreads)
-    indices_kernel(const A* __restrict__ am, int64_t* __restrict__ idx, PoolShapeT<I> s, I total) {
+    indices_kernel(const A* __restrict__ am, int64_t* __restrict__ idx, PoolShapeT<I> s, Divs<I> dv,
+                   I total) {
   for (I i = static_cast<I>(blockIdx.x) * kThreads + threadIdx.x; i < total;
        i += static_cast<I>(gridDim.x) * kThreads) {
-    const Coord<I> o = coord(i, s, s.OH, s.OW);
+    const Coord<I> o = coord(i, s.channels_last, dv.C, dv.OH, dv.OW);
     const int64_t pos = argmax_position(s, o.h, o.w, static_cast<int64_t>(am[i]));
     idx[i] = pos >= 0 ? pos : empty_window_index(s, o.h, o.w);
   }
@@ -183,9 +233,9 @@ void with_index(const PoolShape& s, int64_t total, F&& f) {
                             s.channels_last,
                             s.count_include_pad,
                             i(s.divisor_override)};
-    f(t, i(total));
+    f(t, make_divs(t), i(total));
   } else {
-    f(s, total);
+    f(s, make_divs(s), total);
   }
 }
 
@@ -217,14 +267,14 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d(const at::Tensor& input_, at::IntA
     const T* in = static_cast<const T*>(input.const_data_ptr());
     T* o = static_cast<T*>(out.mutable_data_ptr());
     if (am.scalar_type() == at::kByte) {
-      with_index(s, total, [&](const auto& si, auto ti) {
+      with_index(s, total, [&](const auto& si, const auto& dv, auto ti) {
         max_fwd_kernel<T, uint8_t><<<blocks_for(total), kThreads, 0, stream>>>(
-            in, o, am.mutable_data_ptr<uint8_t>(), si, ti);
+            in, o, am.mutable_data_ptr<uint8_t>(), si, dv, ti);
       });
     } else {
-      with_index(s, total, [&](const auto& si, auto ti) {
+      with_index(s, total, [&](const auto& si, const auto& dv, auto ti) {
         max_fwd_kernel<T, int32_t><<<blocks_for(total), kThreads, 0, stream>>>(
-            in, o, am.mutable_data_ptr<int32_t>(), si, ti);
+            in, o, am.mutable_data_ptr<int32_t>(), si, dv, ti);
       });
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -262,14 +312,14 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& 
     const T* g = static_cast<const T*>(go.const_data_ptr());
     T* d = static_cast<T*>(gi.mutable_data_ptr());
     if (am.scalar_type() == at::kByte) {
-      with_index(s, total, [&](const auto& si, auto ti) {
+      with_index(s, total, [&](const auto& si, const auto& dv, auto ti) {
         bwd_kernel<T, uint8_t, true><<<blocks_for(total), kThreads, 0, stream>>>(
-            g, am.const_data_ptr<uint8_t>(), d, si, ti);
+            g, am.const_data_ptr<uint8_t>(), d, si, dv, ti);
       });
     } else {
-      with_index(s, total, [&](const auto& si, auto ti) {
+      with_index(s, total, [&](const auto& si, const auto& dv, auto ti) {
         bwd_kernel<T, int32_t, true><<<blocks_for(total), kThreads, 0, stream>>>(
-            g, am.const_data_ptr<int32_t>(), d, si, ti);
+            g, am.const_data_ptr<int32_t>(), d, si, dv, ti);
       });
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -297,14 +347,14 @@ at::Tensor max_pool2d_indices(const at::Tensor& argmax_, at::IntArrayRef input_s
   if (total == 0) return idx;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (am.scalar_type() == at::kByte) {
-    with_index(s, total, [&](const auto& si, auto ti) {
+    with_index(s, total, [&](const auto& si, const auto& dv, auto ti) {
       indices_kernel<uint8_t><<<blocks_for(total), kThreads, 0, stream>>>(
-          am.const_data_ptr<uint8_t>(), idx.mutable_data_ptr<int64_t>(), si, ti);
+          am.const_data_ptr<uint8_t>(), idx.mutable_data_ptr<int64_t>(), si, dv, ti);
     });
   } else {
-    with_index(s, total, [&](const auto& si, auto ti) {
+    with_index(s, total, [&](const auto& si, const auto& dv, auto ti) {
       indices_kernel<int32_t><<<blocks_for(total), kThreads, 0, stream>>>(
-          am.const_data_ptr<int32_t>(), idx.mutable_data_ptr<int64_t>(), si, ti);
+          am.const_data_ptr<int32_t>(), idx.mutable_data_ptr<int64_t>(), si, dv, ti);
     });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -325,9 +375,11 @@ at::Tensor avg_pool2d(const at::Tensor& input_, at::IntArrayRef kernel_size, at:
   const auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float_types(input.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    avg_fwd_kernel<T><<<blocks_for(total), kThreads, 0, stream>>>(
-        static_cast<const T*>(input.const_data_ptr()), static_cast<T*>(out.mutable_data_ptr()), s,
-        total);
+    with_index(s, total, [&](const auto& si, const auto& dv, auto ti) {
+      avg_fwd_kernel<T><<<blocks_for(total), kThreads, 0, stream>>>(
+          static_cast<const T*>(input.const_data_ptr()), static_cast<T*>(out.mutable_data_ptr()),
+          si, dv, ti);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -352,10 +404,10 @@ at::Tensor avg_pool2d_backward(const at::Tensor& grad_output, at::IntArrayRef in
   const auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float_types(go.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    with_index(s, total, [&](const auto& si, auto ti) {
+    with_index(s, total, [&](const auto& si, const auto& dv, auto ti) {
       bwd_kernel<T, uint8_t, false><<<blocks_for(total), kThreads, 0, stream>>>(
           static_cast<const T*>(go.const_data_ptr()), nullptr,
-          static_cast<T*>(gi.mutable_data_ptr()), si, ti);
+          static_cast<T*>(gi.mutable_data_ptr()), si, dv, ti);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
