@@ -245,3 +245,54 @@ def test_wide_rows_every_kernel_path(simd, width):  # simd: each CPU path this m
         got = torch.autograd.grad(PF.conv2d(xf, wf, b.float(), **args), (xf, wf), grad.float())
         for a, e in zip(got, want, strict=True):
             close(a, e, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "k, s, p, h",
+    [
+        (3, 2, 1, 12),  # ResNet's strided 3x3: phases of 1 and 2 taps
+        (1, 2, 0, 11),  # the downsampling 1x1: half the phases receive nothing
+        (7, 2, 3, 17),  # the stem
+        (3, 3, 0, 13),  # stride 3, no padding
+        (4, 2, 2, 10),  # even kernel
+        (1, 2, 1, 9),  # a phase would need negative padding: the scatter path runs instead
+        ((3, 5), (2, 3), (1, 2), 14),
+    ],
+    ids=str,
+)
+def test_strided_input_gradient_phases(simd, k, s, p, h):
+    # the input gradient of strided layers, split into stride-1 phases on the forward kernel
+    x = torch.randn(2, 6, h, h + 3, dtype=torch.float64)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    w = torch.randn(10, 3, kh, kw, dtype=torch.float64)
+    args = dict(stride=s, padding=p, groups=2)
+    xr = x.clone().requires_grad_()
+    ref = F.conv2d(xr, w, None, **args)
+    grad = torch.randn_like(ref)
+    (want,) = torch.autograd.grad(ref, xr, grad)
+    xf = x.float().requires_grad_()
+    (got,) = torch.autograd.grad(PF.conv2d(xf, w.float(), None, **args), xf, grad.float())
+    close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_pointwise_layers_as_matrix_products(simd, fmt, groups):
+    # 1x1 stride-1 layers: one matrix product per group in each direction and layout, with
+    # sizes past every cache block (rows, columns and the reduction) and the fused epilogue
+    x = torch.randn(3, 520, 9, 31, dtype=torch.float64).contiguous(memory_format=fmt)
+    w = torch.randn(200, 520 // groups, 1, 1, dtype=torch.float64)
+    b = torch.randn(200, dtype=torch.float64)
+    res = torch.randn(3, 200, 9, 31, dtype=torch.float64).contiguous(memory_format=fmt)
+    ref = torch.relu(F.conv2d(x, w, b, groups=groups) + res)
+    xf, wf = x.float().requires_grad_(), w.float().requires_grad_()
+    out = PF.conv2d(xf, wf, b.float(), groups=groups, activation="relu", residual=res.float())
+    assert out.is_contiguous(memory_format=fmt)
+    close(out, ref, torch.float32)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    bf = b.float().requires_grad_()
+    grad = torch.randn_like(ref).contiguous(memory_format=fmt)
+    want = torch.autograd.grad(F.conv2d(xr, wr, br, groups=groups), (xr, wr, br), grad)
+    got = torch.autograd.grad(PF.conv2d(xf, wf, bf, groups=groups), (xf, wf, bf), grad.float())
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=3e-4)

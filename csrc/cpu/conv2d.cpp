@@ -16,7 +16,9 @@
 #include <vector>
 
 #include "common/conv.h"
+#include "cpu/buffer_cache.h"
 #include "cpu/kernels/conv2d_kernels.h"
+#include "cpu/kernels/gemm.h"
 #include "cpu/simd.h"
 
 namespace pyconv::cpu {
@@ -194,6 +196,210 @@ bool backward_input_as_forward(const float* go, const float* w, float* gi, const
   return true;
 }
 
+// At stride > 1 (dilation 1) the input gradient splits by the residue of (h, w) modulo the stride
+// into sH * sW stride-1 problems ("phases"): the rows h = a + sH i only receive the taps
+// r = r0 + sH t with r0 = (a + pT) mod sH, from grad_output row i + (a + pT - r0) / sH - t. Each
+// phase is a forward convolution of grad_output with that sub-kernel, flipped and transposed, on
+// the forward kernel, with none of the zero taps a scatter would visit; its result then fills
+// the phase's rows and columns of the input gradient. Returns false (nothing done) where a phase
+// would need negative padding.
+struct Phase {
+  int64_t r0, taps, pad_begin, pad_end, size;  // first tap, tap count, padding, rows of the phase
+};
+
+Phase phase_of(int64_t a, int64_t stride, int64_t pad, int64_t k, int64_t in, int64_t out) {
+  Phase p{};
+  p.r0 = (a + pad) % stride;
+  p.taps = p.r0 < k ? (k - p.r0 + stride - 1) / stride : 0;
+  p.size = a < in ? (in - a + stride - 1) / stride : 0;
+  const int64_t off = (a + pad - p.r0) / stride;
+  p.pad_begin = p.taps - 1 - off;
+  p.pad_end = p.size - out - p.pad_begin + p.taps - 1;
+  return p;
+}
+
+bool backward_input_polyphase(const float* go, const float* w, float* gi, const ConvShape& s) {
+  if ((s.sH == 1 && s.sW == 1) || s.dH != 1 || s.dW != 1) return false;
+  for (int64_t a = 0; a < s.sH; ++a) {
+    const Phase ph = phase_of(a, s.sH, s.pT, s.R, s.H, s.OH);
+    if (ph.taps > 0 && ph.size > 0 && (ph.pad_begin < 0 || ph.pad_end < 0)) return false;
+  }
+  for (int64_t b = 0; b < s.sW; ++b) {
+    const Phase pw = phase_of(b, s.sW, s.pL, s.S, s.W, s.OW);
+    if (pw.taps > 0 && pw.size > 0 && (pw.pad_begin < 0 || pw.pad_end < 0)) return false;
+  }
+  const int64_t Cg = s.Cg(), Kg = s.Kg(), planes = s.N * s.C;
+  std::vector<float> buf, wt;
+  for (int64_t a = 0; a < s.sH; ++a) {
+    const Phase ph = phase_of(a, s.sH, s.pT, s.R, s.H, s.OH);
+    for (int64_t b = 0; b < s.sW; ++b) {
+      const Phase pw = phase_of(b, s.sW, s.pL, s.S, s.W, s.OW);
+      if (ph.size == 0 || pw.size == 0) continue;
+      const int64_t Hp = ph.size, Wp = pw.size;
+      const bool empty = ph.taps == 0 || pw.taps == 0;  // no tap reaches these positions
+      if (!empty) {
+        ConvShape t = s;
+        t.C = s.K;
+        t.H = s.OH;
+        t.W = s.OW;
+        t.K = s.C;
+        t.R = ph.taps;
+        t.S = pw.taps;
+        t.sH = t.sW = 1;
+        t.pT = ph.pad_begin;
+        t.pB = ph.pad_end;
+        t.pL = pw.pad_begin;
+        t.pR = pw.pad_end;
+        t.OH = Hp;
+        t.OW = Wp;
+        const int64_t TU = t.R * t.S;
+        wt.resize(static_cast<size_t>(s.C * Kg * TU));  // (C, K / G, taps, taps), flipped
+        for (int64_t g = 0; g < s.G; ++g) {
+          for (int64_t kl = 0; kl < Kg; ++kl) {
+            for (int64_t c = 0; c < Cg; ++c) {
+              const float* src = w + ((g * Kg + kl) * Cg + c) * s.R * s.S;
+              float* dst = wt.data() + ((g * Cg + c) * Kg + kl) * TU;
+              for (int64_t i = 0; i < t.R; ++i) {
+                for (int64_t j = 0; j < t.S; ++j) {
+                  const int64_t r = ph.r0 + s.sH * (t.R - 1 - i);
+                  const int64_t q = pw.r0 + s.sW * (t.S - 1 - j);
+                  dst[i * t.S + j] = src[r * s.S + q];
+                }
+              }
+            }
+          }
+        }
+        buf.resize(static_cast<size_t>(planes * Hp * Wp));
+        forward_avx2(go, wt.data(), nullptr, nullptr, false, buf.data(), t);
+      }
+      at::parallel_for(0, planes, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const float* src = empty ? nullptr : buf.data() + p * Hp * Wp;
+          float* dst = gi + p * s.H * s.W;
+          for (int64_t i = 0; i < Hp; ++i) {
+            float* row = dst + (a + s.sH * i) * s.W + b;
+            for (int64_t j = 0; j < Wp; ++j) row[s.sW * j] = empty ? 0.0f : src[i * Wp + j];
+          }
+        }
+      });
+    }
+  }
+  return true;
+}
+
+// --- 1x1, stride 1, unpadded: each direction is a matrix product per group, in either layout
+// (NCHW: per sample, planes as columns; channels_last: all pixels as rows), on the packed GEMM.
+
+bool pointwise(const ConvShape& s) {
+  return s.R == 1 && s.S == 1 && s.sH == 1 && s.sW == 1 && s.pT == 0 && s.pB == 0 && s.pL == 0 &&
+         s.pR == 0 && s.N * s.H * s.W > 0 && s.Cg() > 0;
+}
+
+// The tasks of several independent products, shared among threads.
+void run_gemms(const std::vector<GemmDesc>& ds) {
+  std::vector<int64_t> start(ds.size() + 1, 0);
+  for (size_t i = 0; i < ds.size(); ++i) start[i + 1] = start[i] + gemm_tasks(ds[i]);
+  at::parallel_for(0, start.back(), 1, [&](int64_t t0, int64_t t1) {
+    size_t i =
+        static_cast<size_t>(std::upper_bound(start.begin(), start.end(), t0) - start.begin()) - 1;
+    for (int64_t t = t0; t < t1;) {
+      while (t >= start[i + 1]) ++i;
+      const int64_t e = std::min(t1, start[i + 1]);
+      sgemm_avx2(ds[i], t - start[i], e - start[i]);
+      t = e;
+    }
+  });
+}
+
+// y = relu?(conv(x, w) + bias + residual); x, y, residual contiguous in the layout `cl` names.
+void pointwise_forward(const float* x, const float* w, const float* bias, const float* res,
+                       bool relu, float* y, const ConvShape& s, bool cl) {
+  const int64_t HW = s.H * s.W, Cg = s.Cg(), Kg = s.Kg();
+  std::vector<GemmDesc> ds;
+  for (int64_t g = 0; g < s.G; ++g) {
+    if (cl) {  // Y (NHW x K) = X (NHW x C) W^T, per group's columns
+      GemmDesc d{s.N * HW, Kg, Cg, x + g * Cg, s.C, 1, w + g * Kg * Cg, 1, Cg, y + g * Kg, s.K};
+      d.bias_n = bias ? bias + g * Kg : nullptr;
+      d.residual = res ? res + g * Kg : nullptr;
+      d.ldr = s.K;
+      d.relu = relu;
+      ds.push_back(d);
+      continue;
+    }
+    for (int64_t n = 0; n < s.N; ++n) {  // Y[n] (K x HW) = W X[n]
+      GemmDesc d{Kg,
+                 HW,
+                 Cg,
+                 w + g * Kg * Cg,
+                 Cg,
+                 1,
+                 x + (n * s.C + g * Cg) * HW,
+                 HW,
+                 1,
+                 y + (n * s.K + g * Kg) * HW,
+                 HW};
+      d.bias_m = bias ? bias + g * Kg : nullptr;
+      d.residual = res ? res + (n * s.K + g * Kg) * HW : nullptr;
+      d.ldr = HW;
+      d.relu = relu;
+      ds.push_back(d);
+    }
+  }
+  run_gemms(ds);
+}
+
+void pointwise_backward_input(const float* go, const float* w, float* gi, const ConvShape& s,
+                              bool cl) {
+  const int64_t HW = s.H * s.W, Cg = s.Cg(), Kg = s.Kg();
+  std::vector<GemmDesc> ds;
+  for (int64_t g = 0; g < s.G; ++g) {
+    if (cl) {  // GI (NHW x C) = GO (NHW x K) W, per group
+      ds.push_back(GemmDesc{s.N * HW, Cg, Kg, go + g * Kg, s.K, 1, w + g * Kg * Cg, Cg, 1,
+                            gi + g * Cg, s.C});
+      continue;
+    }
+    for (int64_t n = 0; n < s.N; ++n) {  // GI[n] (C x HW) = W^T GO[n]
+      ds.push_back(GemmDesc{Cg, HW, Kg, w + g * Kg * Cg, 1, Cg, go + (n * s.K + g * Kg) * HW, HW, 1,
+                            gi + (n * s.C + g * Cg) * HW, HW});
+    }
+  }
+  run_gemms(ds);
+}
+
+// Deterministic: samples are added in order (NCHW), or the whole reduction is one product (CL).
+void pointwise_backward_weight(const float* go, const float* x, float* gw, const ConvShape& s,
+                               bool cl) {
+  const int64_t HW = s.H * s.W, Cg = s.Cg(), Kg = s.Kg();
+  if (cl) {  // GW (K x C) = GO^T (K x NHW) X (NHW x C), per group
+    std::vector<GemmDesc> ds;
+    for (int64_t g = 0; g < s.G; ++g) {
+      ds.push_back(GemmDesc{Kg, Cg, s.N * HW, go + g * Kg, 1, s.K, x + g * Cg, s.C, 1,
+                            gw + g * Kg * Cg, Cg});
+    }
+    run_gemms(ds);
+    return;
+  }
+  for (int64_t n = 0; n < s.N; ++n) {  // GW += GO[n] (K x HW) X[n]^T
+    std::vector<GemmDesc> ds;
+    for (int64_t g = 0; g < s.G; ++g) {
+      GemmDesc d{Kg,
+                 Cg,
+                 HW,
+                 go + (n * s.K + g * Kg) * HW,
+                 HW,
+                 1,
+                 x + (n * s.C + g * Cg) * HW,
+                 1,
+                 HW,
+                 gw + g * Kg * Cg,
+                 Cg};
+      d.accumulate = n > 0;
+      ds.push_back(d);
+    }
+    run_gemms(ds);
+  }
+}
+
 // The dtype the loops run in, and the layout the caller's tensors are given back in.
 at::ScalarType compute_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
@@ -224,6 +430,18 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
       make_conv_shape("conv2d", input.sizes(), weight.sizes(), stride, padding, dilation, groups);
   check_conv_extras("conv2d", input, weight, bias, residual, s);
   const at::ScalarType ct = compute_type(input.scalar_type());
+  if (ct == at::kFloat && simd_is_avx2() && pointwise(s)) {  // each layout as it comes
+    const at::MemoryFormat fmt = format_of(input);
+    const at::Tensor x = input.to(ct).contiguous(fmt), w = weight.to(ct).contiguous();
+    const at::Tensor b = bias.has_value() ? bias->to(ct).contiguous() : at::Tensor();
+    const at::Tensor rs = residual.has_value() ? residual->to(ct).contiguous(fmt) : at::Tensor();
+    at::Tensor y = empty_cached({s.N, s.K, s.OH, s.OW}, input.options().dtype(ct), fmt);
+    pointwise_forward(x.const_data_ptr<float>(), w.const_data_ptr<float>(),
+                      b.defined() ? b.const_data_ptr<float>() : nullptr,
+                      rs.defined() ? rs.const_data_ptr<float>() : nullptr, relu,
+                      y.mutable_data_ptr<float>(), s, fmt == at::MemoryFormat::ChannelsLast);
+    return y.to(input.scalar_type());
+  }
   at::Tensor out = at::empty({s.N, s.K, s.OH, s.OW}, input.options().dtype(ct));
   if (out.numel() > 0) {
     const at::Tensor x = nchw(input, ct), w = nchw(weight, ct);
@@ -257,14 +475,27 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
                                       padding, dilation, groups);
   check_grad_output("conv2d_backward_input", grad_output, s);
   const at::ScalarType ct = compute_type(grad_output.scalar_type());
+  if (ct == at::kFloat && simd_is_avx2() && pointwise(s)) {
+    const at::MemoryFormat fmt = format_of(grad_output);
+    const at::Tensor go = grad_output.to(ct).contiguous(fmt), w = weight.to(ct).contiguous();
+    at::Tensor gi = empty_cached(input_size, grad_output.options().dtype(ct), fmt);
+    pointwise_backward_input(go.const_data_ptr<float>(), w.const_data_ptr<float>(),
+                             gi.mutable_data_ptr<float>(), s,
+                             fmt == at::MemoryFormat::ChannelsLast);
+    return gi.to(grad_output.scalar_type());
+  }
   at::Tensor gi = at::empty(input_size, grad_output.options().dtype(ct));
   if (gi.numel() > 0) {
     const at::Tensor go = nchw(grad_output, ct), w = nchw(weight, ct);
-    // stride 1: the forward kernel; strides 1 and 2 along W otherwise: the AVX2 scatter
+    // stride 1: the forward kernel; larger strides (dilation 1): the forward kernel per phase;
+    // otherwise, strides 1 and 2 along W: the AVX2 scatter
     const bool avx2 = ct == at::kFloat && simd_is_avx2();
     bool done =
         avx2 && backward_input_as_forward(go.const_data_ptr<float>(), w.const_data_ptr<float>(),
                                           gi.mutable_data_ptr<float>(), s);
+    done = done ||
+           (avx2 && backward_input_polyphase(go.const_data_ptr<float>(), w.const_data_ptr<float>(),
+                                             gi.mutable_data_ptr<float>(), s));
     if (!done && avx2 && s.sW <= 2) {
       const float* gp = go.const_data_ptr<float>();
       const float* wp = w.const_data_ptr<float>();
@@ -295,6 +526,19 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
                                       padding, dilation, groups);
   check_grad_output("conv2d_backward_weight", grad_output, s);
   const at::ScalarType ct = compute_type(grad_output.scalar_type());
+  if (ct == at::kFloat && simd_is_avx2() && pointwise(s)) {
+    // both operands in one layout: the grad_output's, unless only the input is channels_last
+    const at::MemoryFormat fmt = format_of(grad_output) == at::MemoryFormat::ChannelsLast
+                                     ? at::MemoryFormat::ChannelsLast
+                                     : format_of(input);
+    const at::Tensor go = grad_output.to(ct).contiguous(fmt), x = input.to(ct).contiguous(fmt);
+    at::Tensor gw =
+        empty_cached(weight_size, grad_output.options().dtype(ct), at::MemoryFormat::Contiguous);
+    pointwise_backward_weight(go.const_data_ptr<float>(), x.const_data_ptr<float>(),
+                              gw.mutable_data_ptr<float>(), s,
+                              fmt == at::MemoryFormat::ChannelsLast);
+    return gw.to(grad_output.scalar_type());
+  }
   at::Tensor gw = at::empty(weight_size, grad_output.options().dtype(ct));
   if (gw.numel() > 0) {
     const at::Tensor go = nchw(grad_output, ct), x = nchw(input, ct);
@@ -325,6 +569,32 @@ at::Tensor conv2d_backward_bias(const at::Tensor& grad_output) {
   const int64_t plane = grad_output.size(2) * grad_output.size(3);
   const at::ScalarType ct = compute_type(grad_output.scalar_type());
   at::Tensor gb = at::empty({K}, grad_output.options().dtype(ct));
+  if (format_of(grad_output) == at::MemoryFormat::ChannelsLast) {
+    // rows of K channels: fixed row chunks summed in parallel, then the chunks in order (the same
+    // result for any thread count)
+    const at::Tensor go = grad_output.to(ct).contiguous(at::MemoryFormat::ChannelsLast);
+    const int64_t rows = N * plane, chunks = std::max<int64_t>(1, std::min<int64_t>(rows, 64));
+    by_type(ct, [&](auto tag) {
+      using T = decltype(tag);
+      const T* g = go.const_data_ptr<T>();
+      std::vector<T> part(static_cast<size_t>(chunks * K), T(0));
+      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          T* acc = part.data() + c * K;
+          for (int64_t r = c * rows / chunks; r < (c + 1) * rows / chunks; ++r) {
+            const T* row = g + r * K;
+            for (int64_t k = 0; k < K; ++k) acc[k] += row[k];
+          }
+        }
+      });
+      T* out = gb.mutable_data_ptr<T>();
+      for (int64_t k = 0; k < K; ++k) out[k] = T(0);
+      for (int64_t c = 0; c < chunks; ++c) {
+        for (int64_t k = 0; k < K; ++k) out[k] += part[c * K + k];
+      }
+    });
+    return gb.to(grad_output.scalar_type());
+  }
   const at::Tensor go = nchw(grad_output, ct);
   by_type(ct, [&](auto tag) {
     using T = decltype(tag);

@@ -16,7 +16,7 @@ class Case:
     quick: bool = False  # part of the --quick subset
     pool: tuple = ()  # (kernel_size, stride, padding) of pooling cases
     conv: tuple = ()  # (in_channels, out_channels, kernel, stride, padding, groups) of conv cases
-    tf32: bool = True  # CUDA float32 convolutions may use TF32 (torch's default for cuDNN)
+    tf32: bool | None = None  # CUDA float32 convolutions: TF32 allowed (torch's default) or not
 
     @property
     def layout(self):
@@ -29,7 +29,7 @@ class Case:
     @property
     def dtype_label(self):
         """The dtype, and for float32 convolutions whether TF32 was allowed."""
-        if self.conv and self.dtype == torch.float32:
+        if self.conv and self.dtype == torch.float32 and self.tf32 is not None:
             return self.dtype_name + ("/tf32" if self.tf32 else "/strict")
         return self.dtype_name
 
@@ -114,7 +114,7 @@ def cuda_conv_cases():
     cases = []
     for shape, conv in layers:
         for mode in ("fwd", "fwd+bwd"):
-            cases.append(Case("conv2d", shape, bf16, True, mode, conv=conv, quick=True))
+            cases.append(Case("conv2d", shape, bf16, True, mode, conv=conv, quick=True, tf32=True))
         cases.append(Case("conv2d", shape, f16, True, "fwd", conv=conv))
         cases.append(Case("conv2d", shape, f32, True, "fwd", conv=conv, tf32=True))
         cases.append(Case("conv2d", shape, f32, True, "fwd+bwd", conv=conv, tf32=True))

@@ -21,7 +21,7 @@ def callables(case, device):
     if case.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     if device == "cuda":  # read by torch (cuDNN) and pyconv alike, at each call
-        torch.backends.cudnn.allow_tf32 = case.tf32
+        torch.backends.cudnn.allow_tf32 = case.tf32 is not False
     args = dict(stride=stride, padding=pad, groups=groups)
     out = F.conv2d(x, wt, b, **args)
     flops = 2 * out.numel() * (cin // groups) * k * k

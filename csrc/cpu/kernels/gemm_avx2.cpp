@@ -1,0 +1,167 @@
+// AVX2 + FMA float32 matrix product (see gemm.h): a 6 x 16 register tile (12 accumulators, two
+// broadcasts and twelve FMAs per loaded pair of vectors), A and B packed per cache block so that
+// the micro-kernel reads both sequentially; the epilogue (bias, residual, ReLU) is applied as the
+// last slice of the reduction is stored. This file alone is compiled for AVX2 (the pragma below).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/kernels/gemm.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#elif defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#endif
+
+namespace pyconv::cpu {
+namespace {
+
+// A rows [m0, m0 + mc) x k [k0, k0 + kc) as panels of 6 rows: panel p holds, for each k, its 6
+// values (zero beyond M).
+void pack_a(const GemmDesc& d, int64_t m0, int64_t mc, int64_t k0, int64_t kc, float* dst) {
+  for (int64_t p = 0; p < mc; p += kGemmMR) {
+    const int64_t rows = std::min(kGemmMR, mc - p);
+    for (int64_t k = 0; k < kc; ++k) {
+      const float* src = d.A + (m0 + p) * d.a_rs + (k0 + k) * d.a_cs;
+      int64_t i = 0;
+      for (; i < rows; ++i) dst[i] = src[i * d.a_rs];
+      for (; i < kGemmMR; ++i) dst[i] = 0.0f;
+      dst += kGemmMR;
+    }
+  }
+}
+
+// B k [k0, k0 + kc) x columns [n0, n0 + nc) as panels of 16 columns: panel p holds, for each k,
+// its 16 values (zero beyond N).
+void pack_b(const GemmDesc& d, int64_t k0, int64_t kc, int64_t n0, int64_t nc, float* dst) {
+  for (int64_t p = 0; p < nc; p += kGemmNR) {
+    const int64_t cols = std::min(kGemmNR, nc - p);
+    for (int64_t k = 0; k < kc; ++k) {
+      const float* src = d.B + (k0 + k) * d.b_rs + (n0 + p) * d.b_cs;
+      if (cols == kGemmNR && d.b_cs == 1) {
+        _mm256_storeu_ps(dst, _mm256_loadu_ps(src));
+        _mm256_storeu_ps(dst + 8, _mm256_loadu_ps(src + 8));
+      } else {
+        int64_t j = 0;
+        for (; j < cols; ++j) dst[j] = src[j * d.b_cs];
+        for (; j < kGemmNR; ++j) dst[j] = 0.0f;
+      }
+      dst += kGemmNR;
+    }
+  }
+}
+
+// The 6 x 16 tile at (m, n) over one packed slice; `first`: no earlier slice (C is overwritten
+// unless accumulate), `last`: the epilogue applies.
+void micro_kernel(const GemmDesc& d, int64_t kc, const float* a, const float* b, int64_t m,
+                  int64_t n, bool first, bool last) {
+  __m256 c[kGemmMR][2];
+  for (int i = 0; i < kGemmMR; ++i) c[i][0] = c[i][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+#define PYCONV_ROW(i)                               \
+  {                                                 \
+    const __m256 ai = _mm256_broadcast_ss(a + (i)); \
+    c[i][0] = _mm256_fmadd_ps(ai, b0, c[i][0]);     \
+    c[i][1] = _mm256_fmadd_ps(ai, b1, c[i][1]);     \
+  }
+    PYCONV_ROW(0)
+    PYCONV_ROW(1) PYCONV_ROW(2) PYCONV_ROW(3) PYCONV_ROW(4) PYCONV_ROW(5)
+#undef PYCONV_ROW
+        a += kGemmMR;
+    b += kGemmNR;
+  }
+  // out of registers with constant indices only, so that the accumulators never live in memory
+  alignas(32) float t[kGemmMR][kGemmNR];
+#define PYCONV_STORE(i)           \
+  _mm256_store_ps(t[i], c[i][0]); \
+  _mm256_store_ps(t[i] + 8, c[i][1]);
+  PYCONV_STORE(0)
+  PYCONV_STORE(1) PYCONV_STORE(2) PYCONV_STORE(3) PYCONV_STORE(4) PYCONV_STORE(5)
+#undef PYCONV_STORE
+      const bool add_c = !first || d.accumulate;
+  const int64_t rows = std::min(kGemmMR, d.M - m), cols = std::min(kGemmNR, d.N - n);
+  if (rows == kGemmMR && cols == kGemmNR) {
+    for (int i = 0; i < kGemmMR; ++i) {
+      float* cp = d.C + (m + i) * d.ldc + n;
+      __m256 v0 = _mm256_load_ps(t[i]), v1 = _mm256_load_ps(t[i] + 8);
+      if (add_c) {
+        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(cp));
+        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(cp + 8));
+      }
+      if (last) {
+        if (d.bias_m) {
+          const __m256 bm = _mm256_set1_ps(d.bias_m[m + i]);
+          v0 = _mm256_add_ps(v0, bm);
+          v1 = _mm256_add_ps(v1, bm);
+        }
+        if (d.bias_n) {
+          v0 = _mm256_add_ps(v0, _mm256_loadu_ps(d.bias_n + n));
+          v1 = _mm256_add_ps(v1, _mm256_loadu_ps(d.bias_n + n + 8));
+        }
+        if (d.residual) {
+          const float* rp = d.residual + (m + i) * d.ldr + n;
+          v0 = _mm256_add_ps(v0, _mm256_loadu_ps(rp));
+          v1 = _mm256_add_ps(v1, _mm256_loadu_ps(rp + 8));
+        }
+        if (d.relu) {
+          v0 = _mm256_max_ps(v0, _mm256_setzero_ps());
+          v1 = _mm256_max_ps(v1, _mm256_setzero_ps());
+        }
+      }
+      _mm256_storeu_ps(cp, v0);
+      _mm256_storeu_ps(cp + 8, v1);
+    }
+    return;
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    float* cp = d.C + (m + i) * d.ldc + n;
+    for (int64_t j = 0; j < cols; ++j) {
+      float v = t[i][j] + (add_c ? cp[j] : 0.0f);
+      if (last) {
+        if (d.bias_m) v += d.bias_m[m + i];
+        if (d.bias_n) v += d.bias_n[n + j];
+        if (d.residual) v += d.residual[(m + i) * d.ldr + n + j];
+        if (d.relu) v = v > 0.0f ? v : 0.0f;
+      }
+      cp[j] = v;
+    }
+  }
+}
+
+}  // namespace
+
+void sgemm_avx2(const GemmDesc& d, int64_t t0, int64_t t1) {  // d.K > 0
+  const int64_t MC = gemm_mc(d), mblocks = (d.M + MC - 1) / MC;
+  thread_local std::vector<float> pa, pb;
+  pa.resize(static_cast<size_t>(kGemmMC * kGemmKC));
+  pb.resize(static_cast<size_t>(kGemmKC * ((kGemmNC + kGemmNR - 1) / kGemmNR) * kGemmNR));
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t m0 = (t % mblocks) * MC, n0 = (t / mblocks) * kGemmNC;
+    const int64_t mc = std::min(MC, d.M - m0), nc = std::min(kGemmNC, d.N - n0);
+    for (int64_t k0 = 0; k0 < d.K; k0 += kGemmKC) {
+      const int64_t kc = std::min(kGemmKC, d.K - k0);
+      pack_a(d, m0, mc, k0, kc, pa.data());
+      pack_b(d, k0, kc, n0, nc, pb.data());
+      const bool first = k0 == 0, last = k0 + kc >= d.K;
+      for (int64_t jn = 0; jn < nc; jn += kGemmNR) {
+        const float* bp = pb.data() + (jn / kGemmNR) * kc * kGemmNR;
+        for (int64_t im = 0; im < mc; im += kGemmMR) {
+          micro_kernel(d, kc, pa.data() + (im / kGemmMR) * kc * kGemmMR, bp, m0 + im, n0 + jn,
+                       first, last);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace pyconv::cpu
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#elif defined(__clang__)
+#pragma clang attribute pop
+#endif
