@@ -69,7 +69,8 @@ void micro_kernel(const GemmDesc& d, int64_t kc, const float* a, const float* b,
     c[i][1] = _mm256_fmadd_ps(ai, b1, c[i][1]);     \
   }
     PYCONV_ROW(0)
-    PYCONV_ROW(1) PYCONV_ROW(2) PYCONV_ROW(3) PYCONV_ROW(4) PYCONV_ROW(5)
+    PYCONV_ROW(1)
+    PYCONV_ROW(2) PYCONV_ROW(3) PYCONV_ROW(4) PYCONV_ROW(5)
 #undef PYCONV_ROW
         a += kGemmMR;
     b += kGemmNR;
@@ -80,7 +81,8 @@ void micro_kernel(const GemmDesc& d, int64_t kc, const float* a, const float* b,
   _mm256_store_ps(t[i], c[i][0]); \
   _mm256_store_ps(t[i] + 8, c[i][1]);
   PYCONV_STORE(0)
-  PYCONV_STORE(1) PYCONV_STORE(2) PYCONV_STORE(3) PYCONV_STORE(4) PYCONV_STORE(5)
+  PYCONV_STORE(1)
+  PYCONV_STORE(2) PYCONV_STORE(3) PYCONV_STORE(4) PYCONV_STORE(5)
 #undef PYCONV_STORE
       const bool add_c = !first || d.accumulate;
   const int64_t rows = std::min(kGemmMR, d.M - m), cols = std::min(kGemmNR, d.N - n);
