@@ -68,23 +68,29 @@ void micro_kernel(const GemmDesc& d, int64_t kc, const float* a, const float* b,
     c[i][0] = _mm256_fmadd_ps(ai, b0, c[i][0]);     \
     c[i][1] = _mm256_fmadd_ps(ai, b1, c[i][1]);     \
   }
-    PYCONV_ROW(0)
-    PYCONV_ROW(1)
-    PYCONV_ROW(2) PYCONV_ROW(3) PYCONV_ROW(4) PYCONV_ROW(5)
+    PYCONV_ROW(0);
+    PYCONV_ROW(1);
+    PYCONV_ROW(2);
+    PYCONV_ROW(3);
+    PYCONV_ROW(4);
+    PYCONV_ROW(5);
 #undef PYCONV_ROW
-        a += kGemmMR;
+    a += kGemmMR;
     b += kGemmNR;
   }
   // out of registers with constant indices only, so that the accumulators never live in memory
   alignas(32) float t[kGemmMR][kGemmNR];
 #define PYCONV_STORE(i)           \
   _mm256_store_ps(t[i], c[i][0]); \
-  _mm256_store_ps(t[i] + 8, c[i][1]);
-  PYCONV_STORE(0)
-  PYCONV_STORE(1)
-  PYCONV_STORE(2) PYCONV_STORE(3) PYCONV_STORE(4) PYCONV_STORE(5)
+  _mm256_store_ps(t[i] + 8, c[i][1])
+  PYCONV_STORE(0);
+  PYCONV_STORE(1);
+  PYCONV_STORE(2);
+  PYCONV_STORE(3);
+  PYCONV_STORE(4);
+  PYCONV_STORE(5);
 #undef PYCONV_STORE
-      const bool add_c = !first || d.accumulate;
+  const bool add_c = !first || d.accumulate;
   const int64_t rows = std::min(kGemmMR, d.M - m), cols = std::min(kGemmNR, d.N - n);
   if (rows == kGemmMR && cols == kGemmNR) {
     for (int i = 0; i < kGemmMR; ++i) {
