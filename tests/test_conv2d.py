@@ -296,3 +296,45 @@ def test_pointwise_layers_as_matrix_products(simd, fmt, groups):
     got = torch.autograd.grad(PF.conv2d(xf, wf, bf, groups=groups), (xf, wf, bf), grad.float())
     for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=3e-4)
+
+
+@pytest.mark.parametrize("path", ["1", "0"], ids=["implicit-gemm", "direct"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_forward_paths_forced(monkeypatch, simd, path, fmt):
+    # every configuration on the implicit GEMM and on the direct kernel (PYCONV_CONV_GEMM forces
+    # one), plus a layer whose reduction (40 channels x 3 x 3) spans two packed slices
+    monkeypatch.setenv("PYCONV_CONV_GEMM", path)
+    for cin, cout, k, s, p, d, g in CONFIGS + [(40, 20, 3, 1, 1, 1, 1), (40, 20, 3, 2, 2, 2, 2)]:
+        x = torch.randn(2, cin, 13, 27, dtype=torch.float64).contiguous(memory_format=fmt)
+        kh, kw = (k, k) if isinstance(k, int) else k
+        w = torch.randn(cout, cin // g, kh, kw, dtype=torch.float64)
+        b = torch.randn(cout, dtype=torch.float64)
+        args = dict(stride=s, padding=p, dilation=d, groups=g)
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        ref = F.conv2d(xr, wr, b, **args)
+        res = torch.randn_like(ref).contiguous(memory_format=fmt)
+        xf, wf = x.float().requires_grad_(), w.float().requires_grad_()
+        out = PF.conv2d(xf, wf, b.float(), **args, activation="relu", residual=res.float())
+        assert out.is_contiguous(memory_format=fmt)
+        close(out, torch.relu(ref + res), torch.float32)
+        grad = torch.randn_like(ref)
+        want = torch.autograd.grad(ref, (xr, wr), grad)
+        got = torch.autograd.grad(PF.conv2d(xf, wf, b.float(), **args), (xf, wf), grad.float())
+        for a, e in zip(got, want, strict=True):
+            torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=3e-4)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_weight_gradient_in_slices(simd, fmt):
+    # the implicit-GEMM weight gradient cuts the pixels into slices (3 x 33 x 35 pixels: two on
+    # channels_last) and adds them in order: same values as float64, same bits on every run
+    x = torch.randn(3, 24, 33, 35, dtype=torch.float64).contiguous(memory_format=fmt)
+    w = torch.randn(32, 24, 3, 3, dtype=torch.float64)
+    ref = F.conv2d(x, w, None, padding=1)
+    grad = torch.randn_like(ref).contiguous(memory_format=fmt)
+    geometry = ([1, 1], [1, 1, 1, 1], [1, 1], 1)
+    want = torch.nn.grad.conv2d_weight(x, w.shape, grad, padding=1)
+    got = ops.conv2d_backward_weight(grad.float(), x.float(), list(w.shape), *geometry)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
+    again = ops.conv2d_backward_weight(grad.float(), x.float(), list(w.shape), *geometry)
+    assert torch.equal(got, again)

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <optional>
 #include <vector>
 
@@ -153,9 +154,166 @@ ConvShape as_long_rows(const ConvShape& s) {
   return t;
 }
 
-// float32 NCHW forward on the AVX2 kernel: y = relu?(conv(x, w) + bias + residual).
+void run_gemms(const std::vector<GemmDesc>& ds);
+
+// The weights of a group are one GEMM operand for every sample: packed once, shared by all tasks.
+struct SharedPack {
+  std::vector<std::vector<float>> bufs;
+  void a(std::vector<GemmDesc>& ds, size_t first) {  // A of ds[first:] (all the same A)
+    bufs.emplace_back(static_cast<size_t>(gemm_packed_a_size(ds[first])));
+    gemm_pack_a(ds[first], bufs.back().data());
+    for (size_t i = first; i < ds.size(); ++i) ds[i].a_packed = bufs.back().data();
+  }
+  void b(std::vector<GemmDesc>& ds, size_t first) {
+    bufs.emplace_back(static_cast<size_t>(gemm_packed_b_size(ds[first])));
+    gemm_pack_b(ds[first], bufs.back().data());
+    for (size_t i = first; i < ds.size(); ++i) ds[i].b_packed = bufs.back().data();
+  }
+};
+
+// Forward as an implicit GEMM (the image read as im2col while it is packed), per group:
+//   NCHW, per sample: Y[n] (K x OH OW) = W (K x C R S) . im2col(X[n]);
+//   channels_last: Y (N OH OW x K) = im2col(X) (N OH OW x R S C) . W^T, W as (K, R, S, C).
+// x, y and residual contiguous in the layout `cl` names; w as torch gives it, (K, C / G, R, S).
+void implicit_gemm_forward(const float* x, const float* w, const float* bias, const float* res,
+                           bool relu, float* y, const ConvShape& s, bool cl) {
+  const int64_t Cg = s.Cg(), Kg = s.Kg(), taps = Cg * s.R * s.S, P = s.OH * s.OW;
+  std::vector<float> wp;
+  if (cl) {  // (K, Cg, R, S) -> (K, R, S, Cg)
+    wp.resize(static_cast<size_t>(s.K * taps));
+    for (int64_t k = 0; k < s.K; ++k)
+      for (int64_t c = 0; c < Cg; ++c)
+        for (int64_t rs = 0; rs < s.R * s.S; ++rs)
+          wp[k * taps + rs * Cg + c] = w[(k * Cg + c) * s.R * s.S + rs];
+  }
+  std::vector<GemmDesc> ds;
+  ds.reserve(static_cast<size_t>(s.G * (cl ? 1 : s.N)));
+  SharedPack packs;
+  for (int64_t g = 0; g < s.G; ++g) {
+    Im2col img{nullptr, 0,   0,   0,    0,    Cg,   s.H,  s.W,  s.OH,
+               s.OW,    s.R, s.S, s.sH, s.sW, s.pT, s.pL, s.dH, s.dW};
+    if (cl) {
+      img.x = x + g * Cg;
+      img.sn = s.H * s.W * s.C;
+      img.sc = 1;
+      img.sh = s.W * s.C;
+      img.sw = s.C;
+      GemmDesc d{s.N * P, Kg,   taps,       nullptr, 0, 0, wp.data() + g * Kg * taps,
+                 1,       taps, y + g * Kg, s.K};
+      d.a_im2col = true;
+      d.a_img = img;
+      d.bias_n = bias ? bias + g * Kg : nullptr;
+      d.residual = res ? res + g * Kg : nullptr;
+      d.ldr = s.K;
+      d.relu = relu;
+      ds.push_back(d);
+      packs.b(ds, ds.size() - 1);
+      continue;
+    }
+    img.sc = s.H * s.W;
+    img.sh = s.W;
+    img.sw = 1;
+    const size_t first = ds.size();
+    for (int64_t n = 0; n < s.N; ++n) {
+      img.x = x + (n * s.C + g * Cg) * s.H * s.W;
+      GemmDesc d{Kg,      P, taps, w + g * Kg * taps,          taps, 1,
+                 nullptr, 0, 0,    y + (n * s.K + g * Kg) * P, P};
+      d.b_im2col = true;
+      d.b_img = img;
+      d.bias_m = bias ? bias + g * Kg : nullptr;
+      d.residual = res ? res + (n * s.K + g * Kg) * P : nullptr;
+      d.ldr = P;
+      d.relu = relu;
+      ds.push_back(d);
+    }
+    if (ds.size() > first) packs.a(ds, first);
+  }
+  run_gemms(ds);
+}
+
+// Weight gradient as implicit GEMMs: GW_g (Kg x taps) = GO_g (Kg x pixels) . im2col(X)^T, the
+// pixels cut into slices whose partial products are added in a fixed order (the same result for
+// any thread count). NCHW: a slice per sample, taps in the weight's (c, r, s) order;
+// channels_last: slices of about 2048 pixels, taps in (r, s, c) order, reordered at the end.
+void implicit_gemm_backward_weight(const float* go, const float* x, float* gw, const ConvShape& s,
+                                   bool cl) {
+  const int64_t Cg = s.Cg(), Kg = s.Kg(), taps = Cg * s.R * s.S, P = s.OH * s.OW;
+  const int64_t NP = s.N * P;
+  const int64_t slices =
+      cl ? std::clamp<int64_t>((NP + 2047) / 2048, 1, 16) : std::max<int64_t>(s.N, 1);
+  std::vector<float> part(static_cast<size_t>(slices * s.G * Kg * taps), 0.0f);
+  std::vector<GemmDesc> ds;
+  for (int64_t g = 0; g < s.G; ++g) {
+    for (int64_t sl = 0; sl < slices; ++sl) {
+      const int64_t p0 = cl ? sl * NP / slices : 0;
+      const int64_t np = cl ? (sl + 1) * NP / slices - p0 : P;
+      if (np == 0) continue;  // its partial stays zero
+      Im2col img{nullptr, 0,   0,   0,    0,    Cg,   s.H,  s.W,  s.OH,
+                 s.OW,    s.R, s.S, s.sH, s.sW, s.pT, s.pL, s.dH, s.dW};
+      img.taps_rsc = cl;
+      GemmDesc d{Kg,  taps,    np, nullptr, 0,
+                 0,   nullptr, 0,  0,       part.data() + (sl * s.G + g) * Kg * taps,
+                 taps};
+      if (cl) {
+        img.x = x + g * Cg;
+        img.sn = s.H * s.W * s.C;
+        img.sc = 1;
+        img.sh = s.W * s.C;
+        img.sw = s.C;
+        img.p0 = p0;
+        d.A = go + p0 * s.K + g * Kg;
+        d.a_rs = 1;
+        d.a_cs = s.K;
+      } else {
+        img.x = x + (sl * s.C + g * Cg) * s.H * s.W;
+        img.sc = s.H * s.W;
+        img.sh = s.W;
+        img.sw = 1;
+        d.A = go + (sl * s.K + g * Kg) * P;
+        d.a_rs = P;
+        d.a_cs = 1;
+      }
+      d.b_im2col_pixels = true;
+      d.b_img = img;
+      ds.push_back(d);
+    }
+  }
+  run_gemms(ds);
+  const int64_t RS = s.R * s.S;
+  at::parallel_for(0, s.G * Kg, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {  // row = g * Kg + k
+      const int64_t g = row / Kg, k = row % Kg;
+      float* dst = gw + row * taps;
+      for (int64_t j = 0; j < taps; ++j) {
+        float acc = 0.0f;
+        for (int64_t sl = 0; sl < slices; ++sl) acc += part[((sl * s.G + g) * Kg + k) * taps + j];
+        dst[cl ? (j % Cg) * RS + j / Cg : j] = acc;  // (r, s, c) -> (c, r, s)
+      }
+    }
+  });
+}
+
+// Where the implicit GEMM beats the direct kernel: enough output channels per group to fill its
+// register tile and a long enough reduction (not depthwise, not tiny first layers).
+bool use_implicit_gemm(const ConvShape& s, bool cl) {
+  if (const char* e = std::getenv("PYCONV_CONV_GEMM")) return e[0] == '1';
+  return s.Kg() >= 8 && s.Cg() * s.R * s.S >= 27 && (cl || s.sW == 1);
+}
+
+// The same for the weight gradient, whose pixel-major packing takes any stride; the direct tile
+// wins on reductions of a few taps (first layers).
+bool use_implicit_gemm_weight(const ConvShape& s) {
+  if (const char* e = std::getenv("PYCONV_CONV_GEMM")) return e[0] == '1';
+  return s.Kg() >= 8 && s.Cg() * s.R * s.S >= 64;
+}
+
+// float32 NCHW forward on the AVX2 kernels: y = relu?(conv(x, w) + bias + residual).
 void forward_avx2(const float* x, const float* w, const float* bias, const float* residual,
                   bool relu, float* y, const ConvShape& s_) {
+  if (use_implicit_gemm(s_, false)) {
+    implicit_gemm_forward(x, w, bias, residual, relu, y, s_, false);
+    return;
+  }
   const ConvShape s = as_long_rows(s_);
   std::vector<float> packed(static_cast<size_t>(conv_packed_size(s)));
   conv_pack_weights(w, packed.data(), s);
@@ -316,7 +474,9 @@ void pointwise_forward(const float* x, const float* w, const float* bias, const 
                        bool relu, float* y, const ConvShape& s, bool cl) {
   const int64_t HW = s.H * s.W, Cg = s.Cg(), Kg = s.Kg();
   std::vector<GemmDesc> ds;
+  SharedPack packs;
   for (int64_t g = 0; g < s.G; ++g) {
+    const size_t first = ds.size();
     if (cl) {  // Y (NHW x K) = X (NHW x C) W^T, per group's columns
       GemmDesc d{s.N * HW, Kg, Cg, x + g * Cg, s.C, 1, w + g * Kg * Cg, 1, Cg, y + g * Kg, s.K};
       d.bias_n = bias ? bias + g * Kg : nullptr;
@@ -324,6 +484,7 @@ void pointwise_forward(const float* x, const float* w, const float* bias, const 
       d.ldr = s.K;
       d.relu = relu;
       ds.push_back(d);
+      packs.b(ds, first);
       continue;
     }
     for (int64_t n = 0; n < s.N; ++n) {  // Y[n] (K x HW) = W X[n]
@@ -344,6 +505,7 @@ void pointwise_forward(const float* x, const float* w, const float* bias, const 
       d.relu = relu;
       ds.push_back(d);
     }
+    if (ds.size() > first) packs.a(ds, first);
   }
   run_gemms(ds);
 }
@@ -352,16 +514,20 @@ void pointwise_backward_input(const float* go, const float* w, float* gi, const 
                               bool cl) {
   const int64_t HW = s.H * s.W, Cg = s.Cg(), Kg = s.Kg();
   std::vector<GemmDesc> ds;
+  SharedPack packs;
   for (int64_t g = 0; g < s.G; ++g) {
+    const size_t first = ds.size();
     if (cl) {  // GI (NHW x C) = GO (NHW x K) W, per group
       ds.push_back(GemmDesc{s.N * HW, Cg, Kg, go + g * Kg, s.K, 1, w + g * Kg * Cg, Cg, 1,
                             gi + g * Cg, s.C});
+      packs.b(ds, first);
       continue;
     }
     for (int64_t n = 0; n < s.N; ++n) {  // GI[n] (C x HW) = W^T GO[n]
       ds.push_back(GemmDesc{Cg, HW, Kg, w + g * Kg * Cg, 1, Cg, go + (n * s.K + g * Kg) * HW, HW, 1,
                             gi + (n * s.C + g * Cg) * HW, HW});
     }
+    if (ds.size() > first) packs.a(ds, first);
   }
   run_gemms(ds);
 }
@@ -440,6 +606,19 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
                       b.defined() ? b.const_data_ptr<float>() : nullptr,
                       rs.defined() ? rs.const_data_ptr<float>() : nullptr, relu,
                       y.mutable_data_ptr<float>(), s, fmt == at::MemoryFormat::ChannelsLast);
+    return y.to(input.scalar_type());
+  }
+  if (ct == at::kFloat && simd_is_avx2() && format_of(input) == at::MemoryFormat::ChannelsLast &&
+      use_implicit_gemm(s, true)) {  // channels_last as it comes, on the implicit GEMM
+    const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
+    const at::Tensor x = input.to(ct).contiguous(cl), w = weight.to(ct).contiguous();
+    const at::Tensor b = bias.has_value() ? bias->to(ct).contiguous() : at::Tensor();
+    const at::Tensor rs = residual.has_value() ? residual->to(ct).contiguous(cl) : at::Tensor();
+    at::Tensor y = empty_cached({s.N, s.K, s.OH, s.OW}, input.options().dtype(ct), cl);
+    implicit_gemm_forward(x.const_data_ptr<float>(), w.const_data_ptr<float>(),
+                          b.defined() ? b.const_data_ptr<float>() : nullptr,
+                          rs.defined() ? rs.const_data_ptr<float>() : nullptr, relu,
+                          y.mutable_data_ptr<float>(), s, true);
     return y.to(input.scalar_type());
   }
   at::Tensor out = at::empty({s.N, s.K, s.OH, s.OW}, input.options().dtype(ct));
@@ -537,6 +716,18 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
     pointwise_backward_weight(go.const_data_ptr<float>(), x.const_data_ptr<float>(),
                               gw.mutable_data_ptr<float>(), s,
                               fmt == at::MemoryFormat::ChannelsLast);
+    return gw.to(grad_output.scalar_type());
+  }
+  const bool cl_grads = format_of(grad_output) == at::MemoryFormat::ChannelsLast;
+  if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 &&
+      use_implicit_gemm_weight(s)) {
+    const at::MemoryFormat fmt =
+        cl_grads ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+    const at::Tensor go = grad_output.to(ct).contiguous(fmt), x = input.to(ct).contiguous(fmt);
+    at::Tensor gw =
+        empty_cached(weight_size, grad_output.options().dtype(ct), at::MemoryFormat::Contiguous);
+    implicit_gemm_backward_weight(go.const_data_ptr<float>(), x.const_data_ptr<float>(),
+                                  gw.mutable_data_ptr<float>(), s, cl_grads);
     return gw.to(grad_output.scalar_type());
   }
   at::Tensor gw = at::empty(weight_size, grad_output.options().dtype(ct));

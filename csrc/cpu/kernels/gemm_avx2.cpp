@@ -54,6 +54,148 @@ void pack_b(const GemmDesc& d, int64_t k0, int64_t kc, int64_t n0, int64_t nc, f
   }
 }
 
+// A from an image, pixel-major: rows m = (n, oh, ow), k = (r, s, c) with c fastest.
+void pack_a_im2col(const Im2col& g, int64_t M, int64_t m0, int64_t mc, int64_t k0, int64_t kc,
+                   float* dst) {
+  for (int64_t p = 0; p < mc; p += kGemmMR) {
+    const float* base[kGemmMR];
+    int64_t ih0[kGemmMR], iw0[kGemmMR];
+    for (int64_t i = 0; i < kGemmMR; ++i) {
+      const int64_t m = m0 + p + i;
+      base[i] = nullptr;
+      if (p + i >= mc || m >= M) continue;
+      const int64_t ow = m % g.OW, t = m / g.OW, oh = t % g.OH, n = t / g.OH;
+      base[i] = g.x + n * g.sn;
+      ih0[i] = oh * g.sH - g.pT;
+      iw0[i] = ow * g.sW - g.pL;
+    }
+    int64_t c = k0 % g.C, rs = k0 / g.C;
+    int64_t r = rs / g.S, q = rs % g.S;
+    const float* src[kGemmMR];
+    auto locate = [&] {
+      for (int64_t i = 0; i < kGemmMR; ++i) {
+        src[i] = nullptr;
+        if (!base[i]) continue;
+        const int64_t ih = ih0[i] + r * g.dH, iw = iw0[i] + q * g.dW;
+        if (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) src[i] = base[i] + ih * g.sh + iw * g.sw;
+      }
+    };
+    locate();
+    for (int64_t k = 0; k < kc; ++k) {
+      for (int64_t i = 0; i < kGemmMR; ++i) dst[i] = src[i] ? src[i][c * g.sc] : 0.0f;
+      dst += kGemmMR;
+      if (++c == g.C) {
+        c = 0;
+        if (++q == g.S) {
+          q = 0;
+          ++r;
+        }
+        locate();
+      }
+    }
+  }
+}
+
+// B from one sample's image, tap-major: k = (c, r, s) with s fastest, columns j = (oh, ow).
+void pack_b_im2col(const Im2col& g, int64_t N, int64_t k0, int64_t kc, int64_t n0, int64_t nc,
+                   float* dst) {
+  for (int64_t p = 0; p < nc; p += kGemmNR) {
+    int64_t ih0[kGemmNR], iw0[kGemmNR];
+    bool valid[kGemmNR];
+    for (int64_t j = 0; j < kGemmNR; ++j) {
+      const int64_t col = n0 + p + j;
+      valid[j] = p + j < nc && col < N;
+      const int64_t oh = valid[j] ? col / g.OW : 0, ow = valid[j] ? col % g.OW : 0;
+      ih0[j] = oh * g.sH - g.pT;
+      iw0[j] = ow * g.sW - g.pL;
+    }
+    // one output row, unit stride: 16 neighbouring input columns
+    const bool row = valid[kGemmNR - 1] && ih0[0] == ih0[kGemmNR - 1] && g.sW == 1;
+    int64_t q = k0 % g.S, cr = k0 / g.S;
+    int64_t r = cr % g.R, c = cr / g.R;
+    for (int64_t k = 0; k < kc; ++k) {
+      const float* plane = g.x + c * g.sc;
+      const int64_t ih = ih0[0] + r * g.dH, iw = iw0[0] + q * g.dW;
+      if (row && ih >= 0 && ih < g.H && iw >= 0 && iw + kGemmNR <= g.W && g.sw == 1) {
+        const float* src = plane + ih * g.sh + iw;
+        _mm256_storeu_ps(dst, _mm256_loadu_ps(src));
+        _mm256_storeu_ps(dst + 8, _mm256_loadu_ps(src + 8));
+      } else {
+        for (int64_t j = 0; j < kGemmNR; ++j) {
+          const int64_t y = ih0[j] + r * g.dH, x = iw0[j] + q * g.dW;
+          dst[j] = valid[j] && y >= 0 && y < g.H && x >= 0 && x < g.W ? plane[y * g.sh + x * g.sw]
+                                                                      : 0.0f;
+        }
+      }
+      dst += kGemmNR;
+      if (++q == g.S) {
+        q = 0;
+        if (++r == g.R) {
+          r = 0;
+          ++c;
+        }
+      }
+    }
+  }
+}
+
+// B from an image, pixel-major: rows k = pixels g.p0 + k, columns j = taps.
+void pack_b_im2col_pixels(const Im2col& g, int64_t N, int64_t k0, int64_t kc, int64_t n0,
+                          int64_t nc, float* dst) {
+  for (int64_t p = 0; p < nc; p += kGemmNR) {
+    int64_t dh[kGemmNR], dw[kGemmNR], co[kGemmNR];
+    bool valid[kGemmNR];
+    for (int64_t j = 0; j < kGemmNR; ++j) {
+      const int64_t tap = n0 + p + j;
+      valid[j] = p + j < nc && tap < N;
+      const int64_t t = valid[j] ? tap : 0;
+      int64_t r, q, c;
+      if (g.taps_rsc) {
+        c = t % g.C;
+        q = t / g.C % g.S;
+        r = t / g.C / g.S;
+      } else {
+        q = t % g.S;
+        r = t / g.S % g.R;
+        c = t / g.S / g.R;
+      }
+      dh[j] = r * g.dH - g.pT;
+      dw[j] = q * g.dW - g.pL;
+      co[j] = c * g.sc;
+    }
+    // 16 neighbouring channels of one tap: one contiguous run in a channels_last image
+    const bool run = g.taps_rsc && g.sc == 1 && valid[kGemmNR - 1] && dh[0] == dh[kGemmNR - 1] &&
+                     dw[0] == dw[kGemmNR - 1];
+    int64_t pix = g.p0 + k0;
+    int64_t ow = pix % g.OW, oh = pix / g.OW % g.OH, n = pix / g.OW / g.OH;
+    for (int64_t k = 0; k < kc; ++k) {
+      const float* base = g.x + n * g.sn;
+      const int64_t h0 = oh * g.sH, w0 = ow * g.sW;
+      const int64_t ih = h0 + dh[0], iw = w0 + dw[0];
+      if (run && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) {
+        const float* src = base + ih * g.sh + iw * g.sw + co[0];
+        _mm256_storeu_ps(dst, _mm256_loadu_ps(src));
+        _mm256_storeu_ps(dst + 8, _mm256_loadu_ps(src + 8));
+      } else {
+        for (int64_t j = 0; j < kGemmNR; ++j) {
+          const int64_t y = h0 + dh[j], x = w0 + dw[j];
+          dst[j] = valid[j] && y >= 0 && y < g.H && x >= 0 && x < g.W
+                       ? base[y * g.sh + x * g.sw + co[j]]
+                       : 0.0f;
+        }
+      }
+      dst += kGemmNR;
+      if (++ow == g.OW) {
+        ow = 0;
+        if (++oh == g.OH) {
+          oh = 0;
+          ++n;
+        }
+      }
+    }
+  }
+}
+
 // The 6 x 16 tile at (m, n) over one packed slice; `first`: no earlier slice (C is overwritten
 // unless accumulate), `last`: the epilogue applies.
 void micro_kernel(const GemmDesc& d, int64_t kc, const float* a, const float* b, int64_t m,
@@ -142,6 +284,37 @@ void micro_kernel(const GemmDesc& d, int64_t kc, const float* a, const float* b,
 
 }  // namespace
 
+void gemm_pack_a(const GemmDesc& d, float* dst) {
+  const int64_t MC = gemm_mc(d);
+  for (int64_t m0 = 0; m0 < d.M; m0 += MC) {
+    const int64_t mc = std::min(MC, d.M - m0);
+    for (int64_t k0 = 0; k0 < d.K; k0 += kGemmKC) {
+      const int64_t kc = std::min(kGemmKC, d.K - k0);
+      float* out = dst + m0 * d.K + gemm_round(mc, kGemmMR) * k0;
+      if (d.a_im2col) {
+        pack_a_im2col(d.a_img, d.M, m0, mc, k0, kc, out);
+      } else {
+        pack_a(d, m0, mc, k0, kc, out);
+      }
+    }
+  }
+}
+
+void gemm_pack_b(const GemmDesc& d, float* dst) {
+  for (int64_t n0 = 0; n0 < d.N; n0 += kGemmNC) {
+    const int64_t nc = std::min(kGemmNC, d.N - n0);
+    for (int64_t k0 = 0; k0 < d.K; k0 += kGemmKC) {
+      const int64_t kc = std::min(kGemmKC, d.K - k0);
+      float* out = dst + n0 * d.K + gemm_round(nc, kGemmNR) * k0;
+      if (d.b_im2col) {
+        pack_b_im2col(d.b_img, d.N, k0, kc, n0, nc, out);
+      } else {
+        pack_b(d, k0, kc, n0, nc, out);
+      }
+    }
+  }
+}
+
 void sgemm_avx2(const GemmDesc& d, int64_t t0, int64_t t1) {  // d.K > 0
   const int64_t MC = gemm_mc(d), mblocks = (d.M + MC - 1) / MC;
   thread_local std::vector<float> pa, pb;
@@ -152,14 +325,30 @@ void sgemm_avx2(const GemmDesc& d, int64_t t0, int64_t t1) {  // d.K > 0
     const int64_t mc = std::min(MC, d.M - m0), nc = std::min(kGemmNC, d.N - n0);
     for (int64_t k0 = 0; k0 < d.K; k0 += kGemmKC) {
       const int64_t kc = std::min(kGemmKC, d.K - k0);
-      pack_a(d, m0, mc, k0, kc, pa.data());
-      pack_b(d, k0, kc, n0, nc, pb.data());
+      const float* ap = pa.data();
+      const float* bq = pb.data();
+      if (d.a_packed) {
+        ap = d.a_packed + m0 * d.K + gemm_round(mc, kGemmMR) * k0;
+      } else if (d.a_im2col) {
+        pack_a_im2col(d.a_img, d.M, m0, mc, k0, kc, pa.data());
+      } else {
+        pack_a(d, m0, mc, k0, kc, pa.data());
+      }
+      if (d.b_packed) {
+        bq = d.b_packed + n0 * d.K + gemm_round(nc, kGemmNR) * k0;
+      } else if (d.b_im2col) {
+        pack_b_im2col(d.b_img, d.N, k0, kc, n0, nc, pb.data());
+      } else if (d.b_im2col_pixels) {
+        pack_b_im2col_pixels(d.b_img, d.N, k0, kc, n0, nc, pb.data());
+      } else {
+        pack_b(d, k0, kc, n0, nc, pb.data());
+      }
       const bool first = k0 == 0, last = k0 + kc >= d.K;
       for (int64_t jn = 0; jn < nc; jn += kGemmNR) {
-        const float* bp = pb.data() + (jn / kGemmNR) * kc * kGemmNR;
+        const float* bp = bq + (jn / kGemmNR) * kc * kGemmNR;
         for (int64_t im = 0; im < mc; im += kGemmMR) {
-          micro_kernel(d, kc, pa.data() + (im / kGemmMR) * kc * kGemmMR, bp, m0 + im, n0 + jn,
-                       first, last);
+          micro_kernel(d, kc, ap + (im / kGemmMR) * kc * kGemmMR, bp, m0 + im, n0 + jn, first,
+                       last);
         }
       }
     }
