@@ -260,15 +260,16 @@ def test_wide_rows_every_kernel_path(simd, width):  # simd: each CPU path this m
     ],
     ids=str,
 )
-def test_strided_input_gradient_phases(simd, k, s, p, h):
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_strided_input_gradient_phases(simd, k, s, p, h, fmt):
     # the input gradient of strided layers, split into stride-1 phases on the forward kernel
-    x = torch.randn(2, 6, h, h + 3, dtype=torch.float64)
+    x = torch.randn(2, 6, h, h + 3, dtype=torch.float64).contiguous(memory_format=fmt)
     kh, kw = (k, k) if isinstance(k, int) else k
     w = torch.randn(10, 3, kh, kw, dtype=torch.float64)
     args = dict(stride=s, padding=p, groups=2)
     xr = x.clone().requires_grad_()
     ref = F.conv2d(xr, w, None, **args)
-    grad = torch.randn_like(ref)
+    grad = torch.randn_like(ref).contiguous(memory_format=fmt)
     (want,) = torch.autograd.grad(ref, xr, grad)
     xf = x.float().requires_grad_()
     (got,) = torch.autograd.grad(PF.conv2d(xf, w.float(), None, **args), xf, grad.float())
@@ -317,7 +318,7 @@ def test_forward_paths_forced(monkeypatch, simd, path, fmt):
         out = PF.conv2d(xf, wf, b.float(), **args, activation="relu", residual=res.float())
         assert out.is_contiguous(memory_format=fmt)
         close(out, torch.relu(ref + res), torch.float32)
-        grad = torch.randn_like(ref)
+        grad = torch.randn_like(ref).contiguous(memory_format=fmt)
         want = torch.autograd.grad(ref, (xr, wr), grad)
         got = torch.autograd.grad(PF.conv2d(xf, wf, b.float(), **args), (xf, wf), grad.float())
         for a, e in zip(got, want, strict=True):

@@ -325,7 +325,8 @@ void forward_avx2(const float* x, const float* w, const float* bias, const float
 // At stride 1 the input gradient is a forward convolution of grad_output with the weights
 // flipped in space and transposed in channels, padded by dilation * (k - 1) - pad: it runs on the
 // forward kernel. Returns false (nothing done) where that padding would be negative.
-bool backward_input_as_forward(const float* go, const float* w, float* gi, const ConvShape& s) {
+bool backward_input_as_forward(const float* go, const float* w, float* gi, const ConvShape& s,
+                               bool cl = false) {
   if (s.sH != 1 || s.sW != 1) return false;
   ConvShape t = s;
   t.C = s.K;
@@ -350,7 +351,11 @@ bool backward_input_as_forward(const float* go, const float* w, float* gi, const
       }
     }
   }
-  forward_avx2(go, wt.data(), nullptr, nullptr, false, gi, t);
+  if (cl) {
+    implicit_gemm_forward(go, wt.data(), nullptr, nullptr, false, gi, t, true);
+  } else {
+    forward_avx2(go, wt.data(), nullptr, nullptr, false, gi, t);
+  }
   return true;
 }
 
@@ -376,7 +381,8 @@ Phase phase_of(int64_t a, int64_t stride, int64_t pad, int64_t k, int64_t in, in
   return p;
 }
 
-bool backward_input_polyphase(const float* go, const float* w, float* gi, const ConvShape& s) {
+bool backward_input_polyphase(const float* go, const float* w, float* gi, const ConvShape& s,
+                              bool cl = false) {
   if ((s.sH == 1 && s.sW == 1) || s.dH != 1 || s.dW != 1) return false;
   for (int64_t a = 0; a < s.sH; ++a) {
     const Phase ph = phase_of(a, s.sH, s.pT, s.R, s.H, s.OH);
@@ -428,7 +434,24 @@ bool backward_input_polyphase(const float* go, const float* w, float* gi, const 
           }
         }
         buf.resize(static_cast<size_t>(planes * Hp * Wp));
-        forward_avx2(go, wt.data(), nullptr, nullptr, false, buf.data(), t);
+        if (cl) {
+          implicit_gemm_forward(go, wt.data(), nullptr, nullptr, false, buf.data(), t, true);
+        } else {
+          forward_avx2(go, wt.data(), nullptr, nullptr, false, buf.data(), t);
+        }
+      }
+      if (cl) {  // channels_last: each phase pixel is a run of C channels
+        at::parallel_for(0, s.N * Hp, 1, [&](int64_t q0, int64_t q1) {
+          for (int64_t q = q0; q < q1; ++q) {
+            const int64_t n = q / Hp, i = q % Hp;
+            for (int64_t j = 0; j < Wp; ++j) {
+              float* dst = gi + ((n * s.H + a + s.sH * i) * s.W + b + s.sW * j) * s.C;
+              const float* src = empty ? nullptr : buf.data() + ((n * Hp + i) * Wp + j) * s.C;
+              for (int64_t c = 0; c < s.C; ++c) dst[c] = empty ? 0.0f : src[c];
+            }
+          }
+        });
+        continue;
       }
       at::parallel_for(0, planes, 1, [&](int64_t p0, int64_t p1) {
         for (int64_t p = p0; p < p1; ++p) {
@@ -663,6 +686,19 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
                              fmt == at::MemoryFormat::ChannelsLast);
     return gi.to(grad_output.scalar_type());
   }
+  if (ct == at::kFloat && simd_is_avx2() &&
+      format_of(grad_output) == at::MemoryFormat::ChannelsLast && s.N * s.OH * s.OW > 0 &&
+      use_implicit_gemm(s, true)) {  // channels_last on the implicit GEMM, no NCHW copies
+    const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
+    const at::Tensor go = grad_output.to(ct).contiguous(cl), w = weight.to(ct).contiguous();
+    at::Tensor gi = empty_cached(input_size, grad_output.options().dtype(ct), cl);
+    if (backward_input_as_forward(go.const_data_ptr<float>(), w.const_data_ptr<float>(),
+                                  gi.mutable_data_ptr<float>(), s, true) ||
+        backward_input_polyphase(go.const_data_ptr<float>(), w.const_data_ptr<float>(),
+                                 gi.mutable_data_ptr<float>(), s, true)) {
+      return gi.to(grad_output.scalar_type());
+    }
+  }
   at::Tensor gi = at::empty(input_size, grad_output.options().dtype(ct));
   if (gi.numel() > 0) {
     const at::Tensor go = nchw(grad_output, ct), w = nchw(weight, ct);
@@ -719,8 +755,7 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
     return gw.to(grad_output.scalar_type());
   }
   const bool cl_grads = format_of(grad_output) == at::MemoryFormat::ChannelsLast;
-  if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 &&
-      use_implicit_gemm_weight(s)) {
+  if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 && use_implicit_gemm_weight(s)) {
     const at::MemoryFormat fmt =
         cl_grads ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
     const at::Tensor go = grad_output.to(ct).contiguous(fmt), x = input.to(ct).contiguous(fmt);
