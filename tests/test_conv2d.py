@@ -339,3 +339,26 @@ def test_weight_gradient_in_slices(simd, fmt):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
     again = ops.conv2d_backward_weight(grad.float(), x.float(), list(w.shape), *geometry)
     assert torch.equal(got, again)
+
+
+@pytest.mark.parametrize("k, s, p, d", [(3, 1, 1, 1), (3, 2, 1, 1), (5, 2, 3, 2), (1, 1, 0, 1)])
+def test_depthwise_channels_last(simd, k, s, p, d):
+    # channels are the vector lanes: 21 channels leave a masked tail of 5
+    x = torch.randn(2, 21, 15, 12, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last
+    )
+    w = torch.randn(21, 1, k, k, dtype=torch.float64)
+    b = torch.randn(21, dtype=torch.float64)
+    args = dict(stride=s, padding=p, dilation=d, groups=21)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    ref = F.conv2d(xr, wr, br, **args)
+    res = torch.randn_like(ref).contiguous(memory_format=torch.channels_last)
+    xf, wf, bf = (t.float().requires_grad_() for t in (x, w, b))
+    out = PF.conv2d(xf, wf, bf, **args, activation="relu", residual=res.float())
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    close(out, torch.relu(ref + res), torch.float32)
+    grad = torch.randn_like(ref).contiguous(memory_format=torch.channels_last)
+    want = torch.autograd.grad(ref, (xr, wr, br), grad)
+    got = torch.autograd.grad(PF.conv2d(xf, wf, bf, **args), (xf, wf, bf), grad.float())
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-4)

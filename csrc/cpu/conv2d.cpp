@@ -19,6 +19,7 @@
 #include "common/conv.h"
 #include "cpu/buffer_cache.h"
 #include "cpu/kernels/conv2d_kernels.h"
+#include "cpu/kernels/depthwise.h"
 #include "cpu/kernels/gemm.h"
 #include "cpu/simd.h"
 
@@ -589,6 +590,19 @@ void pointwise_backward_weight(const float* go, const float* x, float* gw, const
   }
 }
 
+// Depthwise layers (one input and one output channel per group) on channels_last tensors take
+// the kernels vectorised along the channels.
+bool depthwise_cl(const ConvShape& s, const at::Tensor& t) {
+  return s.G == s.C && s.K == s.C && t.dim() == 4 &&
+         t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+std::vector<float> depthwise_weights(const at::Tensor& w, const ConvShape& s) {
+  std::vector<float> wt(static_cast<size_t>(s.R * s.S * s.C));
+  depthwise_pack_weights(w.const_data_ptr<float>(), wt.data(), s);
+  return wt;
+}
+
 // The dtype the loops run in, and the layout the caller's tensors are given back in.
 at::ScalarType compute_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
@@ -619,6 +633,21 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
       make_conv_shape("conv2d", input.sizes(), weight.sizes(), stride, padding, dilation, groups);
   check_conv_extras("conv2d", input, weight, bias, residual, s);
   const at::ScalarType ct = compute_type(input.scalar_type());
+  if (ct == at::kFloat && simd_is_avx2() && depthwise_cl(s, input) && s.N * s.OH * s.OW > 0) {
+    const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
+    const at::Tensor x = input.to(ct).contiguous(cl), w = weight.to(ct).contiguous();
+    const at::Tensor b = bias.has_value() ? bias->to(ct).contiguous() : at::Tensor();
+    const at::Tensor rs = residual.has_value() ? residual->to(ct).contiguous(cl) : at::Tensor();
+    const std::vector<float> wt = depthwise_weights(w, s);
+    at::Tensor y = empty_cached({s.N, s.K, s.OH, s.OW}, input.options().dtype(ct), cl);
+    at::parallel_for(0, s.N * s.OH, 1, [&](int64_t t0, int64_t t1) {
+      depthwise_fwd_cl_avx2(x.const_data_ptr<float>(), wt.data(),
+                            b.defined() ? b.const_data_ptr<float>() : nullptr,
+                            rs.defined() ? rs.const_data_ptr<float>() : nullptr, relu,
+                            y.mutable_data_ptr<float>(), s, t0, t1);
+    });
+    return y.to(input.scalar_type());
+  }
   if (ct == at::kFloat && simd_is_avx2() && pointwise(s)) {  // each layout as it comes
     const at::MemoryFormat fmt = format_of(input);
     const at::Tensor x = input.to(ct).contiguous(fmt), w = weight.to(ct).contiguous();
@@ -677,6 +706,17 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
                                       padding, dilation, groups);
   check_grad_output("conv2d_backward_input", grad_output, s);
   const at::ScalarType ct = compute_type(grad_output.scalar_type());
+  if (ct == at::kFloat && simd_is_avx2() && depthwise_cl(s, grad_output) && s.N * s.H * s.W > 0) {
+    const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
+    const at::Tensor go = grad_output.to(ct).contiguous(cl), w = weight.to(ct).contiguous();
+    const std::vector<float> wt = depthwise_weights(w, s);
+    at::Tensor gi = empty_cached(input_size, grad_output.options().dtype(ct), cl);
+    at::parallel_for(0, s.N * s.H, 1, [&](int64_t t0, int64_t t1) {
+      depthwise_bwd_input_cl_avx2(go.const_data_ptr<float>(), wt.data(),
+                                  gi.mutable_data_ptr<float>(), s, t0, t1);
+    });
+    return gi.to(grad_output.scalar_type());
+  }
   if (ct == at::kFloat && simd_is_avx2() && pointwise(s)) {
     const at::MemoryFormat fmt = format_of(grad_output);
     const at::Tensor go = grad_output.to(ct).contiguous(fmt), w = weight.to(ct).contiguous();
@@ -752,6 +792,30 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
     pointwise_backward_weight(go.const_data_ptr<float>(), x.const_data_ptr<float>(),
                               gw.mutable_data_ptr<float>(), s,
                               fmt == at::MemoryFormat::ChannelsLast);
+    return gw.to(grad_output.scalar_type());
+  }
+  if (ct == at::kFloat && simd_is_avx2() && depthwise_cl(s, grad_output) && s.N * s.OH * s.OW > 0) {
+    // fixed row slices summed in order: the same result for any thread count
+    const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
+    const at::Tensor go = grad_output.to(ct).contiguous(cl), x = input.to(ct).contiguous(cl);
+    const int64_t rows = s.N * s.OH, slices = std::min<int64_t>(rows, 16), RS = s.R * s.S;
+    std::vector<float> part(static_cast<size_t>(slices * RS * s.C), 0.0f);
+    at::parallel_for(0, slices, 1, [&](int64_t a, int64_t b) {
+      for (int64_t sl = a; sl < b; ++sl) {
+        depthwise_bwd_weight_cl_avx2(go.const_data_ptr<float>(), x.const_data_ptr<float>(),
+                                     part.data() + sl * RS * s.C, s, sl * rows / slices,
+                                     (sl + 1) * rows / slices);
+      }
+    });
+    at::Tensor gw = at::empty(weight_size, grad_output.options().dtype(ct));
+    float* out = gw.mutable_data_ptr<float>();
+    for (int64_t c = 0; c < s.C; ++c) {
+      for (int64_t t = 0; t < RS; ++t) {
+        float acc = 0.0f;
+        for (int64_t sl = 0; sl < slices; ++sl) acc += part[(sl * RS + t) * s.C + c];
+        out[c * RS + t] = acc;
+      }
+    }
     return gw.to(grad_output.scalar_type());
   }
   const bool cl_grads = format_of(grad_output) == at::MemoryFormat::ChannelsLast;

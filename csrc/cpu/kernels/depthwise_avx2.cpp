@@ -1,0 +1,143 @@
+// AVX2 + FMA float32 depthwise convolution (one input and one output channel per group) on
+// channels_last tensors: every channel has its own filter, so the channels, contiguous in memory,
+// are the vector lanes; forward, input gradient and weight gradient. This file alone is compiled
+// for AVX2 (the pragma below).
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "cpu/kernels/depthwise.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#elif defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#endif
+
+namespace pyconv::cpu {
+
+void depthwise_pack_weights(const float* w, float* wt, const ConvShape& s) {
+  const int64_t RS = s.R * s.S;
+  for (int64_t c = 0; c < s.C; ++c)
+    for (int64_t t = 0; t < RS; ++t) wt[t * s.C + c] = w[c * RS + t];
+}
+
+namespace {
+
+// Channels [c, c + 8) or the tail [c, C): lanes beyond C are masked off.
+struct Lanes {
+  __m256i mask;
+  bool full;
+};
+
+Lanes lanes(int64_t c, int64_t C) {
+  const int64_t n = std::min<int64_t>(8, C - c);
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return {_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), idx), n == 8};
+}
+
+inline __m256 load(const float* p, const Lanes& l) {
+  return l.full ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, l.mask);
+}
+inline void store(float* p, __m256 v, const Lanes& l) {
+  if (l.full) {
+    _mm256_storeu_ps(p, v);
+  } else {
+    _mm256_maskstore_ps(p, l.mask, v);
+  }
+}
+
+}  // namespace
+
+void depthwise_fwd_cl_avx2(const float* x, const float* wt, const float* bias, const float* res,
+                           bool relu, float* y, const ConvShape& s, int64_t t0, int64_t t1) {
+  const int64_t C = s.C;
+  for (int64_t t = t0; t < t1; ++t) {  // t = (n, oh)
+    const int64_t n = t / s.OH, oh = t % s.OH;
+    for (int64_t ow = 0; ow < s.OW; ++ow) {
+      float* out = y + ((n * s.OH + oh) * s.OW + ow) * C;
+      const float* rp = res ? res + ((n * s.OH + oh) * s.OW + ow) * C : nullptr;
+      for (int64_t c = 0; c < C; c += 8) {
+        const Lanes l = lanes(c, C);
+        __m256 acc = bias ? load(bias + c, l) : _mm256_setzero_ps();
+        for (int64_t r = 0; r < s.R; ++r) {
+          const int64_t ih = oh * s.sH - s.pT + r * s.dH;
+          if (ih < 0 || ih >= s.H) continue;
+          const float* xrow = x + (n * s.H + ih) * s.W * C + c;
+          const float* wrow = wt + r * s.S * C + c;
+          for (int64_t q = 0; q < s.S; ++q) {
+            const int64_t iw = ow * s.sW - s.pL + q * s.dW;
+            if (iw < 0 || iw >= s.W) continue;
+            acc = _mm256_fmadd_ps(load(xrow + iw * C, l), load(wrow + q * C, l), acc);
+          }
+        }
+        if (rp) acc = _mm256_add_ps(acc, load(rp + c, l));
+        if (relu) acc = _mm256_max_ps(acc, _mm256_setzero_ps());
+        store(out + c, acc, l);
+      }
+    }
+  }
+}
+
+void depthwise_bwd_input_cl_avx2(const float* go, const float* wt, float* gi, const ConvShape& s,
+                                 int64_t t0, int64_t t1) {
+  const int64_t C = s.C;
+  for (int64_t t = t0; t < t1; ++t) {  // t = (n, h)
+    const int64_t n = t / s.H, h = t % s.H;
+    for (int64_t w = 0; w < s.W; ++w) {
+      float* out = gi + ((n * s.H + h) * s.W + w) * C;
+      for (int64_t c = 0; c < C; c += 8) {
+        const Lanes l = lanes(c, C);
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t r = 0; r < s.R; ++r) {
+          const int64_t th = h + s.pT - r * s.dH;
+          if (th < 0 || th % s.sH != 0 || th / s.sH >= s.OH) continue;
+          const float* grow = go + (n * s.OH + th / s.sH) * s.OW * C + c;
+          const float* wrow = wt + r * s.S * C + c;
+          for (int64_t q = 0; q < s.S; ++q) {
+            const int64_t tw = w + s.pL - q * s.dW;
+            if (tw < 0 || tw % s.sW != 0 || tw / s.sW >= s.OW) continue;
+            acc = _mm256_fmadd_ps(load(grow + (tw / s.sW) * C, l), load(wrow + q * C, l), acc);
+          }
+        }
+        store(out + c, acc, l);
+      }
+    }
+  }
+}
+
+void depthwise_bwd_weight_cl_avx2(const float* go, const float* x, float* part, const ConvShape& s,
+                                  int64_t r0, int64_t r1) {
+  const int64_t C = s.C;
+  for (int64_t t = r0; t < r1; ++t) {  // t = (n, oh): accumulate into part[tap][c]
+    const int64_t n = t / s.OH, oh = t % s.OH;
+    for (int64_t r = 0; r < s.R; ++r) {
+      const int64_t ih = oh * s.sH - s.pT + r * s.dH;
+      if (ih < 0 || ih >= s.H) continue;
+      const float* xrow = x + (n * s.H + ih) * s.W * C;
+      for (int64_t q = 0; q < s.S; ++q) {
+        float* acc_row = part + (r * s.S + q) * C;
+        for (int64_t c = 0; c < C; c += 8) {
+          const Lanes l = lanes(c, C);
+          __m256 acc = load(acc_row + c, l);
+          for (int64_t ow = 0; ow < s.OW; ++ow) {
+            const int64_t iw = ow * s.sW - s.pL + q * s.dW;
+            if (iw < 0 || iw >= s.W) continue;
+            const float* g = go + ((n * s.OH + oh) * s.OW + ow) * C + c;
+            acc = _mm256_fmadd_ps(load(g, l), load(xrow + iw * C + c, l), acc);
+          }
+          store(acc_row + c, acc, l);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace pyconv::cpu
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#elif defined(__clang__)
+#pragma clang attribute pop
+#endif
