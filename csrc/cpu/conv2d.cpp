@@ -298,7 +298,8 @@ void implicit_gemm_backward_weight(const float* go, const float* x, float* gw, c
 // register tile and a long enough reduction (not depthwise, not tiny first layers).
 bool use_implicit_gemm(const ConvShape& s, bool cl) {
   if (const char* e = std::getenv("PYCONV_CONV_GEMM")) return e[0] == '1';
-  return s.Kg() >= 8 && s.Cg() * s.R * s.S >= 27 && (cl || s.sW == 1);
+  // channels_last: whenever the tile fills (the alternative converts to NCHW and back)
+  return s.Kg() >= 8 && (cl ? s.Cg() * s.R * s.S >= 27 : s.Cg() * s.R * s.S >= 32 && s.sW == 1);
 }
 
 // The same for the weight gradient, whose pixel-major packing takes any stride; the direct tile
