@@ -8,10 +8,21 @@ from . import (  # noqa: F401
     functional,
     nn,
 )
+from .convert import ConvertReport, FusedConv2d, convert, fuse, param_groups
 
 __version__ = _C.version()
 
-__all__ = ["functional", "nn", "info", "empty_cache"]
+__all__ = [
+    "functional",
+    "nn",
+    "info",
+    "empty_cache",
+    "convert",
+    "fuse",
+    "param_groups",
+    "ConvertReport",
+    "FusedConv2d",
+]
 
 
 def info():

@@ -208,6 +208,12 @@ def _conv_padding(padding, weight, dilation, stride):
     return [ph, ph, pw, pw]
 
 
+def _autocast(t, dtype):
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
 def conv2d(
     input,
     weight,
@@ -230,6 +236,12 @@ def conv2d(
     s = _pair(stride, "stride", "conv2d")
     d = _pair(dilation, "dilation", "conv2d")
     p = _conv_padding(padding, weight, d, s)
+    if torch.is_autocast_enabled(input.device.type):
+        # as torch's conv2d under autocast: float32/16-bit operands to the autocast dtype
+        dtype = torch.get_autocast_dtype(input.device.type)
+        input, weight, bias, residual = (
+            _autocast(t, dtype) for t in (input, weight, bias, residual)
+        )
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
