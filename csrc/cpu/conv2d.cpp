@@ -661,8 +661,9 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
                       y.mutable_data_ptr<float>(), s, fmt == at::MemoryFormat::ChannelsLast);
     return y.to(input.scalar_type());
   }
-  if (ct == at::kFloat && simd_is_avx2() && format_of(input) == at::MemoryFormat::ChannelsLast &&
-      use_implicit_gemm(s, true)) {  // channels_last as it comes, on the implicit GEMM
+  if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 && use_implicit_gemm(s, true)) {
+    // on the channels_last implicit GEMM; NCHW goes there as a channels_last copy and comes back
+    // (two passes over memory, cheaper than the NCHW kernels whenever the GEMM applies)
     const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
     const at::Tensor x = input.to(ct).contiguous(cl), w = weight.to(ct).contiguous();
     const at::Tensor b = bias.has_value() ? bias->to(ct).contiguous() : at::Tensor();
@@ -672,7 +673,7 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
                           b.defined() ? b.const_data_ptr<float>() : nullptr,
                           rs.defined() ? rs.const_data_ptr<float>() : nullptr, relu,
                           y.mutable_data_ptr<float>(), s, true);
-    return y.to(input.scalar_type());
+    return y.to(input.scalar_type()).contiguous(format_of(input));
   }
   at::Tensor out = at::empty({s.N, s.K, s.OH, s.OW}, input.options().dtype(ct));
   if (out.numel() > 0) {
@@ -727,9 +728,8 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
                              fmt == at::MemoryFormat::ChannelsLast);
     return gi.to(grad_output.scalar_type());
   }
-  if (ct == at::kFloat && simd_is_avx2() &&
-      format_of(grad_output) == at::MemoryFormat::ChannelsLast && s.N * s.OH * s.OW > 0 &&
-      use_implicit_gemm(s, true)) {  // channels_last on the implicit GEMM, no NCHW copies
+  if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 &&
+      use_implicit_gemm(s, true)) {  // on the channels_last implicit GEMM, as the forward
     const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
     const at::Tensor go = grad_output.to(ct).contiguous(cl), w = weight.to(ct).contiguous();
     at::Tensor gi = empty_cached(input_size, grad_output.options().dtype(ct), cl);
@@ -737,7 +737,7 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
                                   gi.mutable_data_ptr<float>(), s, true) ||
         backward_input_polyphase(go.const_data_ptr<float>(), w.const_data_ptr<float>(),
                                  gi.mutable_data_ptr<float>(), s, true)) {
-      return gi.to(grad_output.scalar_type());
+      return gi.to(grad_output.scalar_type()).contiguous(format_of(grad_output));
     }
   }
   at::Tensor gi = at::empty(input_size, grad_output.options().dtype(ct));
@@ -819,10 +819,10 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
     }
     return gw.to(grad_output.scalar_type());
   }
-  const bool cl_grads = format_of(grad_output) == at::MemoryFormat::ChannelsLast;
   if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 && use_implicit_gemm_weight(s)) {
-    const at::MemoryFormat fmt =
-        cl_grads ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+    // channels_last operands (NCHW ones copied): 16 neighbouring channels per packed row
+    const bool cl_grads = true;
+    const at::MemoryFormat fmt = at::MemoryFormat::ChannelsLast;
     const at::Tensor go = grad_output.to(ct).contiguous(fmt), x = input.to(ct).contiguous(fmt);
     at::Tensor gw =
         empty_cached(weight_size, grad_output.options().dtype(ct), at::MemoryFormat::Contiguous);

@@ -18,6 +18,7 @@ import pyconv
 
 from . import conv as conv_bench
 from . import dropout as dropout_bench
+from . import model as model_bench
 from . import pool as pool_bench
 from .cases import all_cases
 from .timing import copy_bandwidth, interleaved
@@ -28,6 +29,7 @@ BODIES = {
     "max_pool2d": pool_bench,
     "avg_pool2d": pool_bench,
     "conv2d": conv_bench,
+    "resnet18": model_bench,
 }
 
 
@@ -86,8 +88,9 @@ def run(args):
             # on the GPU several calls per timing, so that the host's launch overhead overlaps
             t = interleaved(fns, device, repeat, inner=5 if device == "cuda" else 1)
             # bytes moved (GB/s) or floating-point operations (GFLOP/s) per second
-            rate = amount / t["pyconv"] / 1e9
-            ceiling = amount / t["copy"] / 1e9 if copy_fn is not None else None
+            scale = getattr(body, "SCALE", 1e9)
+            rate = amount / t["pyconv"] / scale
+            ceiling = amount / t["copy"] / scale if copy_fn is not None else None
             report["rows"].append(
                 {
                     "op": case.label().split(f" {case.mode} ")[0],

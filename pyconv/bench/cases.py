@@ -127,9 +127,17 @@ def cuda_conv_cases():
     return cases
 
 
+def model_cases(device):
+    """Issue 5's model-level case: a ResNet-18-style training step, batch 32, 32x32 input."""
+    return [
+        Case("resnet18", (32, 3, 32, 32), torch.float32, cl, "fwd+bwd", quick=True)
+        for cl in (False, True)
+    ]
+
+
 def all_cases(device):
     by_op = {}
-    cases = dropout_cases(device) + pool_cases(device)
+    cases = dropout_cases(device) + pool_cases(device) + model_cases(device)
     cases += conv_cases(device) if device == "cpu" else cuda_conv_cases()
     for c in cases:
         by_op.setdefault(c.op, []).append(c)

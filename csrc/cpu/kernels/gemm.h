@@ -54,6 +54,7 @@ constexpr int64_t kGemmMC = 96, kGemmNC = 256, kGemmKC = 128;
 // Rows per task: at most kGemmMC, as even as whole register tiles allow (M = 128 gives 66 + 62,
 // not 96 + 32, so that two threads get equal shares).
 inline int64_t gemm_mc(const GemmDesc& d) {
+  if (d.M <= 0) return kGemmMR;
   const int64_t blocks = (d.M + kGemmMC - 1) / kGemmMC;
   const int64_t rows = (d.M + blocks - 1) / blocks;
   return (rows + kGemmMR - 1) / kGemmMR * kGemmMR;
