@@ -53,11 +53,20 @@ inline void store(float* p, __m256 v, const Lanes& l) {
 void depthwise_fwd_cl_avx2(const float* x, const float* wt, const float* bias, const float* res,
                            bool relu, float* y, const ConvShape& s, int64_t t0, int64_t t1) {
   const int64_t C = s.C;
+  // output columns whose windows lie inside the row: [lo, hi)
+  const int64_t lo = std::min(s.OW, (s.pL + s.sW - 1) / s.sW);
+  const int64_t span = s.W + s.pL - (s.S - 1) * s.dW;  // last tap inside <=> ow * sW < span
+  const int64_t hi = std::max(lo, std::min(s.OW, span > 0 ? (span + s.sW - 1) / s.sW : 0));
   for (int64_t t = t0; t < t1; ++t) {  // t = (n, oh)
     const int64_t n = t / s.OH, oh = t % s.OH;
-    for (int64_t ow = 0; ow < s.OW; ++ow) {
-      float* out = y + ((n * s.OH + oh) * s.OW + ow) * C;
-      const float* rp = res ? res + ((n * s.OH + oh) * s.OW + ow) * C : nullptr;
+    float* orow = y + (n * s.OH + oh) * s.OW * C;
+    const float* rrow = res ? res + (n * s.OH + oh) * s.OW * C : nullptr;
+    auto finish = [&](__m256 acc, int64_t ow, int64_t c, const Lanes& l) {
+      if (rrow) acc = _mm256_add_ps(acc, load(rrow + ow * C + c, l));
+      if (relu) acc = _mm256_max_ps(acc, _mm256_setzero_ps());
+      store(orow + ow * C + c, acc, l);
+    };
+    auto one = [&](int64_t ow) {  // any column: each tap checked
       for (int64_t c = 0; c < C; c += 8) {
         const Lanes l = lanes(c, C);
         __m256 acc = bias ? load(bias + c, l) : _mm256_setzero_ps();
@@ -72,11 +81,39 @@ void depthwise_fwd_cl_avx2(const float* x, const float* wt, const float* bias, c
             acc = _mm256_fmadd_ps(load(xrow + iw * C, l), load(wrow + q * C, l), acc);
           }
         }
-        if (rp) acc = _mm256_add_ps(acc, load(rp + c, l));
-        if (relu) acc = _mm256_max_ps(acc, _mm256_setzero_ps());
-        store(out + c, acc, l);
+        finish(acc, ow, c, l);
+      }
+    };
+    int64_t ow = 0;
+    for (; ow < lo; ++ow) one(ow);
+    // four interior columns at a time, every channel block over the same few cache lines: four
+    // independent accumulation chains, one weight load per tap
+    for (; ow + 4 <= hi; ow += 4) {
+      for (int64_t c = 0; c < C; c += 8) {
+        const Lanes l = lanes(c, C);
+        const __m256 b = bias ? load(bias + c, l) : _mm256_setzero_ps();
+        __m256 a0 = b, a1 = b, a2 = b, a3 = b;
+        for (int64_t r = 0; r < s.R; ++r) {
+          const int64_t ih = oh * s.sH - s.pT + r * s.dH;
+          if (ih < 0 || ih >= s.H) continue;
+          const float* xp = x + ((n * s.H + ih) * s.W + ow * s.sW - s.pL) * C + c;
+          const float* wrow = wt + r * s.S * C + c;
+          for (int64_t q = 0; q < s.S; ++q) {
+            const __m256 wv = load(wrow + q * C, l);
+            const float* p = xp + q * s.dW * C;
+            a0 = _mm256_fmadd_ps(load(p, l), wv, a0);
+            a1 = _mm256_fmadd_ps(load(p + s.sW * C, l), wv, a1);
+            a2 = _mm256_fmadd_ps(load(p + 2 * s.sW * C, l), wv, a2);
+            a3 = _mm256_fmadd_ps(load(p + 3 * s.sW * C, l), wv, a3);
+          }
+        }
+        finish(a0, ow, c, l);
+        finish(a1, ow + 1, c, l);
+        finish(a2, ow + 2, c, l);
+        finish(a3, ow + 3, c, l);
       }
     }
+    for (; ow < s.OW; ++ow) one(ow);
   }
 }
 
