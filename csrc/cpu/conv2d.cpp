@@ -713,10 +713,32 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
     const at::Tensor go = grad_output.to(ct).contiguous(cl), w = weight.to(ct).contiguous();
     const std::vector<float> wt = depthwise_weights(w, s);
     at::Tensor gi = empty_cached(input_size, grad_output.options().dtype(ct), cl);
-    at::parallel_for(0, s.N * s.H, 1, [&](int64_t t0, int64_t t1) {
-      depthwise_bwd_input_cl_avx2(go.const_data_ptr<float>(), wt.data(),
-                                  gi.mutable_data_ptr<float>(), s, t0, t1);
-    });
+    // stride 1: a depthwise forward of grad_output with the filters flipped (the faster kernel)
+    ConvShape t = s;
+    t.H = s.OH;
+    t.W = s.OW;
+    t.OH = s.H;
+    t.OW = s.W;
+    t.pT = s.dH * (s.R - 1) - s.pT;
+    t.pB = s.dH * (s.R - 1) - s.pB;
+    t.pL = s.dW * (s.S - 1) - s.pL;
+    t.pR = s.dW * (s.S - 1) - s.pR;
+    if (s.sH == 1 && s.sW == 1 && t.pT >= 0 && t.pB >= 0 && t.pL >= 0 && t.pR >= 0) {
+      const int64_t RS = s.R * s.S;
+      std::vector<float> flipped(wt.size());
+      for (int64_t tap = 0; tap < RS; ++tap) {
+        std::copy_n(wt.data() + (RS - 1 - tap) * s.C, s.C, flipped.data() + tap * s.C);
+      }
+      at::parallel_for(0, s.N * s.H, 1, [&](int64_t t0, int64_t t1) {
+        depthwise_fwd_cl_avx2(go.const_data_ptr<float>(), flipped.data(), nullptr, nullptr, false,
+                              gi.mutable_data_ptr<float>(), t, t0, t1);
+      });
+    } else {
+      at::parallel_for(0, s.N * s.H, 1, [&](int64_t t0, int64_t t1) {
+        depthwise_bwd_input_cl_avx2(go.const_data_ptr<float>(), wt.data(),
+                                    gi.mutable_data_ptr<float>(), s, t0, t1);
+      });
+    }
     return gi.to(grad_output.scalar_type());
   }
   if (ct == at::kFloat && simd_is_avx2() && pointwise(s)) {

@@ -157,14 +157,26 @@ void depthwise_bwd_weight_cl_avx2(const float* go, const float* x, float* part, 
         float* acc_row = part + (r * s.S + q) * C;
         for (int64_t c = 0; c < C; c += 8) {
           const Lanes l = lanes(c, C);
-          __m256 acc = load(acc_row + c, l);
-          for (int64_t ow = 0; ow < s.OW; ++ow) {
-            const int64_t iw = ow * s.sW - s.pL + q * s.dW;
-            if (iw < 0 || iw >= s.W) continue;
-            const float* g = go + ((n * s.OH + oh) * s.OW + ow) * C + c;
-            acc = _mm256_fmadd_ps(load(g, l), load(xrow + iw * C + c, l), acc);
+          // the columns whose tap lies inside the row, in four independent chains
+          const int64_t off = q * s.dW - s.pL;  // iw = ow * sW + off
+          const int64_t lo = std::min(s.OW, off >= 0 ? 0 : (-off + s.sW - 1) / s.sW);
+          const int64_t span = s.W - off;  // iw < W  <=>  ow * sW < span
+          const int64_t hi = std::max(lo, std::min(s.OW, span > 0 ? (span + s.sW - 1) / s.sW : 0));
+          const float* g = go + (n * s.OH + oh) * s.OW * C + c;
+          const float* xp = xrow + off * C + c;
+          __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+          int64_t ow = lo;
+          for (; ow + 4 <= hi; ow += 4) {
+            a0 = _mm256_fmadd_ps(load(g + ow * C, l), load(xp + ow * s.sW * C, l), a0);
+            a1 = _mm256_fmadd_ps(load(g + (ow + 1) * C, l), load(xp + (ow + 1) * s.sW * C, l), a1);
+            a2 = _mm256_fmadd_ps(load(g + (ow + 2) * C, l), load(xp + (ow + 2) * s.sW * C, l), a2);
+            a3 = _mm256_fmadd_ps(load(g + (ow + 3) * C, l), load(xp + (ow + 3) * s.sW * C, l), a3);
           }
-          store(acc_row + c, acc, l);
+          for (; ow < hi; ++ow) {
+            a0 = _mm256_fmadd_ps(load(g + ow * C, l), load(xp + ow * s.sW * C, l), a0);
+          }
+          const __m256 sum = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+          store(acc_row + c, _mm256_add_ps(load(acc_row + c, l), sum), l);
         }
       }
     }
