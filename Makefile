@@ -33,13 +33,13 @@ bench-quick: build
 CSRC = $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
 lint: $(STAMP)
-	$(PY) -m ruff check pyconv tests benchmarks setup.py
-	$(PY) -m ruff format --check pyconv tests benchmarks setup.py
+	$(PY) -m ruff check pyconv tests benchmarks scripts setup.py
+	$(PY) -m ruff format --check pyconv tests benchmarks scripts setup.py
 	$(VENV)/bin/clang-format --dry-run -Werror $(CSRC)
 
 format: $(STAMP)
-	$(PY) -m ruff format pyconv tests benchmarks setup.py
-	$(PY) -m ruff check --fix pyconv tests benchmarks setup.py
+	$(PY) -m ruff format pyconv tests benchmarks scripts setup.py
+	$(PY) -m ruff check --fix pyconv tests benchmarks scripts setup.py
 	$(VENV)/bin/clang-format -i $(CSRC)
 
 # On a machine with a GPU and torch already installed (no network): build, CUDA tests, CUDA

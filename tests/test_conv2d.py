@@ -325,6 +325,36 @@ def test_forward_paths_forced(monkeypatch, simd, path, fmt):
             torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=3e-4)
 
 
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_direct_kernel_register_tiles(monkeypatch, simd, stride):
+    # the direct kernels on padded rows pick a register tile per shape (1 to 8 output channels x 1
+    # to 4 vectors of columns; channels x taps for the weight gradient): output channel counts and
+    # row widths that reach each tile, its channel and column tails, the fused epilogue and both
+    # gradients (the input gradient of stride 1 runs on the same kernel, channels swapped)
+    monkeypatch.setenv("PYCONV_CONV_GEMM", "0")
+    for cout in (1, 2, 3, 4, 5, 7, 9, 13, 16):
+        for width in (5, 16, 27, 41, 70):
+            x = torch.randn(3, 2, 6, width, dtype=torch.float64)
+            w = torch.randn(cout, 2, 3, 3, dtype=torch.float64)
+            b = torch.randn(cout, dtype=torch.float64)
+            args = dict(stride=stride, padding=1)
+            xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+            ref = F.conv2d(xr, wr, b, **args)
+            res = torch.randn_like(ref)
+            xf, wf = x.float().requires_grad_(), w.float().requires_grad_()
+            out = PF.conv2d(xf, wf, b.float(), **args, activation="relu", residual=res.float())
+            close(out, torch.relu(ref + res), torch.float32)
+            grad = torch.randn_like(ref)
+            want = torch.autograd.grad(ref, (xr, wr), grad)
+            got = torch.autograd.grad(PF.conv2d(xf, wf, b.float(), **args), (xf, wf), grad.float())
+            for a, e in zip(got, want, strict=True):
+                torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=3e-4)
+            again = ops.conv2d_backward_weight(
+                grad.float(), x.float(), list(w.shape), [stride] * 2, [1] * 4, [1, 1], 1
+            )
+            assert torch.equal(got[1], again)  # the image slices add in a fixed order
+
+
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 def test_weight_gradient_in_slices(simd, fmt):
     # the implicit-GEMM weight gradient cuts the pixels into slices (3 x 33 x 35 pixels: two on

@@ -296,10 +296,27 @@ void implicit_gemm_backward_weight(const float* go, const float* x, float* gw, c
 
 // Where the implicit GEMM beats the direct kernel: enough output channels per group to fill its
 // register tile and a long enough reduction (not depthwise, not tiny first layers).
+// NCHW tensors run it on channels_last copies; the direct kernels on padded rows win on short
+// reductions.
 bool use_implicit_gemm(const ConvShape& s, bool cl) {
   if (const char* e = std::getenv("PYCONV_CONV_GEMM")) return e[0] == '1';
   // channels_last: whenever the tile fills (the alternative converts to NCHW and back)
-  return s.Kg() >= 8 && (cl ? s.Cg() * s.R * s.S >= 27 : s.Cg() * s.R * s.S >= 32 && s.sW == 1);
+  return s.Kg() >= 8 && s.Cg() * s.R * s.S >= (cl ? 27 : 64);
+}
+
+// The implicit GEMM on NCHW operands, for the input gradients formulated as forward convolutions
+// of NCHW tensors (stride 1 there).
+bool use_implicit_gemm_nchw(const ConvShape& s) {
+  if (const char* e = std::getenv("PYCONV_CONV_GEMM")) return e[0] == '1';
+  return s.Kg() >= 8 && s.Cg() * s.R * s.S >= 64 && s.sW == 1;
+}
+
+// The same for the input gradient, a forward convolution (per phase, at strides above 1) with
+// input and output channels swapped.
+bool use_implicit_gemm_input(const ConvShape& s, bool cl) {
+  if (const char* e = std::getenv("PYCONV_CONV_GEMM")) return e[0] == '1';
+  const int64_t taps = s.Kg() * s.R * s.S / (s.sH * s.sW);
+  return s.Cg() >= 8 && taps >= (cl ? 27 : 64);
 }
 
 // The same for the weight gradient, whose pixel-major packing takes any stride; the direct tile
@@ -312,15 +329,16 @@ bool use_implicit_gemm_weight(const ConvShape& s) {
 // float32 NCHW forward on the AVX2 kernels: y = relu?(conv(x, w) + bias + residual).
 void forward_avx2(const float* x, const float* w, const float* bias, const float* residual,
                   bool relu, float* y, const ConvShape& s_) {
-  if (use_implicit_gemm(s_, false)) {
+  if (use_implicit_gemm_nchw(s_)) {
     implicit_gemm_forward(x, w, bias, residual, relu, y, s_, false);
     return;
   }
   const ConvShape s = as_long_rows(s_);
-  std::vector<float> packed(static_cast<size_t>(conv_packed_size(s)));
-  conv_pack_weights(w, packed.data(), s);
-  at::parallel_for(0, conv_fwd_tasks(s), 1, [&](int64_t t0, int64_t t1) {
-    conv2d_fwd_nchw_avx2(x, packed.data(), bias, residual, relu, y, s, t0, t1);
+  const DirectPlan p = direct_fwd_plan(s, at::get_num_threads());
+  std::vector<float> packed(static_cast<size_t>(direct_packed_size(s, p)));
+  direct_pack_weights(w, packed.data(), s, p);
+  at::parallel_for(0, direct_fwd_tasks(s, p), 1, [&](int64_t t0, int64_t t1) {
+    conv2d_fwd_nchw_direct_avx2(x, packed.data(), bias, residual, relu, y, s, p, t0, t1);
   });
 }
 
@@ -661,9 +679,10 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
                       y.mutable_data_ptr<float>(), s, fmt == at::MemoryFormat::ChannelsLast);
     return y.to(input.scalar_type());
   }
-  if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 && use_implicit_gemm(s, true)) {
+  if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 &&
+      use_implicit_gemm(s, format_of(input) == at::MemoryFormat::ChannelsLast)) {
     // on the channels_last implicit GEMM; NCHW goes there as a channels_last copy and comes back
-    // (two passes over memory, cheaper than the NCHW kernels whenever the GEMM applies)
+    // (two passes over memory, cheaper than the NCHW kernels where the GEMM applies)
     const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
     const at::Tensor x = input.to(ct).contiguous(cl), w = weight.to(ct).contiguous();
     const at::Tensor b = bias.has_value() ? bias->to(ct).contiguous() : at::Tensor();
@@ -675,7 +694,8 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
                           y.mutable_data_ptr<float>(), s, true);
     return y.to(input.scalar_type()).contiguous(format_of(input));
   }
-  at::Tensor out = at::empty({s.N, s.K, s.OH, s.OW}, input.options().dtype(ct));
+  at::Tensor out =
+      empty_cached({s.N, s.K, s.OH, s.OW}, input.options().dtype(ct), at::MemoryFormat::Contiguous);
   if (out.numel() > 0) {
     const at::Tensor x = nchw(input, ct), w = nchw(weight, ct);
     const at::Tensor b = bias.has_value() ? nchw(*bias, ct) : at::Tensor();
@@ -751,7 +771,8 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
     return gi.to(grad_output.scalar_type());
   }
   if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 &&
-      use_implicit_gemm(s, true)) {  // on the channels_last implicit GEMM, as the forward
+      use_implicit_gemm_input(s, format_of(grad_output) == at::MemoryFormat::ChannelsLast)) {
+    // on the channels_last implicit GEMM, as the forward
     const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
     const at::Tensor go = grad_output.to(ct).contiguous(cl), w = weight.to(ct).contiguous();
     at::Tensor gi = empty_cached(input_size, grad_output.options().dtype(ct), cl);
@@ -762,7 +783,8 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
       return gi.to(grad_output.scalar_type()).contiguous(format_of(grad_output));
     }
   }
-  at::Tensor gi = at::empty(input_size, grad_output.options().dtype(ct));
+  at::Tensor gi =
+      empty_cached(input_size, grad_output.options().dtype(ct), at::MemoryFormat::Contiguous);
   if (gi.numel() > 0) {
     const at::Tensor go = nchw(grad_output, ct), w = nchw(weight, ct);
     // stride 1: the forward kernel; larger strides (dilation 1): the forward kernel per phase;
@@ -855,14 +877,21 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
   at::Tensor gw = at::empty(weight_size, grad_output.options().dtype(ct));
   if (gw.numel() > 0) {
     const at::Tensor go = nchw(grad_output, ct), x = nchw(input, ct);
-    if (ct == at::kFloat && simd_is_avx2() && s.sW <= 2) {
+    if (ct == at::kFloat && simd_is_avx2()) {
       const float* gp = go.const_data_ptr<float>();
       const float* xp = x.const_data_ptr<float>();
-      float* wp = gw.mutable_data_ptr<float>();
-      const ConvShape t = as_long_rows(s);
-      at::parallel_for(0, t.G * conv_wtiles(t), 1, [&](int64_t t0, int64_t t1) {
-        conv2d_bwd_weight_nchw_avx2(gp, xp, wp, t, t0, t1);
+      const DirectPlan p = direct_wgrad_plan(s);
+      const int64_t per = s.K * s.Cg() * s.R * s.S;
+      std::vector<float> partial(static_cast<size_t>(p.slices * per));
+      at::parallel_for(0, direct_wgrad_tasks(s, p), 1, [&](int64_t t0, int64_t t1) {
+        conv2d_bwd_weight_nchw_direct_avx2(gp, xp, partial.data(), s, p, t0, t1);
       });
+      float* wp = gw.mutable_data_ptr<float>();  // the slices summed in order (deterministic)
+      std::copy(partial.begin(), partial.begin() + per, wp);
+      for (int64_t sl = 1; sl < p.slices; ++sl) {
+        const float* src = partial.data() + sl * per;
+        for (int64_t i = 0; i < per; ++i) wp[i] += src[i];
+      }
     } else {
       by_type(ct, [&](auto tag) {
         using T = decltype(tag);

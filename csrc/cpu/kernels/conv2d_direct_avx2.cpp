@@ -1,0 +1,431 @@
+// AVX2 + FMA float32 NCHW direct convolution on zero-padded input rows: forward (which also runs
+// the stride-1 and per-phase input gradients) and weight gradient. Each task first copies the
+// input rows it reads into a buffer with the padding written as zeros, enough columns on the right
+// for whole vectors, and the columns of a row split by their residue modulo the stride (phase
+// p holds padded columns p, p + sW, ...), so that the inputs of eight neighbouring outputs are
+// eight neighbouring floats at any stride. Every output column is then computed by the same
+// vector loop: no border columns, no bounds tests, no strided loads. The register tile (output
+// channels x vectors of eight columns, or output channels x taps for the weight gradient) is chosen
+// per shape to fill twelve accumulators with little waste. This file alone is compiled for AVX2.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "cpu/kernels/conv2d_kernels.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#elif defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#endif
+
+namespace pyconv::cpu {
+namespace {
+
+constexpr int kMaxAcc = 12;  // accumulators of a register tile (16 ymm registers in all)
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Width of one phase of a padded row: the reads of nvec vectors of eight outputs over every kernel
+// column, and every input column.
+int64_t phase_width(const ConvShape& s, int64_t nvec) {
+  const int64_t reach = 8 * nvec + (s.S - 1) * s.dW / s.sW;
+  return ceil_div(std::max(reach, ceil_div(s.W + s.pL, s.sW)), 8) * 8;
+}
+
+// Copies input rows [ih0, ih0 + rows) of the Cg planes at x (plane stride H * W) into buf as
+// (Cg, rows, sW phases of Wph): padded column j = iw + pL at phase j % sW, index j / sW; zeros
+// elsewhere.
+void pad_rows(const float* x, const ConvShape& s, int64_t ih0, int64_t rows, int64_t Wph,
+              float* buf) {
+  const int64_t row = s.sW * Wph;
+  for (int64_t c = 0; c < s.Cg(); ++c) {
+    for (int64_t i = 0; i < rows; ++i) {
+      float* dst = buf + (c * rows + i) * row;
+      const int64_t ih = ih0 + i;
+      if (ih < 0 || ih >= s.H) {
+        std::memset(dst, 0, sizeof(float) * row);
+        continue;
+      }
+      const float* src = x + (c * s.H + ih) * s.W;
+      if (s.sW == 1) {
+        std::memset(dst, 0, sizeof(float) * s.pL);
+        std::memcpy(dst + s.pL, src, sizeof(float) * s.W);
+        std::memset(dst + s.pL + s.W, 0, sizeof(float) * (row - s.pL - s.W));
+        continue;
+      }
+      std::memset(dst, 0, sizeof(float) * row);
+      for (int64_t iw = 0; iw < s.W; ++iw) {
+        const int64_t j = iw + s.pL;
+        dst[j % s.sW * Wph + j / s.sW] = src[iw];
+      }
+    }
+  }
+}
+
+// Buffer offset of tap (c, r, q) from the first output's position, rows of the buffer `rows` high.
+inline int64_t tap_offset(const ConvShape& s, int64_t c, int64_t r, int64_t q, int64_t rows,
+                          int64_t Wph) {
+  const int64_t j = q * s.dW;
+  return (c * rows + r * s.dH) * s.sW * Wph + j % s.sW * Wph + j / s.sW;
+}
+
+// Lanes [0, n) on.
+inline __m256i lanes_below(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// ---------------------------------------------------------------- forward
+
+struct FwdArgs {
+  const float* x;
+  const float* packed;  // [G][tiles][Cg][R][S][kK]
+  const float* bias;
+  const float* residual;
+  bool relu;
+  float* y;
+  const ConvShape* s;
+  const DirectPlan* plan;
+};
+
+// The kK x kV tile at buffer position xb: sums over the taps (buffer offsets off[0, taps)) in
+// registers (a local array the loads cannot alias), copied to `out` at the end.
+template <int kK, int kV>
+inline void fwd_tile(const float* xb, const float* wp, const int64_t* off, int64_t taps,
+                     __m256 (&out)[kK][kV]) {
+  __m256 acc[kK][kV];
+  for (int k = 0; k < kK; ++k) {
+    for (int v = 0; v < kV; ++v) acc[k][v] = _mm256_setzero_ps();
+  }
+  for (int64_t t = 0; t < taps; ++t, wp += kK) {
+    const float* p = xb + off[t];
+    if constexpr (kK <= kV) {  // weights in registers, one input vector at a time
+      __m256 w[kK];
+      for (int k = 0; k < kK; ++k) w[k] = _mm256_broadcast_ss(wp + k);
+      for (int v = 0; v < kV; ++v) {
+        const __m256 xv = _mm256_loadu_ps(p + 8 * v);
+        for (int k = 0; k < kK; ++k) acc[k][v] = _mm256_fmadd_ps(w[k], xv, acc[k][v]);
+      }
+    } else {  // input vectors in registers, one weight at a time
+      __m256 xv[kV];
+      for (int v = 0; v < kV; ++v) xv[v] = _mm256_loadu_ps(p + 8 * v);
+      for (int k = 0; k < kK; ++k) {
+        const __m256 w = _mm256_broadcast_ss(wp + k);
+        for (int v = 0; v < kV; ++v) acc[k][v] = _mm256_fmadd_ps(w, xv[v], acc[k][v]);
+      }
+    }
+  }
+  for (int k = 0; k < kK; ++k) {
+    for (int v = 0; v < kV; ++v) out[k][v] = acc[k][v];
+  }
+}
+
+// relu keeping NaN (as torch's): v where v > 0 or v is NaN, else 0.
+inline __m256 relu8(__m256 v) {
+  return _mm256_and_ps(_mm256_or_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ),
+                                    _mm256_cmp_ps(v, v, _CMP_UNORD_Q)),
+                       v);
+}
+
+// Stores `cols` (1..8 kV) outputs of row yp (residual row rp or nullptr) from acc + bias.
+template <int kV>
+inline void store_row(float* yp, const float* rp, __m256 bias, bool relu, int64_t cols,
+                      const __m256 (&acc)[kV]) {
+  if (cols >= 8 * kV && rp == nullptr && !relu) {  // the common whole block
+    for (int v = 0; v < kV; ++v) _mm256_storeu_ps(yp + 8 * v, _mm256_add_ps(acc[v], bias));
+    return;
+  }
+  for (int v = 0; v < kV; ++v) {
+    const int64_t left = cols - 8 * v;
+    if (left <= 0) break;
+    __m256 o = _mm256_add_ps(acc[v], bias);
+    if (left >= 8) {
+      if (rp != nullptr) o = _mm256_add_ps(o, _mm256_loadu_ps(rp + 8 * v));
+      _mm256_storeu_ps(yp + 8 * v, relu ? relu8(o) : o);
+    } else {
+      const __m256i m = lanes_below(left);
+      if (rp != nullptr) o = _mm256_add_ps(o, _mm256_maskload_ps(rp + 8 * v, m));
+      _mm256_maskstore_ps(yp + 8 * v, m, relu ? relu8(o) : o);
+    }
+  }
+}
+
+template <int kK, int kV>
+void fwd_tasks(const FwdArgs& a, int64_t t0, int64_t t1) {
+  const ConvShape& s = *a.s;
+  const DirectPlan& pl = *a.plan;
+  const int64_t Cg = s.Cg(), Kg = s.Kg(), taps = Cg * s.R * s.S, plane = s.OH * s.OW;
+  const int64_t Wph = pl.Wph, row = s.sW * Wph, blocks = ceil_div(s.OW, 8 * kV);
+  const int64_t max_rows = (pl.rows - 1) * s.sH + (s.R - 1) * s.dH + 1;
+  std::vector<float> buf(static_cast<size_t>(Cg * max_rows * row));
+  std::vector<int64_t> off(static_cast<size_t>(taps));
+  const int64_t row_blocks = ceil_div(s.OH, pl.rows);
+  for (int64_t t = t0; t < t1; ++t) {  // t = (n, g, row block)
+    const int64_t rb = t % row_blocks, g = (t / row_blocks) % s.G, n = t / (row_blocks * s.G);
+    const int64_t oh0 = rb * pl.rows, oh1 = std::min(s.OH, oh0 + pl.rows);
+    const int64_t rows = (oh1 - oh0 - 1) * s.sH + (s.R - 1) * s.dH + 1;
+    pad_rows(a.x + (n * s.C + g * Cg) * s.H * s.W, s, oh0 * s.sH - s.pT, rows, Wph, buf.data());
+    for (int64_t tap = 0; tap < taps; ++tap) {
+      const int64_t c = tap / (s.R * s.S), r = tap / s.S % s.R, q = tap % s.S;
+      off[tap] = tap_offset(s, c, r, q, rows, Wph);
+    }
+    for (int64_t oh = oh0; oh < oh1; ++oh) {
+      const float* xrow = buf.data() + (oh - oh0) * s.sH * row;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t ow = b * 8 * kV;
+        for (int64_t tile = 0; tile < pl.tiles; ++tile) {
+          __m256 acc[kK][kV];
+          fwd_tile<kK, kV>(xrow + ow, a.packed + (g * pl.tiles + tile) * taps * kK, off.data(),
+                           taps, acc);
+          for (int k = 0; k < kK && tile * kK + k < Kg; ++k) {
+            const int64_t kg = g * Kg + tile * kK + k, o = (n * s.K + kg) * plane + oh * s.OW + ow;
+            store_row<kV>(a.y + o, a.residual != nullptr ? a.residual + o : nullptr,
+                          _mm256_set1_ps(a.bias != nullptr ? a.bias[kg] : 0.0f), a.relu, s.OW - ow,
+                          acc[k]);
+          }
+        }
+      }
+    }
+  }
+}
+
+using FwdFn = void (*)(const FwdArgs&, int64_t, int64_t);
+
+template <int kV, int... kKs>
+constexpr std::array<FwdFn, sizeof...(kKs)> fwd_row(std::integer_sequence<int, kKs...>) {
+  return {&fwd_tasks<kKs + 1, kV>...};
+}
+
+FwdFn fwd_fn(int kK, int kV) {
+  static constexpr auto v1 = fwd_row<1>(std::make_integer_sequence<int, 8>{});
+  static constexpr auto v2 = fwd_row<2>(std::make_integer_sequence<int, 6>{});
+  static constexpr auto v3 = fwd_row<3>(std::make_integer_sequence<int, 4>{});
+  static constexpr auto v4 = fwd_row<4>(std::make_integer_sequence<int, 3>{});
+  switch (kV) {
+    case 1:
+      return v1[kK - 1];
+    case 2:
+      return v2[kK - 1];
+    case 3:
+      return v3[kK - 1];
+    default:
+      return v4[kK - 1];
+  }
+}
+
+// ---------------------------------------------------------------- weight gradient
+
+struct WgradArgs {
+  const float* go;
+  const float* x;
+  float* partial;  // [slices][K][Cg * R * S]
+  const ConvShape* s;
+  const DirectPlan* plan;
+};
+
+// Accumulates the kK x kJ tile (output channels x taps at buffer offsets off) over one image's
+// output rows into acc (eight lanes per pair, kept in memory between images).
+template <int kK, int kJ>
+inline void wgrad_tile(const float* const (&go)[kK], const float* xb, const int64_t (&off)[kJ],
+                       const ConvShape& s, int64_t row, float* acc_mem) {
+  __m256 acc[kK][kJ];
+  for (int k = 0; k < kK; ++k) {
+    for (int j = 0; j < kJ; ++j) acc[k][j] = _mm256_loadu_ps(acc_mem + (k * kJ + j) * 8);
+  }
+  const int64_t full = s.OW / 8 * 8;
+  const __m256i tail = lanes_below(s.OW - full);
+  auto step = [&](const float* xp, const __m256(&g)[kK]) {
+    if constexpr (kK <= kJ) {
+      for (int j = 0; j < kJ; ++j) {
+        const __m256 xv = _mm256_loadu_ps(xp + off[j]);
+        for (int k = 0; k < kK; ++k) acc[k][j] = _mm256_fmadd_ps(g[k], xv, acc[k][j]);
+      }
+    } else {
+      __m256 xv[kJ];
+      for (int j = 0; j < kJ; ++j) xv[j] = _mm256_loadu_ps(xp + off[j]);
+      for (int k = 0; k < kK; ++k) {
+        for (int j = 0; j < kJ; ++j) acc[k][j] = _mm256_fmadd_ps(g[k], xv[j], acc[k][j]);
+      }
+    }
+  };
+  for (int64_t oh = 0; oh < s.OH; ++oh) {
+    const float* xrow = xb + oh * s.sH * row;
+    const int64_t o = oh * s.OW;
+    for (int64_t ow = 0; ow < full; ow += 8) {
+      __m256 g[kK];
+      for (int k = 0; k < kK; ++k) g[k] = _mm256_loadu_ps(go[k] + o + ow);
+      step(xrow + ow, g);
+    }
+    if (full < s.OW) {  // the lanes past the row's end multiply zeros
+      __m256 g[kK];
+      for (int k = 0; k < kK; ++k) g[k] = _mm256_maskload_ps(go[k] + o + full, tail);
+      step(xrow + full, g);
+    }
+  }
+  for (int k = 0; k < kK; ++k) {
+    for (int j = 0; j < kJ; ++j) _mm256_storeu_ps(acc_mem + (k * kJ + j) * 8, acc[k][j]);
+  }
+}
+
+inline float hsum(__m256 v) {
+  const __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
+}
+
+template <int kK, int kJ>
+void wgrad_tasks(const WgradArgs& a, int64_t t0, int64_t t1) {
+  const ConvShape& s = *a.s;
+  const DirectPlan& pl = *a.plan;
+  const int64_t Cg = s.Cg(), Kg = s.Kg(), RS = s.R * s.S, taps = Cg * RS;
+  const int64_t Wph = pl.Wph, row = s.sW * Wph, rows = (s.OH - 1) * s.sH + (s.R - 1) * s.dH + 1;
+  const int64_t chunks = ceil_div(taps, kJ), per_slice = ceil_div(s.N, pl.slices);
+  std::vector<float> buf(static_cast<size_t>(Cg * rows * row));
+  std::vector<float> acc(static_cast<size_t>(chunks * kK * kJ * 8));
+  for (int64_t t = t0; t < t1; ++t) {  // t = (slice, g, tile)
+    const int64_t tile = t % pl.tiles, g = (t / pl.tiles) % s.G, slice = t / (pl.tiles * s.G);
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    const int64_t n1 = std::min(s.N, (slice + 1) * per_slice);
+    for (int64_t n = slice * per_slice; n < n1; ++n) {
+      pad_rows(a.x + (n * s.C + g * Cg) * s.H * s.W, s, -s.pT, rows, Wph, buf.data());
+      const float* go[kK];
+      for (int k = 0; k < kK; ++k) {  // channels past Kg read the tile's first (results dropped)
+        const int64_t kl = tile * kK + k < Kg ? tile * kK + k : tile * kK;
+        go[k] = a.go + (n * s.K + g * Kg + kl) * s.OH * s.OW;
+      }
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        int64_t off[kJ];
+        for (int j = 0; j < kJ; ++j) {  // taps past the end read tap 0 (results dropped)
+          const int64_t tap = ch * kJ + j < taps ? ch * kJ + j : 0;
+          const int64_t c = tap / RS, r = tap % RS / s.S, q = tap % s.S;
+          off[j] = tap_offset(s, c, r, q, rows, Wph);
+        }
+        wgrad_tile<kK, kJ>(go, buf.data(), off, s, row, &acc[ch * kK * kJ * 8]);
+      }
+    }
+    float* dst = a.partial + (slice * s.K + g * Kg) * taps;
+    for (int k = 0; k < kK && tile * kK + k < Kg; ++k) {
+      for (int64_t tap = 0; tap < taps; ++tap) {
+        const int64_t ch = tap / kJ, j = tap % kJ;
+        dst[(tile * kK + k) * taps + tap] =
+            hsum(_mm256_loadu_ps(&acc[((ch * kK + k) * kJ + j) * 8]));
+      }
+    }
+  }
+}
+
+using WgradFn = void (*)(const WgradArgs&, int64_t, int64_t);
+
+WgradFn wgrad_fn(int kK) {
+  switch (kK) {
+    case 1:
+      return &wgrad_tasks<1, 9>;
+    case 2:
+      return &wgrad_tasks<2, 5>;
+    case 3:
+      return &wgrad_tasks<3, 4>;
+    default:
+      return &wgrad_tasks<4, 3>;
+  }
+}
+
+}  // namespace
+
+// The kK x kV tile of least estimated time per useful output (padding columns and channels
+// cost as much as useful ones).
+DirectPlan direct_fwd_plan(const ConvShape& s, int threads) {
+  DirectPlan best{};
+  double best_cost = 0.0;
+  const int64_t Kg = s.Kg();
+  for (int kV = 1; kV <= 4; ++kV) {
+    const int max_k = std::min(kV == 1 ? 8 : kMaxAcc / kV, static_cast<int>(Kg));
+    for (int kK = 1; kK <= max_k; ++kK) {
+      const int64_t cols = ceil_div(s.OW, 8 * kV) * 8 * kV, chans = ceil_div(Kg, kK) * kK;
+      // cycles a tap: FMAs (two a cycle), loads (two a cycle), or the FMA latency (four
+      // cycles) when there are too few accumulators to hide it
+      const double per_tap = std::max({kK * kV / 2.0, (kK + kV) / 2.0, 5.0});
+      const double cost =
+          per_tap / (kK * kV) * static_cast<double>(cols * chans) / static_cast<double>(s.OW * Kg);
+      if (best.kK == 0 || cost < best_cost - 1e-9) {
+        best_cost = cost;
+        best.kK = kK;
+        best.kV = kV;
+      }
+    }
+  }
+  best.tiles = ceil_div(Kg, best.kK);
+  best.Wph = phase_width(s, ceil_div(s.OW, 8 * best.kV) * best.kV);
+  // rows per task: enough tasks for the threads, and a padded buffer of at most ~192 KiB
+  const int64_t images = s.N * s.G;
+  int64_t rows = s.OH;
+  if (images < 4 * threads) rows = ceil_div(s.OH, ceil_div(4 * threads, images));
+  const int64_t per_row = s.Cg() * s.sH * s.sW * best.Wph * static_cast<int64_t>(sizeof(float));
+  rows = std::max<int64_t>(1, std::min(rows, (192 << 10) / std::max<int64_t>(per_row, 1)));
+  best.rows = rows;
+  return best;
+}
+
+int64_t direct_fwd_tasks(const ConvShape& s, const DirectPlan& p) {
+  return s.N * s.G * ceil_div(s.OH, p.rows);
+}
+
+int64_t direct_packed_size(const ConvShape& s, const DirectPlan& p) {
+  return s.G * p.tiles * s.Cg() * s.R * s.S * p.kK;
+}
+
+void direct_pack_weights(const float* w, float* packed, const ConvShape& s, const DirectPlan& p) {
+  const int64_t Kg = s.Kg(), taps = s.Cg() * s.R * s.S;
+  for (int64_t g = 0; g < s.G; ++g) {
+    for (int64_t t = 0; t < p.tiles; ++t) {
+      float* dst = packed + (g * p.tiles + t) * taps * p.kK;
+      for (int64_t tap = 0; tap < taps; ++tap) {
+        for (int64_t i = 0; i < p.kK; ++i) {
+          const int64_t k = t * p.kK + i;
+          dst[tap * p.kK + i] = k < Kg ? w[(g * Kg + k) * taps + tap] : 0.0f;
+        }
+      }
+    }
+  }
+}
+
+void conv2d_fwd_nchw_direct_avx2(const float* x, const float* packed, const float* bias,
+                                 const float* residual, bool relu, float* y, const ConvShape& s,
+                                 const DirectPlan& p, int64_t t0, int64_t t1) {
+  const FwdArgs a{x, packed, bias, residual, relu, y, &s, &p};
+  fwd_fn(p.kK, p.kV)(a, t0, t1);
+}
+
+DirectPlan direct_wgrad_plan(const ConvShape& s) {
+  DirectPlan p{};
+  p.kK = static_cast<int>(std::min<int64_t>(s.Kg(), 4));
+  p.tiles = ceil_div(s.Kg(), p.kK);
+  p.Wph = phase_width(s, ceil_div(s.OW, 8));
+  // image slices, fixed by the shape (not the thread count) so that the sum's order is too
+  p.slices = std::min<int64_t>(s.N, std::max<int64_t>(1, ceil_div(32, s.G * p.tiles)));
+  return p;
+}
+
+int64_t direct_wgrad_tasks(const ConvShape& s, const DirectPlan& p) {
+  return p.slices * s.G * p.tiles;
+}
+
+void conv2d_bwd_weight_nchw_direct_avx2(const float* grad_out, const float* x, float* partial,
+                                        const ConvShape& s, const DirectPlan& p, int64_t t0,
+                                        int64_t t1) {
+  const WgradArgs a{grad_out, x, partial, &s, &p};
+  wgrad_fn(p.kK)(a, t0, t1);
+}
+
+}  // namespace pyconv::cpu
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#elif defined(__clang__)
+#pragma clang attribute pop
+#endif
