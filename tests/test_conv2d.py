@@ -326,25 +326,28 @@ def test_forward_paths_forced(monkeypatch, simd, path, fmt):
 
 
 @pytest.mark.parametrize("stride", [1, 2, 3])
-def test_direct_kernel_register_tiles(monkeypatch, simd, stride):
-    # the direct kernels on padded rows pick a register tile per shape (1 to 8 output channels x 1
-    # to 4 vectors of columns; channels x taps for the weight gradient): output channel counts and
-    # row widths that reach each tile, its channel and column tails, the fused epilogue and both
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_direct_kernel_register_tiles(monkeypatch, simd, stride, fmt):
+    # the direct kernels on padded rows pick a register tile per shape (NCHW: 1 to 8 output
+    # channels x 1 to 4 vectors of columns; channels_last: 1 to 4 vectors of output channels x
+    # 12 to 3 pixels; channels x taps for the weight gradient): output channel counts and row
+    # widths that reach each tile, its channel and column tails, the fused epilogue and both
     # gradients (the input gradient of stride 1 runs on the same kernel, channels swapped)
     monkeypatch.setenv("PYCONV_CONV_GEMM", "0")
-    for cout in (1, 2, 3, 4, 5, 7, 9, 13, 16):
+    for cout in (1, 2, 3, 4, 5, 7, 9, 13, 16, 24, 33):
         for width in (5, 16, 27, 41, 70):
-            x = torch.randn(3, 2, 6, width, dtype=torch.float64)
+            x = torch.randn(3, 2, 6, width, dtype=torch.float64).contiguous(memory_format=fmt)
             w = torch.randn(cout, 2, 3, 3, dtype=torch.float64)
             b = torch.randn(cout, dtype=torch.float64)
             args = dict(stride=stride, padding=1)
             xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
             ref = F.conv2d(xr, wr, b, **args)
-            res = torch.randn_like(ref)
+            res = torch.randn_like(ref).contiguous(memory_format=fmt)
             xf, wf = x.float().requires_grad_(), w.float().requires_grad_()
             out = PF.conv2d(xf, wf, b.float(), **args, activation="relu", residual=res.float())
+            assert out.is_contiguous(memory_format=fmt)
             close(out, torch.relu(ref + res), torch.float32)
-            grad = torch.randn_like(ref)
+            grad = torch.randn_like(ref).contiguous(memory_format=fmt)
             want = torch.autograd.grad(ref, (xr, wr), grad)
             got = torch.autograd.grad(PF.conv2d(xf, wf, b.float(), **args), (xf, wf), grad.float())
             for a, e in zip(got, want, strict=True):

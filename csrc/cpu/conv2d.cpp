@@ -294,35 +294,53 @@ void implicit_gemm_backward_weight(const float* go, const float* x, float* gw, c
   });
 }
 
-// Where the implicit GEMM beats the direct kernel: enough output channels per group to fill its
-// register tile and a long enough reduction (not depthwise, not tiny first layers).
-// NCHW tensors run it on channels_last copies; the direct kernels on padded rows win on short
-// reductions.
-bool use_implicit_gemm(const ConvShape& s, bool cl) {
-  if (const char* e = std::getenv("PYCONV_CONV_GEMM")) return e[0] == '1';
-  // channels_last: whenever the tile fills (the alternative converts to NCHW and back)
-  return s.Kg() >= 8 && s.Cg() * s.R * s.S >= (cl ? 27 : 64);
+// Kernel choice for float32 (PYCONV_CONV_GEMM=1 forces the implicit GEMM wherever it applies,
+// =0 the direct kernels). The direct kernels on padded rows win on short reductions, and on the
+// channels_last forward up to 64 channels x 3 x 3 taps; the implicit GEMM wins on longer ones
+// (fewer passes over the packed weights). NCHW layers with long reductions run channels_last
+// on copies: two passes over memory, cheaper than the NCHW direct kernel there.
+bool force_gemm(bool& value) {
+  const char* e = std::getenv("PYCONV_CONV_GEMM");
+  if (e != nullptr) value = e[0] == '1';
+  return e != nullptr;
+}
+
+// channels_last forward (or input gradient as a forward): implicit GEMM or direct kernel.
+bool use_implicit_gemm(const ConvShape& s) {
+  bool v;
+  if (force_gemm(v)) return v;
+  return s.Kg() >= 8 && s.Cg() * s.R * s.S > 576;
+}
+
+// NCHW forward through channels_last copies rather than the NCHW direct kernel.
+bool nchw_forward_as_cl(const ConvShape& s) {
+  bool v;
+  if (force_gemm(v)) return v;
+  return s.Kg() >= 8 && s.Cg() * s.R * s.S >= 64;
 }
 
 // The implicit GEMM on NCHW operands, for the input gradients formulated as forward convolutions
-// of NCHW tensors (stride 1 there).
+// of NCHW tensors (stride 1 there), where they do not go channels_last.
 bool use_implicit_gemm_nchw(const ConvShape& s) {
-  if (const char* e = std::getenv("PYCONV_CONV_GEMM")) return e[0] == '1';
+  bool v;
+  if (force_gemm(v)) return v;
   return s.Kg() >= 8 && s.Cg() * s.R * s.S >= 64 && s.sW == 1;
 }
 
-// The same for the input gradient, a forward convolution (per phase, at strides above 1) with
-// input and output channels swapped.
-bool use_implicit_gemm_input(const ConvShape& s, bool cl) {
-  if (const char* e = std::getenv("PYCONV_CONV_GEMM")) return e[0] == '1';
-  const int64_t taps = s.Kg() * s.R * s.S / (s.sH * s.sW);
-  return s.Cg() >= 8 && taps >= (cl ? 27 : 64);
+// Input gradient, a forward convolution (per phase at strides above 1) with the channels swapped:
+// channels_last (natively or on copies) once there are 8 input channels per group to vectorise
+// over and, for NCHW tensors, a long reduction.
+bool input_grad_as_cl(const ConvShape& s, bool cl) {
+  bool v;
+  if (force_gemm(v) && v) return true;
+  return s.Cg() >= 8 && (cl || s.Kg() * s.R * s.S / (s.sH * s.sW) >= 64);
 }
 
-// The same for the weight gradient, whose pixel-major packing takes any stride; the direct tile
-// wins on reductions of a few taps (first layers).
+// The weight gradient's implicit GEMM (pixel-major packing, any stride); the direct kernels win
+// on reductions of a few taps (first layers).
 bool use_implicit_gemm_weight(const ConvShape& s) {
-  if (const char* e = std::getenv("PYCONV_CONV_GEMM")) return e[0] == '1';
+  bool v;
+  if (force_gemm(v)) return v;
   return s.Kg() >= 8 && s.Cg() * s.R * s.S >= 64;
 }
 
@@ -339,6 +357,23 @@ void forward_avx2(const float* x, const float* w, const float* bias, const float
   direct_pack_weights(w, packed.data(), s, p);
   at::parallel_for(0, direct_fwd_tasks(s, p), 1, [&](int64_t t0, int64_t t1) {
     conv2d_fwd_nchw_direct_avx2(x, packed.data(), bias, residual, relu, y, s, p, t0, t1);
+  });
+}
+
+// float32 channels_last forward: the implicit GEMM where it suits, else the direct kernel.
+void forward_cl_avx2(const float* x, const float* w, const float* bias, const float* residual,
+                     bool relu, float* y, const ConvShape& s) {
+  if (use_implicit_gemm(s)) {
+    implicit_gemm_forward(x, w, bias, residual, relu, y, s, true);
+    return;
+  }
+  const DirectPlan p = direct_fwd_cl_plan(s, at::get_num_threads());
+  std::vector<float> packed(static_cast<size_t>(direct_cl_packed_size(s, p)));
+  std::vector<float> packed_bias(static_cast<size_t>(s.G * p.tiles * 8 * p.kK));
+  direct_cl_pack(w, bias, packed.data(), packed_bias.data(), s, p);
+  at::parallel_for(0, direct_fwd_tasks(s, p), 1, [&](int64_t t0, int64_t t1) {
+    conv2d_fwd_cl_direct_avx2(x, packed.data(), packed_bias.data(), residual, relu, y, s, p, t0,
+                              t1);
   });
 }
 
@@ -372,7 +407,7 @@ bool backward_input_as_forward(const float* go, const float* w, float* gi, const
     }
   }
   if (cl) {
-    implicit_gemm_forward(go, wt.data(), nullptr, nullptr, false, gi, t, true);
+    forward_cl_avx2(go, wt.data(), nullptr, nullptr, false, gi, t);
   } else {
     forward_avx2(go, wt.data(), nullptr, nullptr, false, gi, t);
   }
@@ -455,7 +490,7 @@ bool backward_input_polyphase(const float* go, const float* w, float* gi, const 
         }
         buf.resize(static_cast<size_t>(planes * Hp * Wp));
         if (cl) {
-          implicit_gemm_forward(go, wt.data(), nullptr, nullptr, false, buf.data(), t, true);
+          forward_cl_avx2(go, wt.data(), nullptr, nullptr, false, buf.data(), t);
         } else {
           forward_avx2(go, wt.data(), nullptr, nullptr, false, buf.data(), t);
         }
@@ -679,19 +714,21 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
                       y.mutable_data_ptr<float>(), s, fmt == at::MemoryFormat::ChannelsLast);
     return y.to(input.scalar_type());
   }
+  const bool cl_in = format_of(input) == at::MemoryFormat::ChannelsLast;
   if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 &&
-      use_implicit_gemm(s, format_of(input) == at::MemoryFormat::ChannelsLast)) {
-    // on the channels_last implicit GEMM; NCHW goes there as a channels_last copy and comes back
-    // (two passes over memory, cheaper than the NCHW kernels where the GEMM applies)
+      (cl_in || nchw_forward_as_cl(s))) {
+    // channels_last: the implicit GEMM or the direct kernel; NCHW goes to the GEMM as a
+    // channels_last copy and comes back (two passes over memory, cheaper than the NCHW kernels
+    // where the GEMM applies)
     const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
     const at::Tensor x = input.to(ct).contiguous(cl), w = weight.to(ct).contiguous();
     const at::Tensor b = bias.has_value() ? bias->to(ct).contiguous() : at::Tensor();
     const at::Tensor rs = residual.has_value() ? residual->to(ct).contiguous(cl) : at::Tensor();
     at::Tensor y = empty_cached({s.N, s.K, s.OH, s.OW}, input.options().dtype(ct), cl);
-    implicit_gemm_forward(x.const_data_ptr<float>(), w.const_data_ptr<float>(),
-                          b.defined() ? b.const_data_ptr<float>() : nullptr,
-                          rs.defined() ? rs.const_data_ptr<float>() : nullptr, relu,
-                          y.mutable_data_ptr<float>(), s, true);
+    forward_cl_avx2(x.const_data_ptr<float>(), w.const_data_ptr<float>(),
+                    b.defined() ? b.const_data_ptr<float>() : nullptr,
+                    rs.defined() ? rs.const_data_ptr<float>() : nullptr, relu,
+                    y.mutable_data_ptr<float>(), s);
     return y.to(input.scalar_type()).contiguous(format_of(input));
   }
   at::Tensor out =
@@ -770,9 +807,9 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
                              fmt == at::MemoryFormat::ChannelsLast);
     return gi.to(grad_output.scalar_type());
   }
-  if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 &&
-      use_implicit_gemm_input(s, format_of(grad_output) == at::MemoryFormat::ChannelsLast)) {
-    // on the channels_last implicit GEMM, as the forward
+  const bool cl_go = format_of(grad_output) == at::MemoryFormat::ChannelsLast;
+  if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 && input_grad_as_cl(s, cl_go)) {
+    // as channels_last forward convolutions (the implicit GEMM or the direct kernel)
     const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
     const at::Tensor go = grad_output.to(ct).contiguous(cl), w = weight.to(ct).contiguous();
     at::Tensor gi = empty_cached(input_size, grad_output.options().dtype(ct), cl);
@@ -872,6 +909,30 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
         empty_cached(weight_size, grad_output.options().dtype(ct), at::MemoryFormat::Contiguous);
     implicit_gemm_backward_weight(go.const_data_ptr<float>(), x.const_data_ptr<float>(),
                                   gw.mutable_data_ptr<float>(), s, cl_grads);
+    return gw.to(grad_output.scalar_type());
+  }
+  if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 &&
+      format_of(grad_output) == at::MemoryFormat::ChannelsLast) {  // channels_last direct
+    const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
+    const at::Tensor go = grad_output.to(ct).contiguous(cl), x = input.to(ct).contiguous(cl);
+    const DirectPlan p = direct_wgrad_cl_plan(s);
+    const int64_t RS = s.R * s.S, Cg = s.Cg(), per = s.K * Cg * RS;
+    std::vector<float> partial(static_cast<size_t>(p.slices * per));
+    at::parallel_for(0, direct_wgrad_tasks(s, p), 1, [&](int64_t t0, int64_t t1) {
+      conv2d_bwd_weight_cl_direct_avx2(go.const_data_ptr<float>(), x.const_data_ptr<float>(),
+                                       partial.data(), s, p, t0, t1);
+    });
+    for (int64_t sl = 1; sl < p.slices; ++sl) {  // the slices summed in order (deterministic)
+      for (int64_t i = 0; i < per; ++i) partial[i] += partial[sl * per + i];
+    }
+    at::Tensor gw = at::empty(weight_size, grad_output.options().dtype(ct));
+    float* wp = gw.mutable_data_ptr<float>();
+    for (int64_t k = 0; k < s.K; ++k) {  // (K, R, S, Cg) -> (K, Cg, R, S)
+      for (int64_t rs = 0; rs < RS; ++rs) {
+        for (int64_t c = 0; c < Cg; ++c)
+          wp[(k * Cg + c) * RS + rs] = partial[(k * RS + rs) * Cg + c];
+      }
+    }
     return gw.to(grad_output.scalar_type());
   }
   at::Tensor gw = at::empty(weight_size, grad_output.options().dtype(ct));

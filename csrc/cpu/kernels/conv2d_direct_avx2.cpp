@@ -31,10 +31,10 @@ constexpr int kMaxAcc = 12;  // accumulators of a register tile (16 ymm register
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Width of one phase of a padded row: the reads of nvec vectors of eight outputs over every kernel
-// column, and every input column.
-int64_t phase_width(const ConvShape& s, int64_t nvec) {
-  const int64_t reach = 8 * nvec + (s.S - 1) * s.dW / s.sW;
+// Width of one phase of a padded row: the reads of `cols` outputs over every kernel column, and
+// every input column.
+int64_t phase_width(const ConvShape& s, int64_t cols) {
+  const int64_t reach = cols + (s.S - 1) * s.dW / s.sW;
   return ceil_div(std::max(reach, ceil_div(s.W + s.pL, s.sW)), 8) * 8;
 }
 
@@ -335,6 +335,233 @@ WgradFn wgrad_fn(int kK) {
   }
 }
 
+// ---------------------------------------------------------------- channels_last
+
+// Copies input rows [ih0, ih0 + rows) of image x (channels_last, group g) into buf as
+// (rows, sW phases, Wph pixels, Cg): padded column j = iw + pL at phase j % sW, index j / sW.
+void pad_rows_cl(const float* x, const ConvShape& s, int64_t g, int64_t ih0, int64_t rows,
+                 int64_t Wph, float* buf) {
+  const int64_t Cg = s.Cg(), row = s.sW * Wph * Cg;
+  for (int64_t i = 0; i < rows; ++i) {
+    float* dst = buf + i * row;
+    std::memset(dst, 0, sizeof(float) * row);
+    const int64_t ih = ih0 + i;
+    if (ih < 0 || ih >= s.H) continue;
+    const float* src = x + ih * s.W * s.C + g * Cg;
+    for (int64_t iw = 0; iw < s.W; ++iw) {
+      const int64_t j = iw + s.pL;
+      std::memcpy(dst + (j % s.sW * Wph + j / s.sW) * Cg, src + iw * s.C, sizeof(float) * Cg);
+    }
+  }
+}
+
+// Buffer offset of tap (r, q, c) from the first output pixel's position.
+inline int64_t tap_offset_cl(const ConvShape& s, int64_t r, int64_t q, int64_t c, int64_t Wph) {
+  const int64_t j = q * s.dW;
+  return ((r * s.dH * s.sW + j % s.sW) * Wph + j / s.sW) * s.Cg() + c;
+}
+
+struct FwdClArgs {
+  const float* x;
+  const float* packed;  // [G][tiles][R][S][Cg][8 kN]
+  const float* bias;    // padded: G x tiles x 8 kN
+  const float* residual;
+  bool relu;
+  float* y;
+  const ConvShape* s;
+  const DirectPlan* plan;  // kK: vectors of 8 output channels (kN), kV: pixels (kP)
+};
+
+// kP pixels x kN vectors of output channels at buffer position xb (pixel stride Cg).
+template <int kP, int kN>
+inline void fwd_cl_tile(const float* xb, const float* wp, const int64_t* off, int64_t taps,
+                        int64_t Cg, __m256 (&out)[kP][kN]) {
+  __m256 acc[kP][kN];
+  for (int j = 0; j < kP; ++j) {
+    for (int v = 0; v < kN; ++v) acc[j][v] = _mm256_setzero_ps();
+  }
+  for (int64_t t = 0; t < taps; ++t, wp += 8 * kN) {
+    const float* p = xb + off[t];
+    if constexpr (kN <= kP) {  // weight vectors in registers, one pixel at a time
+      __m256 w[kN];
+      for (int v = 0; v < kN; ++v) w[v] = _mm256_loadu_ps(wp + 8 * v);
+      for (int j = 0; j < kP; ++j) {
+        const __m256 xv = _mm256_broadcast_ss(p + j * Cg);
+        for (int v = 0; v < kN; ++v) acc[j][v] = _mm256_fmadd_ps(xv, w[v], acc[j][v]);
+      }
+    } else {  // pixels in registers, one weight vector at a time
+      __m256 xv[kP];
+      for (int j = 0; j < kP; ++j) xv[j] = _mm256_broadcast_ss(p + j * Cg);
+      for (int v = 0; v < kN; ++v) {
+        const __m256 w = _mm256_loadu_ps(wp + 8 * v);
+        for (int j = 0; j < kP; ++j) acc[j][v] = _mm256_fmadd_ps(xv[j], w, acc[j][v]);
+      }
+    }
+  }
+  for (int j = 0; j < kP; ++j) {
+    for (int v = 0; v < kN; ++v) out[j][v] = acc[j][v];
+  }
+}
+
+template <int kP, int kN>
+void fwd_cl_tasks(const FwdClArgs& a, int64_t t0, int64_t t1) {
+  const ConvShape& s = *a.s;
+  const DirectPlan& pl = *a.plan;
+  const int64_t Cg = s.Cg(), Kg = s.Kg(), taps = Cg * s.R * s.S, Wph = pl.Wph;
+  const int64_t row = s.sW * Wph * Cg, blocks = ceil_div(s.OW, kP);
+  const int64_t max_rows = (pl.rows - 1) * s.sH + (s.R - 1) * s.dH + 1;
+  std::vector<float> buf(static_cast<size_t>(max_rows * row));
+  std::vector<int64_t> off(static_cast<size_t>(taps));
+  for (int64_t tap = 0; tap < taps; ++tap) {
+    off[tap] = tap_offset_cl(s, tap / (s.S * Cg), tap / Cg % s.S, tap % Cg, Wph);
+  }
+  const int64_t row_blocks = ceil_div(s.OH, pl.rows);
+  for (int64_t t = t0; t < t1; ++t) {  // t = (n, g, row block)
+    const int64_t rb = t % row_blocks, g = (t / row_blocks) % s.G, n = t / (row_blocks * s.G);
+    const int64_t oh0 = rb * pl.rows, oh1 = std::min(s.OH, oh0 + pl.rows);
+    const int64_t rows = (oh1 - oh0 - 1) * s.sH + (s.R - 1) * s.dH + 1;
+    pad_rows_cl(a.x + n * s.H * s.W * s.C, s, g, oh0 * s.sH - s.pT, rows, Wph, buf.data());
+    for (int64_t oh = oh0; oh < oh1; ++oh) {
+      const float* xrow = buf.data() + (oh - oh0) * s.sH * row;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t ow = b * kP, pixels = std::min<int64_t>(kP, s.OW - ow);
+        for (int64_t tile = 0; tile < pl.tiles; ++tile) {
+          __m256 acc[kP][kN];
+          fwd_cl_tile<kP, kN>(xrow + ow * Cg, a.packed + (g * pl.tiles + tile) * taps * 8 * kN,
+                              off.data(), taps, Cg, acc);
+          const int64_t k0 = tile * 8 * kN;  // first channel of the tile inside the group
+          const float* bias = a.bias + (g * pl.tiles + tile) * 8 * kN;
+          for (int v = 0; v < kN; ++v) {
+            const int64_t left = Kg - k0 - 8 * v;
+            if (left <= 0) break;
+            const __m256i m = lanes_below(left);
+            const __m256 bv = _mm256_loadu_ps(bias + 8 * v);
+            for (int64_t j = 0; j < pixels; ++j) {
+              const int64_t o = ((n * s.OH + oh) * s.OW + ow + j) * s.K + g * Kg + k0 + 8 * v;
+              __m256 r = _mm256_add_ps(acc[j][v], bv);
+              if (left >= 8) {
+                if (a.residual != nullptr) r = _mm256_add_ps(r, _mm256_loadu_ps(a.residual + o));
+                _mm256_storeu_ps(a.y + o, a.relu ? relu8(r) : r);
+              } else {
+                if (a.residual != nullptr)
+                  r = _mm256_add_ps(r, _mm256_maskload_ps(a.residual + o, m));
+                _mm256_maskstore_ps(a.y + o, m, a.relu ? relu8(r) : r);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+using FwdClFn = void (*)(const FwdClArgs&, int64_t, int64_t);
+
+FwdClFn fwd_cl_fn(int kN) {
+  switch (kN) {
+    case 1:
+      return &fwd_cl_tasks<12, 1>;
+    case 2:
+      return &fwd_cl_tasks<6, 2>;
+    case 3:
+      return &fwd_cl_tasks<4, 3>;
+    default:
+      return &fwd_cl_tasks<3, 4>;
+  }
+}
+
+struct WgradClArgs {
+  const float* go;  // channels_last
+  const float* x;   // channels_last
+  float* partial;   // [slices][K][R * S * Cg], taps in (r, q, c) order
+  const ConvShape* s;
+  const DirectPlan* plan;  // kK: vectors of 8 output channels (kN)
+};
+
+// Accumulates kJ taps (buffer offsets off) x kN channel vectors over one image into acc_mem.
+template <int kJ, int kN>
+inline void wgrad_cl_tile(const float* go, const float* xb, const int64_t (&off)[kJ],
+                          const ConvShape& s, int64_t row, int64_t left, float* acc_mem) {
+  __m256 acc[kJ][kN];
+  for (int j = 0; j < kJ; ++j) {
+    for (int v = 0; v < kN; ++v) acc[j][v] = _mm256_loadu_ps(acc_mem + (j * kN + v) * 8);
+  }
+  __m256i mask[kN];  // the tile's channels inside the group (the last tile may be short)
+  for (int v = 0; v < kN; ++v) mask[v] = lanes_below(std::max<int64_t>(left - 8 * v, 0));
+  const bool full = left >= 8 * kN;
+  const int64_t Cg = s.Cg();
+  for (int64_t oh = 0; oh < s.OH; ++oh) {
+    const float* xrow = xb + oh * s.sH * row;
+    const float* grow = go + oh * s.OW * s.K;
+    for (int64_t ow = 0; ow < s.OW; ++ow) {
+      __m256 gv[kN];
+      for (int v = 0; v < kN; ++v) {
+        gv[v] = full ? _mm256_loadu_ps(grow + ow * s.K + 8 * v)
+                     : _mm256_maskload_ps(grow + ow * s.K + 8 * v, mask[v]);
+      }
+      const float* xp = xrow + ow * Cg;
+      for (int j = 0; j < kJ; ++j) {
+        const __m256 xv = _mm256_broadcast_ss(xp + off[j]);
+        for (int v = 0; v < kN; ++v) acc[j][v] = _mm256_fmadd_ps(xv, gv[v], acc[j][v]);
+      }
+    }
+  }
+  for (int j = 0; j < kJ; ++j) {
+    for (int v = 0; v < kN; ++v) _mm256_storeu_ps(acc_mem + (j * kN + v) * 8, acc[j][v]);
+  }
+}
+
+template <int kJ, int kN>
+void wgrad_cl_tasks(const WgradClArgs& a, int64_t t0, int64_t t1) {
+  const ConvShape& s = *a.s;
+  const DirectPlan& pl = *a.plan;
+  const int64_t Cg = s.Cg(), Kg = s.Kg(), taps = s.R * s.S * Cg, Wph = pl.Wph;
+  const int64_t row = s.sW * Wph * Cg, rows = (s.OH - 1) * s.sH + (s.R - 1) * s.dH + 1;
+  const int64_t chunks = ceil_div(taps, kJ), per_slice = ceil_div(s.N, pl.slices);
+  std::vector<float> buf(static_cast<size_t>(rows * row));
+  std::vector<float> acc(static_cast<size_t>(chunks * kJ * kN * 8));
+  for (int64_t t = t0; t < t1; ++t) {  // t = (slice, g, tile)
+    const int64_t tile = t % pl.tiles, g = (t / pl.tiles) % s.G, slice = t / (pl.tiles * s.G);
+    const int64_t k0 = tile * 8 * kN, left = Kg - k0;
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    const int64_t n1 = std::min(s.N, (slice + 1) * per_slice);
+    for (int64_t n = slice * per_slice; n < n1; ++n) {
+      pad_rows_cl(a.x + n * s.H * s.W * s.C, s, g, -s.pT, rows, Wph, buf.data());
+      const float* go = a.go + n * s.OH * s.OW * s.K + g * Kg + k0;
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        int64_t off[kJ];
+        for (int j = 0; j < kJ; ++j) {  // taps past the end read tap 0 (results dropped)
+          const int64_t tap = ch * kJ + j < taps ? ch * kJ + j : 0;
+          off[j] = tap_offset_cl(s, tap / (s.S * Cg), tap / Cg % s.S, tap % Cg, Wph);
+        }
+        wgrad_cl_tile<kJ, kN>(go, buf.data(), off, s, row, left, &acc[ch * kJ * kN * 8]);
+      }
+    }
+    float* dst = a.partial + (slice * s.K + g * Kg) * taps;
+    for (int64_t k = 0; k < std::min<int64_t>(8 * kN, left); ++k) {
+      for (int64_t tap = 0; tap < taps; ++tap) {
+        const int64_t ch = tap / kJ, j = tap % kJ;
+        dst[(k0 + k) * taps + tap] = acc[((ch * kJ + j) * kN + k / 8) * 8 + k % 8];
+      }
+    }
+  }
+}
+
+using WgradClFn = void (*)(const WgradClArgs&, int64_t, int64_t);
+
+WgradClFn wgrad_cl_fn(int kN) {
+  switch (kN) {
+    case 1:
+      return &wgrad_cl_tasks<12, 1>;
+    case 2:
+      return &wgrad_cl_tasks<6, 2>;
+    case 3:
+      return &wgrad_cl_tasks<4, 3>;
+    default:
+      return &wgrad_cl_tasks<3, 4>;
+  }
+}
+
 }  // namespace
 
 // The kK x kV tile of least estimated time per useful output (padding columns and channels
@@ -360,7 +587,7 @@ DirectPlan direct_fwd_plan(const ConvShape& s, int threads) {
     }
   }
   best.tiles = ceil_div(Kg, best.kK);
-  best.Wph = phase_width(s, ceil_div(s.OW, 8 * best.kV) * best.kV);
+  best.Wph = phase_width(s, ceil_div(s.OW, 8 * best.kV) * best.kV * 8);
   // rows per task: enough tasks for the threads, and a padded buffer of at most ~192 KiB
   const int64_t images = s.N * s.G;
   int64_t rows = s.OH;
@@ -405,7 +632,7 @@ DirectPlan direct_wgrad_plan(const ConvShape& s) {
   DirectPlan p{};
   p.kK = static_cast<int>(std::min<int64_t>(s.Kg(), 4));
   p.tiles = ceil_div(s.Kg(), p.kK);
-  p.Wph = phase_width(s, ceil_div(s.OW, 8));
+  p.Wph = phase_width(s, ceil_div(s.OW, 8) * 8);
   // image slices, fixed by the shape (not the thread count) so that the sum's order is too
   p.slices = std::min<int64_t>(s.N, std::max<int64_t>(1, ceil_div(32, s.G * p.tiles)));
   return p;
@@ -420,6 +647,72 @@ void conv2d_bwd_weight_nchw_direct_avx2(const float* grad_out, const float* x, f
                                         int64_t t1) {
   const WgradArgs a{grad_out, x, partial, &s, &p};
   wgrad_fn(p.kK)(a, t0, t1);
+}
+
+// channels_last: kN vectors of output channels (as few as cover Kg, at most four) by 12 / kN
+// pixels.
+DirectPlan direct_fwd_cl_plan(const ConvShape& s, int threads) {
+  DirectPlan p{};
+  p.kK = static_cast<int>(std::min<int64_t>(4, ceil_div(s.Kg(), 8)));
+  p.kV = kMaxAcc / p.kK;
+  p.tiles = ceil_div(s.Kg(), 8 * p.kK);
+  p.Wph = phase_width(s, ceil_div(s.OW, p.kV) * p.kV);
+  const int64_t images = s.N * s.G;
+  int64_t rows = s.OH;
+  if (images < 4 * threads) rows = ceil_div(s.OH, ceil_div(4 * threads, images));
+  const int64_t per_row = s.Cg() * s.sH * s.sW * p.Wph * static_cast<int64_t>(sizeof(float));
+  p.rows = std::max<int64_t>(1, std::min(rows, (192 << 10) / std::max<int64_t>(per_row, 1)));
+  return p;
+}
+
+int64_t direct_cl_packed_size(const ConvShape& s, const DirectPlan& p) {
+  return s.G * p.tiles * s.Cg() * s.R * s.S * 8 * p.kK;
+}
+
+void direct_cl_pack(const float* w, const float* bias, float* packed, float* packed_bias,
+                    const ConvShape& s, const DirectPlan& p) {
+  const int64_t Cg = s.Cg(), Kg = s.Kg(), RS = s.R * s.S, width = 8 * p.kK;
+  for (int64_t g = 0; g < s.G; ++g) {
+    for (int64_t t = 0; t < p.tiles; ++t) {
+      float* dst = packed + (g * p.tiles + t) * RS * Cg * width;
+      for (int64_t rs = 0; rs < RS; ++rs) {
+        for (int64_t c = 0; c < Cg; ++c) {
+          for (int64_t i = 0; i < width; ++i) {
+            const int64_t k = t * width + i;
+            dst[(rs * Cg + c) * width + i] = k < Kg ? w[((g * Kg + k) * Cg + c) * RS + rs] : 0.0f;
+          }
+        }
+      }
+      for (int64_t i = 0; i < width; ++i) {
+        const int64_t k = t * width + i;
+        packed_bias[(g * p.tiles + t) * width + i] =
+            k < Kg && bias != nullptr ? bias[g * Kg + k] : 0.0f;
+      }
+    }
+  }
+}
+
+void conv2d_fwd_cl_direct_avx2(const float* x, const float* packed, const float* packed_bias,
+                               const float* residual, bool relu, float* y, const ConvShape& s,
+                               const DirectPlan& p, int64_t t0, int64_t t1) {
+  const FwdClArgs a{x, packed, packed_bias, residual, relu, y, &s, &p};
+  fwd_cl_fn(p.kK)(a, t0, t1);
+}
+
+DirectPlan direct_wgrad_cl_plan(const ConvShape& s) {
+  DirectPlan p{};
+  p.kK = static_cast<int>(std::min<int64_t>(4, ceil_div(s.Kg(), 8)));
+  p.tiles = ceil_div(s.Kg(), 8 * p.kK);
+  p.Wph = phase_width(s, s.OW);
+  p.slices = std::min<int64_t>(s.N, std::max<int64_t>(1, ceil_div(32, s.G * p.tiles)));
+  return p;
+}
+
+void conv2d_bwd_weight_cl_direct_avx2(const float* grad_out, const float* x, float* partial,
+                                      const ConvShape& s, const DirectPlan& p, int64_t t0,
+                                      int64_t t1) {
+  const WgradClArgs a{grad_out, x, partial, &s, &p};
+  wgrad_cl_fn(p.kK)(a, t0, t1);
 }
 
 }  // namespace pyconv::cpu

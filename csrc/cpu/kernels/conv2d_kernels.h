@@ -42,4 +42,21 @@ void conv2d_bwd_weight_nchw_direct_avx2(const float* grad_out, const float* x, f
                                         const ConvShape& s, const DirectPlan& p, int64_t t0,
                                         int64_t t1);
 
+// channels_last forms: kK vectors of eight output channels x kV pixels (forward) or taps (weight
+// gradient). Weights packed as [G][tiles][R][S][Cg][8 kK] and the bias as [G][tiles][8 kK], zero
+// past Kg; the weight gradient's taps in (r, s, c) order.
+DirectPlan direct_fwd_cl_plan(const ConvShape& s, int threads);
+int64_t direct_cl_packed_size(const ConvShape& s, const DirectPlan& p);
+void direct_cl_pack(const float* w, const float* bias, float* packed, float* packed_bias,
+                    const ConvShape& s, const DirectPlan& p);
+// Tasks [t0, t1) of (n, g, block of p.rows output rows), direct_fwd_tasks(s, p) in all.
+void conv2d_fwd_cl_direct_avx2(const float* x, const float* packed, const float* packed_bias,
+                               const float* residual, bool relu, float* y, const ConvShape& s,
+                               const DirectPlan& p, int64_t t0, int64_t t1);
+DirectPlan direct_wgrad_cl_plan(const ConvShape& s);
+// Tasks [t0, t1) of (slice, g, tile), direct_wgrad_tasks(s, p) in all: partial[slice] (K x R S Cg).
+void conv2d_bwd_weight_cl_direct_avx2(const float* grad_out, const float* x, float* partial,
+                                      const ConvShape& s, const DirectPlan& p, int64_t t0,
+                                      int64_t t1);
+
 }  // namespace pyconv::cpu
