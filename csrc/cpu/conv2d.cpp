@@ -360,9 +360,33 @@ void forward_avx2(const float* x, const float* w, const float* bias, const float
   });
 }
 
-// float32 channels_last forward: the implicit GEMM where it suits, else the direct kernel.
+// Winograd F(2x2, 3x3) for 3x3 stride-1 layers of one group. PYCONV_CONV_WINOGRAD=0 turns it off,
+// =1 forces it wherever it applies; forcing the GEMM or the direct kernel (PYCONV_CONV_GEMM) turns
+// it off too.
+bool use_winograd(const ConvShape& s) {
+  const bool applies = s.R == 3 && s.S == 3 && s.sH == 1 && s.sW == 1 && s.dH == 1 && s.dW == 1 &&
+                       s.G == 1 && s.OH > 0 && s.OW > 0;
+  if (!applies) return false;
+  if (const char* e = std::getenv("PYCONV_CONV_WINOGRAD")) return e[0] == '1';
+  if (std::getenv("PYCONV_CONV_GEMM") != nullptr) return false;
+  // from 16 channels; past 256 the transformed filters (16 C K floats, made at each call) no
+  // longer stay in cache across the tile blocks and the implicit GEMM is faster
+  return s.C >= 16 && s.K >= 16 && s.C <= 256 && s.K <= 256;
+}
+
+// float32 channels_last forward: Winograd, the implicit GEMM or the direct kernel.
 void forward_cl_avx2(const float* x, const float* w, const float* bias, const float* residual,
                      bool relu, float* y, const ConvShape& s) {
+  if (use_winograd(s)) {
+    std::vector<float> u(static_cast<size_t>(winograd_packed_size(s)));
+    winograd_pack_weights(w, u.data(), s);
+    const int64_t blocks =
+        (winograd_tiles(s) + winograd_block_tiles(s) - 1) / winograd_block_tiles(s);
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      conv2d_fwd_cl_winograd_avx2(x, u.data(), bias, residual, relu, y, s, b0, b1);
+    });
+    return;
+  }
   if (use_implicit_gemm(s)) {
     implicit_gemm_forward(x, w, bias, residual, relu, y, s, true);
     return;
