@@ -327,12 +327,35 @@ bool use_implicit_gemm_nchw(const ConvShape& s) {
   return s.Kg() >= 8 && s.Cg() * s.R * s.S >= 64 && s.sW == 1;
 }
 
+// The stride-1 input gradient as a forward convolution of grad_output: channels swapped, padding
+// dilation * (k - 1) - pad (negative where that formulation does not apply).
+ConvShape input_grad_as_forward(const ConvShape& s) {
+  ConvShape t = s;
+  t.C = s.K;
+  t.H = s.OH;
+  t.W = s.OW;
+  t.K = s.C;
+  t.pT = s.dH * (s.R - 1) - s.pT;
+  t.pB = s.dH * (s.R - 1) - s.pB;
+  t.pL = s.dW * (s.S - 1) - s.pL;
+  t.pR = s.dW * (s.S - 1) - s.pR;
+  t.OH = s.H;
+  t.OW = s.W;
+  return t;
+}
+
+bool use_winograd(const ConvShape& s);
+
 // Input gradient, a forward convolution (per phase at strides above 1) with the channels swapped:
 // channels_last (natively or on copies) once there are 8 input channels per group to vectorise
 // over and, for NCHW tensors, a long reduction.
 bool input_grad_as_cl(const ConvShape& s, bool cl) {
   bool v;
   if (force_gemm(v) && v) return true;
+  if (!cl && s.sH == 1 && s.sW == 1) {  // NCHW Winograd, without copies
+    const ConvShape t = input_grad_as_forward(s);
+    if (t.pT >= 0 && t.pB >= 0 && t.pL >= 0 && t.pR >= 0 && use_winograd(t)) return false;
+  }
   return s.Cg() >= 8 && (cl || s.Kg() * s.R * s.S / (s.sH * s.sW) >= 64);
 }
 
@@ -342,22 +365,6 @@ bool use_implicit_gemm_weight(const ConvShape& s) {
   bool v;
   if (force_gemm(v)) return v;
   return s.Kg() >= 8 && s.Cg() * s.R * s.S >= 64;
-}
-
-// float32 NCHW forward on the AVX2 kernels: y = relu?(conv(x, w) + bias + residual).
-void forward_avx2(const float* x, const float* w, const float* bias, const float* residual,
-                  bool relu, float* y, const ConvShape& s_) {
-  if (use_implicit_gemm_nchw(s_)) {
-    implicit_gemm_forward(x, w, bias, residual, relu, y, s_, false);
-    return;
-  }
-  const ConvShape s = as_long_rows(s_);
-  const DirectPlan p = direct_fwd_plan(s, at::get_num_threads());
-  std::vector<float> packed(static_cast<size_t>(direct_packed_size(s, p)));
-  direct_pack_weights(w, packed.data(), s, p);
-  at::parallel_for(0, direct_fwd_tasks(s, p), 1, [&](int64_t t0, int64_t t1) {
-    conv2d_fwd_nchw_direct_avx2(x, packed.data(), bias, residual, relu, y, s, p, t0, t1);
-  });
 }
 
 // Winograd F(2x2, 3x3) for 3x3 stride-1 layers of one group. PYCONV_CONV_WINOGRAD=0 turns it off,
@@ -374,17 +381,42 @@ bool use_winograd(const ConvShape& s) {
   return s.C >= 16 && s.K >= 16 && s.C <= 256 && s.K <= 256;
 }
 
+void winograd_forward(const float* x, const float* w, const float* bias, const float* residual,
+                      bool relu, float* y, const ConvShape& s, bool cl) {
+  std::vector<float> u(static_cast<size_t>(winograd_packed_size(s)));
+  winograd_pack_weights(w, u.data(), s);
+  const int64_t blocks =
+      (winograd_tiles(s) + winograd_block_tiles(s) - 1) / winograd_block_tiles(s);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    conv2d_fwd_winograd_avx2(x, u.data(), bias, residual, relu, y, s, cl, b0, b1);
+  });
+}
+
+// float32 NCHW forward on the AVX2 kernels: y = relu?(conv(x, w) + bias + residual).
+void forward_avx2(const float* x, const float* w, const float* bias, const float* residual,
+                  bool relu, float* y, const ConvShape& s_) {
+  if (use_winograd(s_)) {
+    winograd_forward(x, w, bias, residual, relu, y, s_, false);
+    return;
+  }
+  if (use_implicit_gemm_nchw(s_)) {
+    implicit_gemm_forward(x, w, bias, residual, relu, y, s_, false);
+    return;
+  }
+  const ConvShape s = as_long_rows(s_);
+  const DirectPlan p = direct_fwd_plan(s, at::get_num_threads());
+  std::vector<float> packed(static_cast<size_t>(direct_packed_size(s, p)));
+  direct_pack_weights(w, packed.data(), s, p);
+  at::parallel_for(0, direct_fwd_tasks(s, p), 1, [&](int64_t t0, int64_t t1) {
+    conv2d_fwd_nchw_direct_avx2(x, packed.data(), bias, residual, relu, y, s, p, t0, t1);
+  });
+}
+
 // float32 channels_last forward: Winograd, the implicit GEMM or the direct kernel.
 void forward_cl_avx2(const float* x, const float* w, const float* bias, const float* residual,
                      bool relu, float* y, const ConvShape& s) {
   if (use_winograd(s)) {
-    std::vector<float> u(static_cast<size_t>(winograd_packed_size(s)));
-    winograd_pack_weights(w, u.data(), s);
-    const int64_t blocks =
-        (winograd_tiles(s) + winograd_block_tiles(s) - 1) / winograd_block_tiles(s);
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      conv2d_fwd_cl_winograd_avx2(x, u.data(), bias, residual, relu, y, s, b0, b1);
-    });
+    winograd_forward(x, w, bias, residual, relu, y, s, true);
     return;
   }
   if (use_implicit_gemm(s)) {
@@ -407,18 +439,8 @@ void forward_cl_avx2(const float* x, const float* w, const float* bias, const fl
 bool backward_input_as_forward(const float* go, const float* w, float* gi, const ConvShape& s,
                                bool cl = false) {
   if (s.sH != 1 || s.sW != 1) return false;
-  ConvShape t = s;
-  t.C = s.K;
-  t.H = s.OH;
-  t.W = s.OW;
-  t.K = s.C;
-  t.pT = s.dH * (s.R - 1) - s.pT;
-  t.pB = s.dH * (s.R - 1) - s.pB;
-  t.pL = s.dW * (s.S - 1) - s.pL;
-  t.pR = s.dW * (s.S - 1) - s.pR;
+  const ConvShape t = input_grad_as_forward(s);
   if (t.pT < 0 || t.pB < 0 || t.pL < 0 || t.pR < 0) return false;
-  t.OH = s.H;
-  t.OW = s.W;
   const int64_t Cg = s.Cg(), Kg = s.Kg(), RS = s.R * s.S;
   std::vector<float> wt(static_cast<size_t>(s.C * Kg * RS));  // (C, K / G, R, S)
   for (int64_t g = 0; g < s.G; ++g) {
@@ -740,7 +762,7 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
   }
   const bool cl_in = format_of(input) == at::MemoryFormat::ChannelsLast;
   if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 &&
-      (cl_in || nchw_forward_as_cl(s))) {
+      (cl_in || (nchw_forward_as_cl(s) && !use_winograd(s)))) {
     // channels_last: the implicit GEMM or the direct kernel; NCHW goes to the GEMM as a
     // channels_last copy and comes back (two passes over memory, cheaper than the NCHW kernels
     // where the GEMM applies)

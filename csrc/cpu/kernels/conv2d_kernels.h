@@ -59,15 +59,15 @@ void conv2d_bwd_weight_cl_direct_avx2(const float* grad_out, const float* x, flo
                                       const ConvShape& s, const DirectPlan& p, int64_t t0,
                                       int64_t t1);
 
-// Winograd F(2x2, 3x3) on channels_last tensors (winograd_avx2.cpp): 3x3, stride 1, dilation 1,
-// one group. Filters transformed once into winograd_packed_size(s) floats; blocks [b0, b1) of
-// winograd_block_tiles(s) 2x2 output tiles each, ceil(winograd_tiles(s) / block) in all.
+// Winograd F(2x2, 3x3) on channels_last (cl) or NCHW tensors (winograd_avx2.cpp): 3x3, stride 1,
+// dilation 1, one group. Filters transformed once into winograd_packed_size(s) floats; blocks [b0,
+// b1) of winograd_block_tiles(s) 2x2 output tiles each, ceil(winograd_tiles(s) / block) in all.
 int64_t winograd_packed_size(const ConvShape& s);
 void winograd_pack_weights(const float* w, float* u, const ConvShape& s);
 int64_t winograd_tiles(const ConvShape& s);
 int64_t winograd_block_tiles(const ConvShape& s);
-void conv2d_fwd_cl_winograd_avx2(const float* x, const float* u, const float* bias,
-                                 const float* residual, bool relu, float* y, const ConvShape& s,
-                                 int64_t b0, int64_t b1);
+void conv2d_fwd_winograd_avx2(const float* x, const float* u, const float* bias,
+                              const float* residual, bool relu, float* y, const ConvShape& s,
+                              bool cl, int64_t b0, int64_t b1);
 
 }  // namespace pyconv::cpu

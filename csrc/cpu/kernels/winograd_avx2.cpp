@@ -1,11 +1,12 @@
-// AVX2 + FMA float32 Winograd F(2x2, 3x3) convolution on channels_last tensors (3x3 kernels, stride
+// AVX2 + FMA float32 Winograd F(2x2, 3x3) convolution, channels_last or NCHW (3x3 kernels, stride
 // 1, no dilation, one group). Each 2x2 output tile comes from a 4x4 input patch: V = B^T d B per
 // input channel, M = sum over channels of U * V per output channel (U = G g G^T, the transformed
 // filters), Y = A^T M A. The sum is 16 independent matrix products, one per position xi of the
 // 4x4 transform, (tiles x C) by (C x K): 36 multiplies per tile and channel pair instead of the
 // 16 x 9 = 144 of direct convolution, 2.25x fewer. Tiles are processed in blocks small enough for
-// the transformed inputs and products to stay in L2; every step is vectorised along channels,
-// which channels_last keeps contiguous. This file alone is compiled for AVX2.
+// the transformed inputs and products to stay in L2; every step is vectorised along channels
+// (contiguous in channels_last; NCHW patches and output tiles are transposed in registers). This
+// file alone is compiled for AVX2.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -36,23 +37,9 @@ inline __m256 relu8(__m256 v) {  // keeps NaN, as torch's relu
                        v);
 }
 
-// Input transform of one tile, eight channels from c: V[xi] = (B^T d B)[xi], stored at
+// V[xi] = (B^T d B)[xi] for the 4x4 patch d (vectors of eight channels), stored at
 // v + xi * stride. B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1].
-template <bool kInside>
-inline void input_tile(const float* x, const ConvShape& s, int64_t n, int64_t h0, int64_t w0,
-                       int64_t c, __m256i cmask, bool cfull, float* v, int64_t stride) {
-  __m256 d[4][4];
-  for (int i = 0; i < 4; ++i) {
-    for (int j = 0; j < 4; ++j) {
-      const int64_t h = h0 + i, w = w0 + j;
-      if (!kInside && (h < 0 || h >= s.H || w < 0 || w >= s.W)) {
-        d[i][j] = _mm256_setzero_ps();
-        continue;
-      }
-      const float* p = x + ((n * s.H + h) * s.W + w) * s.C + c;
-      d[i][j] = cfull ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, cmask);
-    }
-  }
+inline void transform_input(const __m256 (&d)[4][4], float* v, int64_t stride) {
   __m256 t[4][4];  // B^T d
   for (int j = 0; j < 4; ++j) {
     t[0][j] = _mm256_sub_ps(d[0][j], d[2][j]);
@@ -65,6 +52,58 @@ inline void input_tile(const float* x, const ConvShape& s, int64_t n, int64_t h0
     _mm256_storeu_ps(v + (i * 4 + 1) * stride, _mm256_add_ps(t[i][1], t[i][2]));
     _mm256_storeu_ps(v + (i * 4 + 2) * stride, _mm256_sub_ps(t[i][2], t[i][1]));
     _mm256_storeu_ps(v + (i * 4 + 3) * stride, _mm256_sub_ps(t[i][1], t[i][3]));
+  }
+}
+
+// The 4x4 patch at (h0, w0) of image n, channels c .. c + 7 (zero past C and outside the image).
+// channels_last: one vector load per pixel.
+template <bool kInside>
+inline void load_patch_cl(const float* x, const ConvShape& s, int64_t n, int64_t h0, int64_t w0,
+                          int64_t c, __m256 (&d)[4][4]) {
+  const bool cfull = c + 8 <= s.C;
+  const __m256i cmask = lanes_below(s.C - c);
+  for (int i = 0; i < 4; ++i) {
+    for (int j = 0; j < 4; ++j) {
+      const int64_t h = h0 + i, w = w0 + j;
+      if (!kInside && (h < 0 || h >= s.H || w < 0 || w >= s.W)) {
+        d[i][j] = _mm256_setzero_ps();
+        continue;
+      }
+      const float* p = x + ((n * s.H + h) * s.W + w) * s.C + c;
+      d[i][j] = cfull ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, cmask);
+    }
+  }
+}
+
+// NCHW: four columns of each channel's patch row, transposed to vectors over the channels.
+template <bool kInside>
+inline void load_patch_nchw(const float* x, const ConvShape& s, int64_t n, int64_t h0, int64_t w0,
+                            int64_t c, __m256 (&d)[4][4]) {
+  for (int i = 0; i < 4; ++i) {
+    const int64_t h = h0 + i;
+    __m128 r[8];
+    for (int q = 0; q < 8; ++q) {
+      const float* row = x + ((n * s.C + c + q) * s.H + h) * s.W;
+      if (c + q >= s.C || (!kInside && (h < 0 || h >= s.H))) {
+        r[q] = _mm_setzero_ps();
+      } else if (kInside) {
+        r[q] = _mm_loadu_ps(row + w0);
+      } else {
+        float tmp[4];
+        for (int j = 0; j < 4; ++j) tmp[j] = w0 + j >= 0 && w0 + j < s.W ? row[w0 + j] : 0.0f;
+        r[q] = _mm_loadu_ps(tmp);
+      }
+    }
+    const __m256 a0 = _mm256_insertf128_ps(_mm256_castps128_ps256(r[0]), r[4], 1);
+    const __m256 a1 = _mm256_insertf128_ps(_mm256_castps128_ps256(r[1]), r[5], 1);
+    const __m256 a2 = _mm256_insertf128_ps(_mm256_castps128_ps256(r[2]), r[6], 1);
+    const __m256 a3 = _mm256_insertf128_ps(_mm256_castps128_ps256(r[3]), r[7], 1);
+    const __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1);
+    const __m256 t2 = _mm256_unpacklo_ps(a2, a3), t3 = _mm256_unpackhi_ps(a2, a3);
+    d[i][0] = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+    d[i][1] = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+    d[i][2] = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+    d[i][3] = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
   }
 }
 
@@ -130,9 +169,74 @@ int64_t winograd_block_tiles(const ConvShape& s) {
   return std::clamp<int64_t>((256 << 10) / per_tile / 6, 1, 16) * 6;
 }
 
-void conv2d_fwd_cl_winograd_avx2(const float* x, const float* u, const float* bias,
-                                 const float* residual, bool relu, float* y, const ConvShape& s,
-                                 int64_t b0, int64_t b1) {
+namespace {
+
+// Stores the 2x2 tile (oh, ow) of output channels k .. k + 7 of image n, out[a][b] (bias added)
+// + residual, ReLU; channels_last.
+inline void store_tile_cl(const __m256 (&out)[2][2], float* y, const float* residual, bool relu,
+                          const ConvShape& s, int64_t n, int64_t oh, int64_t ow, int64_t k) {
+  const bool kfull = k + 8 <= s.K;
+  const __m256i kmask = lanes_below(s.K - k);
+  for (int a = 0; a < 2 && oh + a < s.OH; ++a) {
+    for (int b = 0; b < 2 && ow + b < s.OW; ++b) {
+      const int64_t o = ((n * s.OH + oh + a) * s.OW + ow + b) * s.K + k;
+      __m256 r = out[a][b];
+      if (kfull) {
+        if (residual != nullptr) r = _mm256_add_ps(r, _mm256_loadu_ps(residual + o));
+        _mm256_storeu_ps(y + o, relu ? relu8(r) : r);
+      } else {
+        if (residual != nullptr) r = _mm256_add_ps(r, _mm256_maskload_ps(residual + o, kmask));
+        _mm256_maskstore_ps(y + o, kmask, relu ? relu8(r) : r);
+      }
+    }
+  }
+}
+
+// NCHW: the four vectors transposed to one [y00 y01 y10 y11] quadruple per channel.
+inline void store_tile_nchw(const __m256 (&out)[2][2], float* y, const float* residual, bool relu,
+                            const ConvShape& s, int64_t n, int64_t oh, int64_t ow, int64_t k) {
+  const __m256 t0 = _mm256_unpacklo_ps(out[0][0], out[0][1]);
+  const __m256 t1 = _mm256_unpackhi_ps(out[0][0], out[0][1]);
+  const __m256 t2 = _mm256_unpacklo_ps(out[1][0], out[1][1]);
+  const __m256 t3 = _mm256_unpackhi_ps(out[1][0], out[1][1]);
+  const __m256 u[4] = {_mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)),
+                       _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2)),
+                       _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)),
+                       _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2))};
+  const bool whole = oh + 1 < s.OH && ow + 1 < s.OW;
+  const int64_t plane = s.OH * s.OW;
+  for (int q = 0; q < 8 && k + q < s.K; ++q) {
+    __m128 v = q < 4 ? _mm256_castps256_ps128(u[q]) : _mm256_extractf128_ps(u[q - 4], 1);
+    const int64_t o = (n * s.K + k + q) * plane + oh * s.OW + ow;
+    if (whole) {
+      if (residual != nullptr) {
+        const __m128 r = _mm_loadh_pi(
+            _mm_loadl_pi(_mm_setzero_ps(), reinterpret_cast<const __m64*>(residual + o)),
+            reinterpret_cast<const __m64*>(residual + o + s.OW));
+        v = _mm_add_ps(v, r);
+      }
+      if (relu) v = _mm256_castps256_ps128(relu8(_mm256_castps128_ps256(v)));
+      _mm_storel_pi(reinterpret_cast<__m64*>(y + o), v);
+      _mm_storeh_pi(reinterpret_cast<__m64*>(y + o + s.OW), v);
+      continue;
+    }
+    float e[4];
+    _mm_storeu_ps(e, v);
+    for (int a = 0; a < 2 && oh + a < s.OH; ++a) {
+      for (int b = 0; b < 2 && ow + b < s.OW; ++b) {
+        const int64_t i = o + a * s.OW + b;
+        float r = e[a * 2 + b] + (residual != nullptr ? residual[i] : 0.0f);
+        y[i] = relu && !(r > 0.0f) && r == r ? 0.0f : r;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+template <bool kCL>
+void winograd_fwd(const float* x, const float* u, const float* bias, const float* residual,
+                  bool relu, float* y, const ConvShape& s, int64_t b0, int64_t b1) {
   const int64_t C8 = winograd_c8(s), K16 = winograd_k16(s), KP = K16 / 16;
   const int64_t TH = ceil_div(s.OH, 2), TW = ceil_div(s.OW, 2), T = s.N * TH * TW;
   const int64_t Tb = winograd_block_tiles(s);
@@ -151,13 +255,21 @@ void conv2d_fwd_cl_winograd_avx2(const float* x, const float* u, const float* bi
       const int64_t h0 = 2 * ty - s.pT, w0 = 2 * tx - s.pL;
       const bool inside = h0 >= 0 && w0 >= 0 && h0 + 4 <= s.H && w0 + 4 <= s.W;
       for (int64_t c = 0; c < C8; c += 8) {
-        const bool cfull = c + 8 <= s.C;
-        const __m256i cmask = lanes_below(s.C - c);
-        if (inside) {
-          input_tile<true>(x, s, n, h0, w0, c, cmask, cfull, vt + c, Tb * C8);
+        __m256 d[4][4];
+        if constexpr (kCL) {
+          if (inside) {
+            load_patch_cl<true>(x, s, n, h0, w0, c, d);
+          } else {
+            load_patch_cl<false>(x, s, n, h0, w0, c, d);
+          }
         } else {
-          input_tile<false>(x, s, n, h0, w0, c, cmask, cfull, vt + c, Tb * C8);
+          if (inside) {
+            load_patch_nchw<true>(x, s, n, h0, w0, c, d);
+          } else {
+            load_patch_nchw<false>(x, s, n, h0, w0, c, d);
+          }
         }
+        transform_input(d, vt + c, Tb * C8);
       }
     }
     // the 16 products
@@ -174,7 +286,6 @@ void conv2d_fwd_cl_winograd_avx2(const float* x, const float* u, const float* bi
     for (int64_t i = 0; i < nt; ++i) {
       const int64_t t = t0 + i, n = t / (TH * TW), ty = t / TW % TH, tx = t % TW;
       const int64_t oh = 2 * ty, ow = 2 * tx;
-      const bool h1 = oh + 1 < s.OH, w1 = ow + 1 < s.OW;
       for (int64_t k = 0; k < s.K; k += 8) {
         const float* mt = m.data() + i * K16 + k;
         __m256 mm[4][4];
@@ -186,33 +297,31 @@ void conv2d_fwd_cl_winograd_avx2(const float* x, const float* u, const float* bi
           p[0][b] = _mm256_add_ps(_mm256_add_ps(mm[0][b], mm[1][b]), mm[2][b]);
           p[1][b] = _mm256_sub_ps(_mm256_sub_ps(mm[1][b], mm[2][b]), mm[3][b]);
         }
-        const bool kfull = k + 8 <= s.K;
-        const __m256i kmask = lanes_below(s.K - k);
         const __m256 bv = bias == nullptr ? _mm256_setzero_ps()
-                          : kfull         ? _mm256_loadu_ps(bias + k)
-                                          : _mm256_maskload_ps(bias + k, kmask);
+                          : k + 8 <= s.K  ? _mm256_loadu_ps(bias + k)
+                                          : _mm256_maskload_ps(bias + k, lanes_below(s.K - k));
+        __m256 out[2][2];
         for (int a = 0; a < 2; ++a) {
-          if (a == 1 && !h1) break;
-          const __m256 out[2] = {
-              _mm256_add_ps(_mm256_add_ps(p[a][0], p[a][1]), p[a][2]),
-              _mm256_sub_ps(_mm256_sub_ps(p[a][1], p[a][2]), p[a][3]),
-          };
-          for (int b = 0; b < 2; ++b) {
-            if (b == 1 && !w1) break;
-            const int64_t o = ((n * s.OH + oh + a) * s.OW + ow + b) * s.K + k;
-            __m256 r = _mm256_add_ps(out[b], bv);
-            if (kfull) {
-              if (residual != nullptr) r = _mm256_add_ps(r, _mm256_loadu_ps(residual + o));
-              _mm256_storeu_ps(y + o, relu ? relu8(r) : r);
-            } else {
-              if (residual != nullptr)
-                r = _mm256_add_ps(r, _mm256_maskload_ps(residual + o, kmask));
-              _mm256_maskstore_ps(y + o, kmask, relu ? relu8(r) : r);
-            }
-          }
+          out[a][0] = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(p[a][0], p[a][1]), p[a][2]), bv);
+          out[a][1] = _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(p[a][1], p[a][2]), p[a][3]), bv);
+        }
+        if constexpr (kCL) {
+          store_tile_cl(out, y, residual, relu, s, n, oh, ow, k);
+        } else {
+          store_tile_nchw(out, y, residual, relu, s, n, oh, ow, k);
         }
       }
     }
+  }
+}
+
+void conv2d_fwd_winograd_avx2(const float* x, const float* u, const float* bias,
+                              const float* residual, bool relu, float* y, const ConvShape& s,
+                              bool cl, int64_t b0, int64_t b1) {
+  if (cl) {
+    winograd_fwd<true>(x, u, bias, residual, relu, y, s, b0, b1);
+  } else {
+    winograd_fwd<false>(x, u, bias, residual, relu, y, s, b0, b1);
   }
 }
 
