@@ -412,6 +412,29 @@ void forward_avx2(const float* x, const float* w, const float* bias, const float
   });
 }
 
+// Weight gradient by Winograd: tiles in chunks of about 4 MiB of transforms (the chunk size fixed
+// by the shape, so that the order of the sums is too), each chunk transformed in parallel, then
+// its 16 products added into dU in parallel over (xi, output-channel panel, input-channel panel).
+void winograd_backward_weight(const float* go, const float* x, float* gw, const ConvShape& s,
+                              bool cl) {
+  const int64_t C16 = winograd_c16(s), K6 = winograd_k6(s), T = winograd_tiles(s);
+  const int64_t per_tile = 16 * (C16 + K6) * static_cast<int64_t>(sizeof(float));
+  const int64_t chunk = std::min(T, std::max<int64_t>(64, (4 << 20) / per_tile));
+  std::vector<float> v(static_cast<size_t>(16 * chunk * C16));
+  std::vector<float> pg(static_cast<size_t>(16 * chunk * K6));
+  std::vector<float> du(static_cast<size_t>(16 * K6 * C16), 0.0f);
+  for (int64_t first = 0; first < T; first += chunk) {
+    const int64_t count = std::min(chunk, T - first);
+    at::parallel_for(0, count, 8, [&](int64_t i0, int64_t i1) {
+      winograd_wgrad_transform(go, x, s, cl, first, count, v.data(), pg.data(), i0, i1);
+    });
+    at::parallel_for(0, winograd_wgrad_tasks(s), 1, [&](int64_t j0, int64_t j1) {
+      winograd_wgrad_products(v.data(), pg.data(), du.data(), s, count, j0, j1);
+    });
+  }
+  winograd_wgrad_finish(du.data(), gw, s);
+}
+
 // float32 channels_last forward: Winograd, the implicit GEMM or the direct kernel.
 void forward_cl_avx2(const float* x, const float* w, const float* bias, const float* residual,
                      bool relu, float* y, const ConvShape& s) {
@@ -944,6 +967,15 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
         out[c * RS + t] = acc;
       }
     }
+    return gw.to(grad_output.scalar_type());
+  }
+  if (ct == at::kFloat && simd_is_avx2() && use_winograd(s)) {  // either layout as it comes
+    const at::MemoryFormat fmt = format_of(grad_output);
+    const at::Tensor go = grad_output.to(ct).contiguous(fmt), x = input.to(ct).contiguous(fmt);
+    at::Tensor gw = at::empty(weight_size, grad_output.options().dtype(ct));
+    winograd_backward_weight(go.const_data_ptr<float>(), x.const_data_ptr<float>(),
+                             gw.mutable_data_ptr<float>(), s,
+                             fmt == at::MemoryFormat::ChannelsLast);
     return gw.to(grad_output.scalar_type());
   }
   if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 && use_implicit_gemm_weight(s)) {

@@ -70,4 +70,18 @@ void conv2d_fwd_winograd_avx2(const float* x, const float* u, const float* bias,
                               const float* residual, bool relu, float* y, const ConvShape& s,
                               bool cl, int64_t b0, int64_t b1);
 
+// Winograd weight gradient, in chunks of `count` tiles from tile `first`: transform tiles [i0, i1)
+// of the chunk into v ([16][count][winograd_c16]) and pg ([16][count][winograd_k6]); add the
+// chunk's products into du ([16][winograd_k6][winograd_c16], zeroed by the caller before the first
+// chunk), tasks [j0, j1) of winograd_wgrad_tasks(s); finally gw (K, C, 3, 3) from du.
+int64_t winograd_k6(const ConvShape& s);
+int64_t winograd_c16(const ConvShape& s);
+void winograd_wgrad_transform(const float* go, const float* x, const ConvShape& s, bool cl,
+                              int64_t first, int64_t count, float* v, float* pg, int64_t i0,
+                              int64_t i1);
+int64_t winograd_wgrad_tasks(const ConvShape& s);
+void winograd_wgrad_products(const float* v, const float* pg, float* du, const ConvShape& s,
+                             int64_t count, int64_t j0, int64_t j1);
+void winograd_wgrad_finish(const float* du, float* gw, const ConvShape& s);
+
 }  // namespace pyconv::cpu

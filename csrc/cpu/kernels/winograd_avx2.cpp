@@ -325,6 +325,205 @@ void conv2d_fwd_winograd_avx2(const float* x, const float* u, const float* bias,
   }
 }
 
+// ---------------------------------------------------------------- weight gradient
+// dL/dg = G^T [sum over tiles of (A dY A^T) * (B^T d B)] G: the 16 products dU[xi] (K x C) =
+// sum over tiles of P[xi]^T V[xi], P = A dY A^T the transformed 2x2 output-gradient tiles.
+
+int64_t winograd_k6(const ConvShape& s) { return ceil_div(s.K, 6) * 6; }
+int64_t winograd_c16(const ConvShape& s) { return ceil_div(s.C, 16) * 16; }
+
+namespace {
+
+// The 2x2 output-gradient tile (oh, ow) of image n, channels k .. k + 7 (zero outside), as
+// vectors over the channels: y[a][b].
+template <bool kCL>
+inline void load_grad_tile(const float* go, const ConvShape& s, int64_t n, int64_t oh, int64_t ow,
+                           int64_t k, __m256 (&y)[2][2]) {
+  if constexpr (kCL) {
+    const bool kfull = k + 8 <= s.K;
+    const __m256i kmask = lanes_below(s.K - k);
+    for (int a = 0; a < 2; ++a) {
+      for (int b = 0; b < 2; ++b) {
+        if (oh + a >= s.OH || ow + b >= s.OW) {
+          y[a][b] = _mm256_setzero_ps();
+          continue;
+        }
+        const float* p = go + ((n * s.OH + oh + a) * s.OW + ow + b) * s.K + k;
+        y[a][b] = kfull ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, kmask);
+      }
+    }
+  } else {
+    __m128 r[8];  // per channel [y00 y01 y10 y11]
+    const bool whole = oh + 1 < s.OH && ow + 1 < s.OW;
+    for (int q = 0; q < 8; ++q) {
+      if (k + q >= s.K) {
+        r[q] = _mm_setzero_ps();
+        continue;
+      }
+      const float* p = go + ((n * s.K + k + q) * s.OH + oh) * s.OW + ow;
+      if (whole) {
+        r[q] = _mm_loadh_pi(_mm_loadl_pi(_mm_setzero_ps(), reinterpret_cast<const __m64*>(p)),
+                            reinterpret_cast<const __m64*>(p + s.OW));
+      } else {
+        float e[4];
+        for (int a = 0; a < 2; ++a) {
+          for (int b = 0; b < 2; ++b) {
+            e[a * 2 + b] = oh + a < s.OH && ow + b < s.OW ? p[a * s.OW + b] : 0.0f;
+          }
+        }
+        r[q] = _mm_loadu_ps(e);
+      }
+    }
+    const __m256 a0 = _mm256_insertf128_ps(_mm256_castps128_ps256(r[0]), r[4], 1);
+    const __m256 a1 = _mm256_insertf128_ps(_mm256_castps128_ps256(r[1]), r[5], 1);
+    const __m256 a2 = _mm256_insertf128_ps(_mm256_castps128_ps256(r[2]), r[6], 1);
+    const __m256 a3 = _mm256_insertf128_ps(_mm256_castps128_ps256(r[3]), r[7], 1);
+    const __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1);
+    const __m256 t2 = _mm256_unpacklo_ps(a2, a3), t3 = _mm256_unpackhi_ps(a2, a3);
+    y[0][0] = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+    y[0][1] = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+    y[1][0] = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+    y[1][1] = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  }
+}
+
+// P = A dY A^T with A = [1 0; 1 1; 1 -1; 0 -1], stored at p + xi * stride (eight channels).
+inline void transform_grad(const __m256 (&y)[2][2], float* p, int64_t stride) {
+  __m256 r[4][2];  // A dY
+  for (int b = 0; b < 2; ++b) {
+    r[0][b] = y[0][b];
+    r[1][b] = _mm256_add_ps(y[0][b], y[1][b]);
+    r[2][b] = _mm256_sub_ps(y[0][b], y[1][b]);
+    r[3][b] = _mm256_sub_ps(_mm256_setzero_ps(), y[1][b]);
+  }
+  for (int i = 0; i < 4; ++i) {  // (A dY) A^T
+    _mm256_storeu_ps(p + (i * 4 + 0) * stride, r[i][0]);
+    _mm256_storeu_ps(p + (i * 4 + 1) * stride, _mm256_add_ps(r[i][0], r[i][1]));
+    _mm256_storeu_ps(p + (i * 4 + 2) * stride, _mm256_sub_ps(r[i][0], r[i][1]));
+    _mm256_storeu_ps(p + (i * 4 + 3) * stride, _mm256_sub_ps(_mm256_setzero_ps(), r[i][1]));
+  }
+}
+
+template <bool kCL>
+void wgrad_transform(const float* go, const float* x, const ConvShape& s, int64_t first,
+                     int64_t count, float* v, float* pg, int64_t i0, int64_t i1) {
+  const int64_t C16 = winograd_c16(s), K6 = winograd_k6(s);
+  const int64_t TH = ceil_div(s.OH, 2), TW = ceil_div(s.OW, 2);
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t t = first + i, n = t / (TH * TW), ty = t / TW % TH, tx = t % TW;
+    const int64_t h0 = 2 * ty - s.pT, w0 = 2 * tx - s.pL;
+    const bool inside = h0 >= 0 && w0 >= 0 && h0 + 4 <= s.H && w0 + 4 <= s.W;
+    float* vt = v + i * C16;
+    for (int64_t c = 0; c < C16; c += 8) {
+      __m256 d[4][4];
+      if (c >= s.C) {
+        for (auto& row : d) {
+          for (auto& e : row) e = _mm256_setzero_ps();
+        }
+      } else if constexpr (kCL) {
+        if (inside) {
+          load_patch_cl<true>(x, s, n, h0, w0, c, d);
+        } else {
+          load_patch_cl<false>(x, s, n, h0, w0, c, d);
+        }
+      } else {
+        if (inside) {
+          load_patch_nchw<true>(x, s, n, h0, w0, c, d);
+        } else {
+          load_patch_nchw<false>(x, s, n, h0, w0, c, d);
+        }
+      }
+      transform_input(d, vt, count * C16);
+      vt += 8;
+    }
+    float* pt = pg + i * K6;
+    for (int64_t k = 0; k < K6; k += 8) {
+      __m256 y[2][2];
+      load_grad_tile<kCL>(go, s, n, 2 * ty, 2 * tx, k, y);
+      if (k + 8 <= K6) {
+        transform_grad(y, pt + k, count * K6);
+      } else {  // the last K6 columns hold fewer than eight: through a bounce buffer
+        alignas(32) float tmp[16 * 8];
+        transform_grad(y, tmp, 8);
+        for (int xi = 0; xi < 16; ++xi) {
+          for (int64_t q = 0; q < K6 - k; ++q) pt[xi * count * K6 + k + q] = tmp[xi * 8 + q];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void winograd_wgrad_transform(const float* go, const float* x, const ConvShape& s, bool cl,
+                              int64_t first, int64_t count, float* v, float* pg, int64_t i0,
+                              int64_t i1) {
+  if (cl) {
+    wgrad_transform<true>(go, x, s, first, count, v, pg, i0, i1);
+  } else {
+    wgrad_transform<false>(go, x, s, first, count, v, pg, i0, i1);
+  }
+}
+
+int64_t winograd_wgrad_tasks(const ConvShape& s) {
+  return 16 * (winograd_k6(s) / 6) * (winograd_c16(s) / 16);
+}
+
+// Task (xi, k panel, c panel): du[xi][k .. k + 5][c .. c + 15] += sum over the `count` tiles of
+// pg[xi][t][k + r] v[xi][t][c ..], the tiles in order (deterministic).
+void winograd_wgrad_products(const float* v, const float* pg, float* du, const ConvShape& s,
+                             int64_t count, int64_t j0, int64_t j1) {
+  const int64_t C16 = winograd_c16(s), K6 = winograd_k6(s), CP = C16 / 16, KP = K6 / 6;
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t cp = j % CP, kp = j / CP % KP, xi = j / (CP * KP);
+    const float* a = pg + xi * count * K6 + kp * 6;
+    const float* b = v + xi * count * C16 + cp * 16;
+    float* d = du + (xi * K6 + kp * 6) * C16 + cp * 16;
+    __m256 acc[6][2];
+    for (int r = 0; r < 6; ++r) {
+      acc[r][0] = _mm256_loadu_ps(d + r * C16);
+      acc[r][1] = _mm256_loadu_ps(d + r * C16 + 8);
+    }
+    for (int64_t t = 0; t < count; ++t, a += K6, b += C16) {
+      const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+      for (int r = 0; r < 6; ++r) {
+        const __m256 av = _mm256_broadcast_ss(a + r);
+        acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < 6; ++r) {
+      _mm256_storeu_ps(d + r * C16, acc[r][0]);
+      _mm256_storeu_ps(d + r * C16 + 8, acc[r][1]);
+    }
+  }
+}
+
+// gw (K, C, 3, 3) = G^T dU G per (k, c), G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1].
+void winograd_wgrad_finish(const float* du, float* gw, const ConvShape& s) {
+  const int64_t C16 = winograd_c16(s), K6 = winograd_k6(s);
+  static constexpr float G[4][3] = {{1, 0, 0}, {0.5f, 0.5f, 0.5f}, {0.5f, -0.5f, 0.5f}, {0, 0, 1}};
+  for (int64_t k = 0; k < s.K; ++k) {
+    for (int64_t c = 0; c < s.C; ++c) {
+      float m[4][4];
+      for (int xi = 0; xi < 16; ++xi) m[xi / 4][xi % 4] = du[(xi * K6 + k) * C16 + c];
+      float t[3][4];  // G^T dU
+      for (int r = 0; r < 3; ++r) {
+        for (int j = 0; j < 4; ++j) {
+          t[r][j] = G[0][r] * m[0][j] + G[1][r] * m[1][j] + G[2][r] * m[2][j] + G[3][r] * m[3][j];
+        }
+      }
+      float* out = gw + (k * s.C + c) * 9;
+      for (int r = 0; r < 3; ++r) {
+        for (int q = 0; q < 3; ++q) {
+          out[r * 3 + q] =
+              t[r][0] * G[0][q] + t[r][1] * G[1][q] + t[r][2] * G[2][q] + t[r][3] * G[3][q];
+        }
+      }
+    }
+  }
+}
+
 }  // namespace pyconv::cpu
 
 #if defined(__GNUC__) && !defined(__clang__)
