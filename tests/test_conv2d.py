@@ -390,6 +390,24 @@ def test_winograd(monkeypatch, simd, fmt):
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+@pytest.mark.parametrize(
+    "cin, cout, k, groups",
+    [(16, 16, 3, 16), (16, 32, 1, 1), (16, 32, 3, 1), (3, 8, 3, 1), (40, 20, 5, 1)],
+    ids=["depthwise", "pointwise", "winograd", "direct", "gemm"],
+)
+def test_fused_relu_keeps_nan(simd, fmt, cin, cout, k, groups):
+    # torch's relu keeps NaN: every kernel's fused epilogue must too
+    x = torch.randn(2, cin, 9, 10).contiguous(memory_format=fmt)
+    x[0, :, 4, 5] = float("nan")
+    w = torch.randn(cout, cin // groups, k, k)
+    b = torch.randn(cout)
+    ref = torch.relu(F.conv2d(x.double(), w.double(), b.double(), padding=k // 2, groups=groups))
+    got = PF.conv2d(x, w, b, padding=k // 2, groups=groups, activation="relu")
+    assert torch.equal(got.isnan(), ref.isnan()) and ref.isnan().any()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 def test_weight_gradient_in_slices(simd, fmt):
     # the implicit-GEMM weight gradient cuts the pixels into slices (3 x 33 x 35 pixels: two on
     # channels_last) and adds them in order: same values as float64, same bits on every run

@@ -137,3 +137,15 @@ def test_cuda_any_strides_and_empty():
     assert rel_err(PF.conv2d(x, w, None, padding=1), F.conv2d(x, w, None, padding=1)) < 1e-12
     e = torch.empty(0, 16, 12, 12, device="cuda")
     assert PF.conv2d(e, w.float(), None, padding=1).shape == (0, 8, 12, 12)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_cuda_fused_relu_keeps_nan(cuda_path, fmt):
+    # torch's relu keeps NaN: the fused epilogue of each path must too
+    x = torch.randn(2, 16, 9, 10, device="cuda").contiguous(memory_format=fmt)
+    x[0, :, 4, 5] = float("nan")
+    w = torch.randn(32, 16, 3, 3, device="cuda")
+    b = torch.randn(32, device="cuda")
+    ref = torch.relu(F.conv2d(x.double(), w.double(), b.double(), padding=1))
+    got = PF.conv2d(x, w, b, padding=1, activation="relu")
+    assert torch.equal(got.isnan(), ref.isnan()) and ref.isnan().any()

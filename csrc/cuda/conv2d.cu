@@ -137,7 +137,7 @@ __global__ void fwd_direct_kernel(const T* x, Strides4 xs, const T* w, const T* 
     }
     if (bias) acc += conv::to_acc(bias[p.c]);
     if (res) acc += conv::to_acc(res[off(rs, p.n, p.c, p.h, p.w)]);
-    if (relu) acc = acc > Acc(0) ? acc : Acc(0);
+    if (relu) acc = acc > Acc(0) || acc != acc ? acc : Acc(0);  // NaN stays NaN, as torch's
     out[off(os, p.n, p.c, p.h, p.w)] = conv::from_acc<T>(acc);
   }
 }

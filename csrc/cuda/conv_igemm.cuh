@@ -288,7 +288,7 @@ struct FwdEpi {
     const int k = grp * g.Kg + col;
     if (bias) v += to_acc(bias[k]);
     if (res) v += to_acc(res[n * rst.n + k * rst.c + oh * rst.h + ow * rst.w]);
-    if (relu) v = v > Acc(0) ? v : Acc(0);
+    if (relu) v = v > Acc(0) || v != v ? v : Acc(0);  // NaN stays NaN, as torch's
     out[n * ost.n + k * ost.c + oh * ost.h + ow * ost.w] = from_acc<T>(v);
   }
 };

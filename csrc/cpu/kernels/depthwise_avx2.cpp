@@ -63,7 +63,7 @@ void depthwise_fwd_cl_avx2(const float* x, const float* wt, const float* bias, c
     const float* rrow = res ? res + (n * s.OH + oh) * s.OW * C : nullptr;
     auto finish = [&](__m256 acc, int64_t ow, int64_t c, const Lanes& l) {
       if (rrow) acc = _mm256_add_ps(acc, load(rrow + ow * C + c, l));
-      if (relu) acc = _mm256_max_ps(acc, _mm256_setzero_ps());
+      if (relu) acc = _mm256_max_ps(_mm256_setzero_ps(), acc);  // NaN stays NaN
       store(orow + ow * C + c, acc, l);
     };
     auto one = [&](int64_t ow) {  // any column: each tap checked

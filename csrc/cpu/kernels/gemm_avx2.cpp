@@ -258,8 +258,8 @@ void micro_kernel(const GemmDesc& d, int64_t kc, const float* a, const float* b,
           v1 = _mm256_add_ps(v1, _mm256_loadu_ps(rp + 8));
         }
         if (d.relu) {
-          v0 = _mm256_max_ps(v0, _mm256_setzero_ps());
-          v1 = _mm256_max_ps(v1, _mm256_setzero_ps());
+          v0 = _mm256_max_ps(_mm256_setzero_ps(), v0);  // NaN stays NaN
+          v1 = _mm256_max_ps(_mm256_setzero_ps(), v1);
         }
       }
       _mm256_storeu_ps(cp, v0);
@@ -275,7 +275,7 @@ void micro_kernel(const GemmDesc& d, int64_t kc, const float* a, const float* b,
         if (d.bias_m) v += d.bias_m[m + i];
         if (d.bias_n) v += d.bias_n[n + j];
         if (d.residual) v += d.residual[(m + i) * d.ldr + n + j];
-        if (d.relu) v = v > 0.0f ? v : 0.0f;
+        if (d.relu) v = v > 0.0f || v != v ? v : 0.0f;  // NaN stays NaN
       }
       cp[j] = v;
     }
