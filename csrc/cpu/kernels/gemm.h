@@ -49,7 +49,7 @@ struct GemmDesc {
 
 // Register tile of the micro-kernel (rows x columns) and the cache blocks of one task.
 constexpr int64_t kGemmMR = 6, kGemmNR = 16;
-constexpr int64_t kGemmMC = 96, kGemmNC = 256, kGemmKC = 128;
+constexpr int64_t kGemmMC = 96, kGemmNC = 256, kGemmKC = 256;
 
 // Rows per task: at most kGemmMC, as even as whole register tiles allow (M = 128 gives 66 + 62,
 // not 96 + 32, so that two threads get equal shares).
