@@ -299,6 +299,31 @@ def test_pointwise_layers_as_matrix_products(simd, fmt, groups):
         torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=3e-4)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("stride", [2, (3, 2)])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_strided_pointwise_layers(simd, fmt, stride, groups):
+    # strided 1x1 layers (ResNet's downsampling shortcut) run as the stride-1 layer on the
+    # subsampled input: forward with the fused epilogue, and both gradients
+    x = torch.randn(2, 24, 11, 10, dtype=torch.float64).contiguous(memory_format=fmt)
+    w = torch.randn(40, 24 // groups, 1, 1, dtype=torch.float64)
+    b = torch.randn(40, dtype=torch.float64)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = F.conv2d(xr, wr, b, stride=stride, groups=groups)
+    res = torch.randn_like(ref).contiguous(memory_format=fmt)
+    xf, wf = x.float().requires_grad_(), w.float().requires_grad_()
+    args = dict(stride=stride, groups=groups)
+    out = PF.conv2d(xf, wf, b.float(), **args, activation="relu", residual=res.float())
+    assert out.is_contiguous(memory_format=fmt)
+    close(out, torch.relu(ref + res), torch.float32)
+    grad = torch.randn_like(ref).contiguous(memory_format=fmt)
+    want = torch.autograd.grad(ref, (xr, wr), grad)
+    got = torch.autograd.grad(PF.conv2d(xf, wf, b.float(), **args), (xf, wf), grad.float())
+    assert got[0].is_contiguous(memory_format=fmt)
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=3e-4)
+
+
 @pytest.mark.parametrize("path", ["1", "0"], ids=["implicit-gemm", "direct"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 def test_forward_paths_forced(monkeypatch, simd, path, fmt):

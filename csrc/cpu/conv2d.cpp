@@ -747,6 +747,21 @@ void by_type(at::ScalarType ct, const F& f) {
   }
 }
 
+// A strided 1x1 layer without padding is the stride-1 layer on the subsampled input (every sW-th
+// column of every sH-th row): a matrix product on a quarter (at stride 2) of the input.
+bool strided_pointwise(const ConvShape& s) {
+  return s.R == 1 && s.S == 1 && (s.sH > 1 || s.sW > 1) && s.pT == 0 && s.pB == 0 && s.pL == 0 &&
+         s.pR == 0 && s.N * s.OH * s.OW > 0 && s.Cg() > 0 &&
+         std::getenv("PYCONV_CONV_GEMM") == nullptr;
+}
+
+at::Tensor subsampled(const at::Tensor& t, const ConvShape& s) {
+  return t.slice(2, 0, s.H, s.sH).slice(3, 0, s.W, s.sW).contiguous(format_of(t));
+}
+
+const int64_t kOne[2] = {1, 1};
+const int64_t kNoPad[4] = {0, 0, 0, 0};
+
 at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu,
@@ -757,6 +772,9 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
       make_conv_shape("conv2d", input.sizes(), weight.sizes(), stride, padding, dilation, groups);
   check_conv_extras("conv2d", input, weight, bias, residual, s);
   const at::ScalarType ct = compute_type(input.scalar_type());
+  if (ct == at::kFloat && simd_is_avx2() && input.dim() == 4 && strided_pointwise(s)) {
+    return conv2d(subsampled(input, s), weight, bias, kOne, kNoPad, kOne, groups, relu, residual);
+  }
   if (ct == at::kFloat && simd_is_avx2() && depthwise_cl(s, input) && s.N * s.OH * s.OW > 0) {
     const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
     const at::Tensor x = input.to(ct).contiguous(cl), w = weight.to(ct).contiguous();
@@ -835,6 +853,15 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
                                       padding, dilation, groups);
   check_grad_output("conv2d_backward_input", grad_output, s);
   const at::ScalarType ct = compute_type(grad_output.scalar_type());
+  if (ct == at::kFloat && simd_is_avx2() && input_size.size() == 4 && strided_pointwise(s)) {
+    // the stride-1 gradient of the subsampled input, spread into zeros
+    const std::vector<int64_t> sub = {s.N, s.C, s.OH, s.OW};
+    const at::Tensor part =
+        conv2d_backward_input(grad_output, weight, sub, kOne, kNoPad, kOne, groups);
+    at::Tensor gi = empty_cached(input_size, part.options(), format_of(grad_output)).zero_();
+    gi.slice(2, 0, s.H, s.sH).slice(3, 0, s.W, s.sW).copy_(part);
+    return gi;
+  }
   if (ct == at::kFloat && simd_is_avx2() && depthwise_cl(s, grad_output) && s.N * s.H * s.W > 0) {
     const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
     const at::Tensor go = grad_output.to(ct).contiguous(cl), w = weight.to(ct).contiguous();
@@ -933,6 +960,10 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
                                       padding, dilation, groups);
   check_grad_output("conv2d_backward_weight", grad_output, s);
   const at::ScalarType ct = compute_type(grad_output.scalar_type());
+  if (ct == at::kFloat && simd_is_avx2() && input.dim() == 4 && strided_pointwise(s)) {
+    return conv2d_backward_weight(grad_output, subsampled(input, s), weight_size, kOne, kNoPad,
+                                  kOne, groups);
+  }
   if (ct == at::kFloat && simd_is_avx2() && pointwise(s)) {
     // both operands in one layout: the grad_output's, unless only the input is channels_last
     const at::MemoryFormat fmt = format_of(grad_output) == at::MemoryFormat::ChannelsLast
