@@ -385,7 +385,8 @@ bool use_winograd(const ConvShape& s, int64_t max_channels = 256) {
 void winograd_forward(const float* x, const float* w, const float* bias, const float* residual,
                       bool relu, float* y, const ConvShape& s, bool cl) {
   std::vector<float> u(static_cast<size_t>(winograd_packed_size(s)));
-  winograd_pack_weights(w, u.data(), s);
+  at::parallel_for(0, winograd_k16(s), 16,
+                   [&](int64_t k0, int64_t k1) { winograd_pack_weights(w, u.data(), s, k0, k1); });
   const int64_t blocks =
       (winograd_tiles(s) + winograd_block_tiles(s) - 1) / winograd_block_tiles(s);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {

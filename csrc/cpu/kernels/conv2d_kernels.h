@@ -60,10 +60,12 @@ void conv2d_bwd_weight_cl_direct_avx2(const float* grad_out, const float* x, flo
                                       int64_t t1);
 
 // Winograd F(2x2, 3x3) on channels_last (cl) or NCHW tensors (winograd_avx2.cpp): 3x3, stride 1,
-// dilation 1, one group. Filters transformed once into winograd_packed_size(s) floats; blocks [b0,
-// b1) of winograd_block_tiles(s) 2x2 output tiles each, ceil(winograd_tiles(s) / block) in all.
+// dilation 1, one group. Filters transformed once into winograd_packed_size(s) floats, output
+// channels [k0, k1) of winograd_k16(s) at a time; the forward in blocks [b0, b1) of
+// winograd_block_tiles(s) 2x2 output tiles each, ceil(winograd_tiles(s) / block) in all.
 int64_t winograd_packed_size(const ConvShape& s);
-void winograd_pack_weights(const float* w, float* u, const ConvShape& s);
+void winograd_pack_weights(const float* w, float* u, const ConvShape& s, int64_t k0, int64_t k1);
+int64_t winograd_k16(const ConvShape& s);
 int64_t winograd_tiles(const ConvShape& s);
 int64_t winograd_block_tiles(const ConvShape& s);
 void conv2d_fwd_winograd_avx2(const float* x, const float* u, const float* bias,

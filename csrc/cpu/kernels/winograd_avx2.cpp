@@ -134,28 +134,30 @@ int64_t winograd_k16(const ConvShape& s) { return ceil_div(s.K, 16) * 16; }
 int64_t winograd_packed_size(const ConvShape& s) { return 16 * winograd_c8(s) * winograd_k16(s); }
 
 // U = G g G^T with G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1], packed as
-// [xi][K16 / 16][C8][16], zero past C and K.
-void winograd_pack_weights(const float* w, float* u, const ConvShape& s) {
-  const int64_t C8 = winograd_c8(s), K16 = winograd_k16(s), KP = K16 / 16;
-  std::fill(u, u + winograd_packed_size(s), 0.0f);
-  for (int64_t k = 0; k < s.K; ++k) {
-    for (int64_t c = 0; c < s.C; ++c) {
-      const float* g = w + (k * s.C + c) * 9;
-      float t[4][3];  // G g
-      for (int j = 0; j < 3; ++j) {
-        t[0][j] = g[j];
-        t[1][j] = 0.5f * (g[j] + g[3 + j] + g[6 + j]);
-        t[2][j] = 0.5f * (g[j] - g[3 + j] + g[6 + j]);
-        t[3][j] = g[6 + j];
-      }
-      for (int i = 0; i < 4; ++i) {
-        const float r[4] = {t[i][0], 0.5f * (t[i][0] + t[i][1] + t[i][2]),
-                            0.5f * (t[i][0] - t[i][1] + t[i][2]), t[i][2]};
-        for (int j = 0; j < 4; ++j) {
-          const int64_t xi = i * 4 + j;
-          u[((xi * KP + k / 16) * C8 + c) * 16 + k % 16] = r[j];
+// [xi][K16 / 16][C8][16], zero past C and K: output channels [k0, k1) of K16.
+void winograd_pack_weights(const float* w, float* u, const ConvShape& s, int64_t k0, int64_t k1) {
+  const int64_t C8 = winograd_c8(s), KP = winograd_k16(s) / 16;
+  for (int64_t k = k0; k < k1; ++k) {
+    for (int64_t c = 0; c < C8; ++c) {
+      float r[4][4] = {};
+      if (k < s.K && c < s.C) {
+        const float* g = w + (k * s.C + c) * 9;
+        float t[4][3];  // G g
+        for (int j = 0; j < 3; ++j) {
+          t[0][j] = g[j];
+          t[1][j] = 0.5f * (g[j] + g[3 + j] + g[6 + j]);
+          t[2][j] = 0.5f * (g[j] - g[3 + j] + g[6 + j]);
+          t[3][j] = g[6 + j];
+        }
+        for (int i = 0; i < 4; ++i) {  // (G g) G^T
+          r[i][0] = t[i][0];
+          r[i][1] = 0.5f * (t[i][0] + t[i][1] + t[i][2]);
+          r[i][2] = 0.5f * (t[i][0] - t[i][1] + t[i][2]);
+          r[i][3] = t[i][2];
         }
       }
+      for (int xi = 0; xi < 16; ++xi)
+        u[((xi * KP + k / 16) * C8 + c) * 16 + k % 16] = r[xi / 4][xi % 4];
     }
   }
 }
