@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "cpu/kernels/depthwise.h"
 
@@ -86,33 +87,46 @@ void depthwise_fwd_cl_avx2(const float* x, const float* wt, const float* bias, c
     };
     int64_t ow = 0;
     for (; ow < lo; ++ow) one(ow);
-    // four interior columns at a time, every channel block over the same few cache lines: four
-    // independent accumulation chains, one weight load per tap
-    for (; ow + 4 <= hi; ow += 4) {
+    // kCols interior columns at a time, every channel block over the same few cache lines:
+    // kCols independent accumulation chains, one weight load per tap. The geometry is copied into
+    // locals: the stores could alias `s`, which would otherwise be reloaded in the inner loop.
+    const int64_t R = s.R, S = s.S, H = s.H, W = s.W, sH = s.sH, sW = s.sW, dW = s.dW;
+    const int64_t pT = s.pT, pL = s.pL, dH = s.dH;
+    auto block = [&](auto cols, int64_t ow) {
+      constexpr int kCols = decltype(cols)::value;
       for (int64_t c = 0; c < C; c += 8) {
         const Lanes l = lanes(c, C);
         const __m256 b = bias ? load(bias + c, l) : _mm256_setzero_ps();
-        __m256 a0 = b, a1 = b, a2 = b, a3 = b;
-        for (int64_t r = 0; r < s.R; ++r) {
-          const int64_t ih = oh * s.sH - s.pT + r * s.dH;
-          if (ih < 0 || ih >= s.H) continue;
-          const float* xp = x + ((n * s.H + ih) * s.W + ow * s.sW - s.pL) * C + c;
-          const float* wrow = wt + r * s.S * C + c;
-          for (int64_t q = 0; q < s.S; ++q) {
-            const __m256 wv = load(wrow + q * C, l);
-            const float* p = xp + q * s.dW * C;
-            a0 = _mm256_fmadd_ps(load(p, l), wv, a0);
-            a1 = _mm256_fmadd_ps(load(p + s.sW * C, l), wv, a1);
-            a2 = _mm256_fmadd_ps(load(p + 2 * s.sW * C, l), wv, a2);
-            a3 = _mm256_fmadd_ps(load(p + 3 * s.sW * C, l), wv, a3);
+        __m256 a[kCols];
+        for (int j = 0; j < kCols; ++j) a[j] = b;
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t ih = oh * sH - pT + r * dH;
+          if (ih < 0 || ih >= H) continue;
+          const float* xp = x + ((n * H + ih) * W + ow * sW - pL) * C + c;
+          const float* wrow = wt + r * S * C + c;
+          if (l.full) {
+            for (int64_t q = 0; q < S; ++q) {
+              const __m256 wv = _mm256_loadu_ps(wrow + q * C);
+              const float* p = xp + q * dW * C;
+              for (int j = 0; j < kCols; ++j) {
+                a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(p + j * sW * C), wv, a[j]);
+              }
+            }
+          } else {
+            for (int64_t q = 0; q < S; ++q) {
+              const __m256 wv = _mm256_maskload_ps(wrow + q * C, l.mask);
+              const float* p = xp + q * dW * C;
+              for (int j = 0; j < kCols; ++j) {
+                a[j] = _mm256_fmadd_ps(_mm256_maskload_ps(p + j * sW * C, l.mask), wv, a[j]);
+              }
+            }
           }
         }
-        finish(a0, ow, c, l);
-        finish(a1, ow + 1, c, l);
-        finish(a2, ow + 2, c, l);
-        finish(a3, ow + 3, c, l);
+        for (int j = 0; j < kCols; ++j) finish(a[j], ow + j, c, l);
       }
-    }
+    };
+    for (; ow + 8 <= hi; ow += 8) block(std::integral_constant<int, 8>{}, ow);
+    for (; ow + 4 <= hi; ow += 4) block(std::integral_constant<int, 4>{}, ow);
     for (; ow < s.OW; ++ow) one(ow);
   }
 }
