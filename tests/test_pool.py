@@ -258,7 +258,8 @@ def test_empty_batch(device):
 def test_simd_paths_agree(dtype):
     if not pyconv._C.cpu_has_avx2():
         pytest.skip("no AVX2 on this CPU")
-    x = torch.randn(2, 19, 13, 41).to(dtype)  # rows wide enough for the vector paths
+    # rows wide enough for the vector paths; 43 channels: blocks of 32 and 8 and a scalar tail
+    x = torch.randn(2, 43, 13, 41).to(dtype)
     results = {}
     before = pyconv._C.simd_path()
     try:

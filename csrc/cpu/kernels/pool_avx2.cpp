@@ -110,21 +110,31 @@ void max_fwd_cl(const void* in_v, void* out_v, void* am_v, const PoolShape& s, i
         const bool any = kh.lo < kh.hi && kw.lo < kw.hi;
         const int64_t first = any ? kh.lo * s.kW + kw.lo : kNoArgmax;
         const int64_t o = (oh * s.OW + ow) * C;
-        int64_t c = c0;
-        for (; c + 8 <= c1; c += 8) {
-          __m256 best = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-          __m256 idx = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(first)));
+        // kV channel vectors at a time: independent compare-and-blend chains (one alone waits on
+        // its own latency at every tap)
+        auto vectors = [&, kW = s.kW, dH = s.dH, dW = s.dW, W = s.W](auto nv, int64_t c) {
+          constexpr int kV = decltype(nv)::value;
+          __m256 best[kV], idx[kV];
+          for (int v = 0; v < kV; ++v) {
+            best[v] = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+            idx[v] = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(first)));
+          }
           for (int64_t i = kh.lo; i < kh.hi; ++i) {
-            const T* row = in + (h0 + i * s.dH) * s.W * C + c;
+            const T* row = in + (h0 + i * dH) * W * C + c;
             for (int64_t j = kw.lo; j < kw.hi; ++j) {
-              const __m256 k =
-                  _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(i * s.kW + j)));
-              max_step(Io::load(row + (w0 + j * s.dW) * C), k, best, idx);
+              const __m256 k = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(i * kW + j)));
+              const T* p = row + (w0 + j * dW) * C;
+              for (int v = 0; v < kV; ++v) max_step(Io::load(p + 8 * v), k, best[v], idx[v]);
             }
           }
-          Io::store(out + o + c, best);
-          store_argmax8(am + o + c, _mm256_castps_si256(idx));
-        }
+          for (int v = 0; v < kV; ++v) {
+            Io::store(out + o + c + 8 * v, best[v]);
+            store_argmax8(am + o + c + 8 * v, _mm256_castps_si256(idx[v]));
+          }
+        };
+        int64_t c = c0;
+        for (; c + 32 <= c1; c += 32) vectors(std::integral_constant<int, 4>{}, c);
+        for (; c + 8 <= c1; c += 8) vectors(std::integral_constant<int, 1>{}, c);
         for (; c < c1; ++c) {
           float best = -std::numeric_limits<float>::infinity();
           int64_t idx = first;
@@ -159,16 +169,25 @@ void avg_fwd_cl(const void* in_v, void* out_v, const PoolShape& s, int64_t q0, i
         const float div = static_cast<float>(avg_pool_divisor(s, oh, ow));
         const __m256 vdiv = _mm256_set1_ps(div);
         const int64_t o = (oh * s.OW + ow) * C;
-        int64_t c = c0;
-        for (; c + 8 <= c1; c += 8) {
-          __m256 sum = _mm256_setzero_ps();
+        // kV channel vectors at a time: independent addition chains
+        auto vectors = [&, W = s.W](auto nv, int64_t c) {
+          constexpr int kV = decltype(nv)::value;
+          __m256 sum[kV];
+          for (int v = 0; v < kV; ++v) sum[v] = _mm256_setzero_ps();
           for (int64_t ih = ih0; ih < ih1; ++ih) {
             for (int64_t iw = iw0; iw < iw1; ++iw) {
-              sum = _mm256_add_ps(sum, Io::load(in + (ih * s.W + iw) * C + c));
+              const T* p = in + (ih * W + iw) * C + c;
+              for (int v = 0; v < kV; ++v) sum[v] = _mm256_add_ps(sum[v], Io::load(p + 8 * v));
             }
           }
-          Io::store(out + o + c, empty ? _mm256_setzero_ps() : _mm256_div_ps(sum, vdiv));
-        }
+          for (int v = 0; v < kV; ++v) {
+            Io::store(out + o + c + 8 * v,
+                      empty ? _mm256_setzero_ps() : _mm256_div_ps(sum[v], vdiv));
+          }
+        };
+        int64_t c = c0;
+        for (; c + 32 <= c1; c += 32) vectors(std::integral_constant<int, 4>{}, c);
+        for (; c + 8 <= c1; c += 8) vectors(std::integral_constant<int, 1>{}, c);
         for (; c < c1; ++c) {
           float sum = 0;
           for (int64_t ih = ih0; ih < ih1; ++ih) {
