@@ -228,8 +228,8 @@ inline Cover cover(int64_t in, int64_t out, int64_t k, int64_t stride, int64_t p
 }
 
 // Backward as a gather: each input element sums, in output order, the gradients of the windows
-// that cover it, and is written once (no zeroing pass, no read-modify-write, no races). With two
-// or more covering windows the sums of one pixel's channels build up in `acc`. A float32 gradient
+// that cover it, and is written once (no zeroing pass, no read-modify-write, no races); four
+// channel vectors at a time, in registers. A float32 gradient
 // larger than the caches is written with streaming stores, which skip reading each line before
 // overwriting it (a third of the memory traffic).
 template <typename Io, bool kMax>
@@ -250,12 +250,10 @@ void bwd_cl(const void* go_v, const void* am_v, void* gi_v, const PoolShape& s, 
   };
   const Cover rows = cover(s.H, s.OH, s.kH, s.sH, s.pH, s.dH);
   const Cover cols = cover(s.W, s.OW, s.kW, s.sW, s.pW, s.dW);
-  std::vector<float> acc_buf(static_cast<size_t>(C) + 8);
   std::vector<float> share;  // average pooling: go / divisor of each output, once per image
   if constexpr (!kMax) share.resize(static_cast<size_t>(s.OH * s.OW * C));
   for_images(s, q0, q1, [&](int64_t n, int64_t c0, int64_t c1) {
     const int64_t nc = c1 - c0, nv = nc / 8 * 8;
-    float* acc = acc_buf.data();
     const T* go = static_cast<const T*>(go_v) + n * s.OH * s.OW * C + c0;
     if constexpr (!kMax) {
       for (int64_t oh = 0; oh < s.OH; ++oh) {
@@ -289,41 +287,41 @@ void bwd_cl(const void* go_v, const void* am_v, void* gi_v, const PoolShape& s, 
         return share[o + c];
       }
     };
+    // the windows covering one input pixel: output offset, window element
+    std::vector<int64_t> win_o_buf(static_cast<size_t>(s.kH * s.kW));
+    std::vector<int> win_k_buf(static_cast<size_t>(s.kH * s.kW));
+    int64_t* const win_o = win_o_buf.data();
+    int* const win_k = win_k_buf.data();
     for (int64_t ih = 0; ih < s.H; ++ih) {
       for (int64_t iw = 0; iw < s.W; ++iw) {
         T* dst = gi + (ih * s.W + iw) * C;
-        const int32_t ra = rows.start[ih], rb = rows.start[ih + 1];
-        const int32_t ca = cols.start[iw], cb = cols.start[iw + 1];
-        const int64_t count = static_cast<int64_t>(rb - ra) * (cb - ca);
-        bool first = true;
-        for (int32_t a = ra; a < rb; ++a) {
-          const int64_t oh = rows.out[a];
-          for (int32_t b = ca; b < cb; ++b) {
-            const int64_t ow = cols.out[b];
-            const int64_t o = (oh * s.OW + ow) * C;
-            const int k = static_cast<int>(rows.k[a] * s.kW + cols.k[b]);
-            const __m256i kv = _mm256_set1_epi32(k);
-            if (count == 1) {  // one window: straight to the output
-              for (int64_t c = 0; c < nv; c += 8) store8(dst + c, part8(o, kv, c));
-              for (int64_t c = nv; c < nc; ++c) Io::store1(dst + c, part1(o, k, c));
-            } else if (first) {
-              for (int64_t c = 0; c < nv; c += 8) _mm256_storeu_ps(acc + c, part8(o, kv, c));
-              for (int64_t c = nv; c < nc; ++c) acc[c] = part1(o, k, c);
-            } else {
-              for (int64_t c = 0; c < nv; c += 8) {
-                _mm256_storeu_ps(acc + c, _mm256_add_ps(_mm256_loadu_ps(acc + c), part8(o, kv, c)));
-              }
-              for (int64_t c = nv; c < nc; ++c) acc[c] += part1(o, k, c);
-            }
-            first = false;
+        size_t count = 0;
+        for (int32_t a = rows.start[ih]; a < rows.start[ih + 1]; ++a) {
+          for (int32_t b = cols.start[iw]; b < cols.start[iw + 1]; ++b, ++count) {
+            win_o[count] = (rows.out[a] * s.OW + cols.out[b]) * C;
+            win_k[count] = static_cast<int>(rows.k[a] * s.kW + cols.k[b]);
           }
         }
-        if (count == 0) {
-          for (int64_t c = 0; c < nv; c += 8) store8(dst + c, _mm256_setzero_ps());
-          for (int64_t c = nv; c < nc; ++c) Io::store1(dst + c, 0.0f);
-        } else if (count > 1) {
-          for (int64_t c = 0; c < nv; c += 8) store8(dst + c, _mm256_loadu_ps(acc + c));
-          for (int64_t c = nv; c < nc; ++c) Io::store1(dst + c, acc[c]);
+        // kV channel vectors at a time, summed in registers over the windows in output order
+        auto vectors = [&](auto nv, int64_t c) {
+          constexpr int kV = decltype(nv)::value;
+          __m256 sum[kV];
+          for (int v = 0; v < kV; ++v) sum[v] = _mm256_setzero_ps();
+          for (size_t w = 0; w < count; ++w) {
+            const __m256i kv = _mm256_set1_epi32(win_k[w]);
+            for (int v = 0; v < kV; ++v) {
+              sum[v] = _mm256_add_ps(sum[v], part8(win_o[w], kv, c + 8 * v));
+            }
+          }
+          for (int v = 0; v < kV; ++v) store8(dst + c + 8 * v, sum[v]);
+        };
+        int64_t c = 0;
+        for (; c + 32 <= nv; c += 32) vectors(std::integral_constant<int, 4>{}, c);
+        for (; c < nv; c += 8) vectors(std::integral_constant<int, 1>{}, c);
+        for (; c < nc; ++c) {
+          float sum = 0.0f;
+          for (size_t w = 0; w < count; ++w) sum += part1(win_o[w], win_k[w], c);
+          Io::store1(dst + c, sum);
         }
       }
     }
