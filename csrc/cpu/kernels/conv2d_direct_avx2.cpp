@@ -350,7 +350,13 @@ void pad_rows_cl(const float* x, const ConvShape& s, int64_t g, int64_t ih0, int
     const float* src = x + ih * s.W * s.C + g * Cg;
     for (int64_t iw = 0; iw < s.W; ++iw) {
       const int64_t j = iw + s.pL;
-      std::memcpy(dst + (j % s.sW * Wph + j / s.sW) * Cg, src + iw * s.C, sizeof(float) * Cg);
+      float* to = dst + (j % s.sW * Wph + j / s.sW) * Cg;
+      const float* from = src + iw * s.C;
+      if (Cg >= 16) {
+        std::memcpy(to, from, sizeof(float) * Cg);
+      } else {  // a few channels (first layers): inline, not a library call per pixel
+        for (int64_t c = 0; c < Cg; ++c) to[c] = from[c];
+      }
     }
   }
 }
