@@ -3,7 +3,6 @@ param_groups (weight decay on weights only)."""
 
 import copy
 import operator
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -74,19 +73,37 @@ def _target(module):
             ]
             if own:
                 return None, f"subclass {type(module).__name__} defines its own {own[0]}"
-            # a subclass that keeps torch's forward: pyconv's forward in front of it (the class is
-            # registered here, so that converted models pickle within this process's imports)
+            # a subclass that keeps torch's forward: pyconv's forward in front of it
             return _mixed_class(ours, type(module)), ""
     return None, None
 
 
 def _mixed_class(ours, theirs):
     name = f"Pyconv_{theirs.__module__.replace('.', '_')}_{theirs.__qualname__.replace('.', '_')}"
-    cls = globals().get(name)
+    cls = _MIXED.get((ours, theirs))
     if cls is None:
-        cls = type(name, (ours, theirs), {"__module__": __name__, "__qualname__": name})
-        setattr(sys.modules[__name__], name, cls)
+        cls = type(
+            name,
+            (ours, theirs),
+            {"__module__": __name__, "__qualname__": name, "__reduce_ex__": _reduce_mixed},
+        )
+        _MIXED[(ours, theirs)] = cls
     return cls
+
+
+_MIXED = {}
+
+
+def _reduce_mixed(self, protocol):
+    # pickled as its two importable bases, so that a process that never ran convert can rebuild
+    # the class (the user's subclass must be importable there, as for any pickled module)
+    ours, theirs = type(self).__bases__
+    return _remake, (ours, theirs), self.__getstate__()
+
+
+def _remake(ours, theirs):
+    cls = _mixed_class(ours, theirs)
+    return cls.__new__(cls)
 
 
 def _unsupported(module):

@@ -3,7 +3,10 @@ original's, state_dicts interchange both ways, compile (fullgraph), export, auto
 
 import copy
 import io
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -143,6 +146,30 @@ def test_inplace_shared_and_subclasses():
     assert [r.name for r in report.kept] == ["4"] and "forward" in report.kept[0].reason
     assert len(report.converted) == 2  # the shared conv once, and the plain subclass
     torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+
+
+class PlainSubclass(tnn.Conv2d):  # importable: pickles by reference
+    pass
+
+
+def test_converted_subclass_unpickles_in_a_fresh_process(tmp_path):
+    # the class pyconv builds for a subclass that keeps torch's forward pickles as its two
+    # importable bases, so a process that never ran convert rebuilds it
+    ours = pyconv.convert(tnn.Sequential(PlainSubclass(3, 4, 3)))
+    x = torch.randn(2, 3, 8, 8)
+    path = tmp_path / "model.pt"
+    path.write_bytes(pickle.dumps((ours, x, ours(x))))
+    code = (
+        "import pickle, sys, torch; "
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+        f"m, x, y = pickle.loads(open({str(path)!r}, 'rb').read()); "
+        "import pyconv.nn as pnn, test_convert as t; "
+        "assert isinstance(m[0], pnn.Conv2d) and isinstance(m[0], t.PlainSubclass); "
+        "torch.testing.assert_close(m(x), y)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    clone = copy.deepcopy(ours)
+    torch.testing.assert_close(clone(x), ours(x))
 
 
 def test_unsupported_and_nothing_to_convert():
