@@ -469,3 +469,32 @@ def test_depthwise_channels_last(simd, k, s, p, d):
     got = torch.autograd.grad(PF.conv2d(xf, wf, bf, **args), (xf, wf, bf), grad.float())
     for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_results_do_not_depend_on_thread_count(fmt):
+    # every CPU path splits work by shape, not by thread count, and sums in a fixed order: the
+    # forward and both gradients are bit-identical on 1, 2 and 3 threads (Winograd, direct and
+    # implicit-GEMM layers, a strided one)
+    before = torch.get_num_threads()
+    geometry = [(3, 16, 3, 1, 1), (32, 32, 3, 1, 1), (8, 12, 5, 2, 2), (32, 16, 5, 2, 2)]
+    try:
+        for c, k, r, st, p in geometry:
+            x = torch.randn(3, c, 15, 17).contiguous(memory_format=fmt)
+            w = torch.randn(k, c, r, r)
+            go = torch.randn_like(F.conv2d(x, w, None, st, p)).contiguous(memory_format=fmt)
+            args = ([st] * 2, [p] * 4, [1, 1], 1)
+            runs = []
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                runs.append(
+                    (
+                        ops.conv2d(x, w, None, *args, False, None),
+                        ops.conv2d_backward_input(go, w, list(x.shape), *args),
+                        ops.conv2d_backward_weight(go, x, list(w.shape), *args),
+                    )
+                )
+            for run in runs[1:]:
+                assert all(torch.equal(a, b) for a, b in zip(runs[0], run, strict=True))
+    finally:
+        torch.set_num_threads(before)
