@@ -162,13 +162,19 @@ struct SharedPack {
   std::vector<std::vector<float>> bufs;
   void a(std::vector<GemmDesc>& ds, size_t first) {  // A of ds[first:] (all the same A)
     bufs.emplace_back(static_cast<size_t>(gemm_packed_a_size(ds[first])));
-    gemm_pack_a(ds[first], bufs.back().data());
-    for (size_t i = first; i < ds.size(); ++i) ds[i].a_packed = bufs.back().data();
+    float* dst = bufs.back().data();
+    const GemmDesc& d = ds[first];
+    at::parallel_for(0, gemm_pack_a_tasks(d), 1,
+                     [&](int64_t t0, int64_t t1) { gemm_pack_a(d, dst, t0, t1); });
+    for (size_t i = first; i < ds.size(); ++i) ds[i].a_packed = dst;
   }
   void b(std::vector<GemmDesc>& ds, size_t first) {
     bufs.emplace_back(static_cast<size_t>(gemm_packed_b_size(ds[first])));
-    gemm_pack_b(ds[first], bufs.back().data());
-    for (size_t i = first; i < ds.size(); ++i) ds[i].b_packed = bufs.back().data();
+    float* dst = bufs.back().data();
+    const GemmDesc& d = ds[first];
+    at::parallel_for(0, gemm_pack_b_tasks(d), 1,
+                     [&](int64_t t0, int64_t t1) { gemm_pack_b(d, dst, t0, t1); });
+    for (size_t i = first; i < ds.size(); ++i) ds[i].b_packed = dst;
   }
 };
 
@@ -182,10 +188,12 @@ void implicit_gemm_forward(const float* x, const float* w, const float* bias, co
   std::vector<float> wp;
   if (cl) {  // (K, Cg, R, S) -> (K, R, S, Cg)
     wp.resize(static_cast<size_t>(s.K * taps));
-    for (int64_t k = 0; k < s.K; ++k)
-      for (int64_t c = 0; c < Cg; ++c)
-        for (int64_t rs = 0; rs < s.R * s.S; ++rs)
-          wp[k * taps + rs * Cg + c] = w[(k * Cg + c) * s.R * s.S + rs];
+    at::parallel_for(0, s.K, 8, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k)
+        for (int64_t c = 0; c < Cg; ++c)
+          for (int64_t rs = 0; rs < s.R * s.S; ++rs)
+            wp[k * taps + rs * Cg + c] = w[(k * Cg + c) * s.R * s.S + rs];
+    });
   }
   std::vector<GemmDesc> ds;
   ds.reserve(static_cast<size_t>(s.G * (cl ? 1 : s.N)));
@@ -468,15 +476,16 @@ bool backward_input_as_forward(const float* go, const float* w, float* gi, const
   if (t.pT < 0 || t.pB < 0 || t.pL < 0 || t.pR < 0) return false;
   const int64_t Cg = s.Cg(), Kg = s.Kg(), RS = s.R * s.S;
   std::vector<float> wt(static_cast<size_t>(s.C * Kg * RS));  // (C, K / G, R, S)
-  for (int64_t g = 0; g < s.G; ++g) {
-    for (int64_t kl = 0; kl < Kg; ++kl) {
-      for (int64_t c = 0; c < Cg; ++c) {
+  at::parallel_for(0, s.C, 8, [&](int64_t c0, int64_t c1) {
+    for (int64_t gc = c0; gc < c1; ++gc) {  // gc = g * Cg + c
+      const int64_t g = gc / Cg, c = gc % Cg;
+      for (int64_t kl = 0; kl < Kg; ++kl) {
         const float* src = w + ((g * Kg + kl) * Cg + c) * RS;
-        float* dst = wt.data() + ((g * Cg + c) * Kg + kl) * RS;
+        float* dst = wt.data() + (gc * Kg + kl) * RS;
         for (int64_t i = 0; i < RS; ++i) dst[i] = src[RS - 1 - i];  // flip r and s together
       }
     }
-  }
+  });
   if (cl) {
     forward_cl_avx2(go, wt.data(), nullptr, nullptr, false, gi, t);
   } else {

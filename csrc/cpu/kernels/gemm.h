@@ -74,8 +74,11 @@ inline int64_t gemm_packed_a_size(const GemmDesc& d) {
 inline int64_t gemm_packed_b_size(const GemmDesc& d) {
   return gemm_round(d.N, kGemmNR) * d.K + kGemmNR * d.K * ((d.N + kGemmNC - 1) / kGemmNC);
 }
-void gemm_pack_a(const GemmDesc& d, float* dst);
-void gemm_pack_b(const GemmDesc& d, float* dst);
+// Packing in independent tasks [t0, t1) of (row or column block, KC slice).
+int64_t gemm_pack_a_tasks(const GemmDesc& d);
+void gemm_pack_a(const GemmDesc& d, float* dst, int64_t t0, int64_t t1);
+int64_t gemm_pack_b_tasks(const GemmDesc& d);
+void gemm_pack_b(const GemmDesc& d, float* dst, int64_t t0, int64_t t1);
 
 // Tasks [t0, t1) of d (d.K > 0): each a gemm_mc(d) x NC block (consecutive tasks share columns, so
 // a thread reuses the packed B it just read) of C over the whole reduction, with A and B

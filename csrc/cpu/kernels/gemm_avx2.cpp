@@ -284,33 +284,38 @@ void micro_kernel(const GemmDesc& d, int64_t kc, const float* a, const float* b,
 
 }  // namespace
 
-void gemm_pack_a(const GemmDesc& d, float* dst) {
-  const int64_t MC = gemm_mc(d);
-  for (int64_t m0 = 0; m0 < d.M; m0 += MC) {
-    const int64_t mc = std::min(MC, d.M - m0);
-    for (int64_t k0 = 0; k0 < d.K; k0 += kGemmKC) {
-      const int64_t kc = std::min(kGemmKC, d.K - k0);
-      float* out = dst + m0 * d.K + gemm_round(mc, kGemmMR) * k0;
-      if (d.a_im2col) {
-        pack_a_im2col(d.a_img, d.M, m0, mc, k0, kc, out);
-      } else {
-        pack_a(d, m0, mc, k0, kc, out);
-      }
+int64_t gemm_pack_a_tasks(const GemmDesc& d) {
+  return ((d.M + gemm_mc(d) - 1) / gemm_mc(d)) * ((d.K + kGemmKC - 1) / kGemmKC);
+}
+
+void gemm_pack_a(const GemmDesc& d, float* dst, int64_t t0, int64_t t1) {
+  const int64_t MC = gemm_mc(d), kblocks = (d.K + kGemmKC - 1) / kGemmKC;
+  for (int64_t t = t0; t < t1; ++t) {  // t = (m block, k block)
+    const int64_t m0 = t / kblocks * MC, k0 = t % kblocks * kGemmKC;
+    const int64_t mc = std::min(MC, d.M - m0), kc = std::min(kGemmKC, d.K - k0);
+    float* out = dst + m0 * d.K + gemm_round(mc, kGemmMR) * k0;
+    if (d.a_im2col) {
+      pack_a_im2col(d.a_img, d.M, m0, mc, k0, kc, out);
+    } else {
+      pack_a(d, m0, mc, k0, kc, out);
     }
   }
 }
 
-void gemm_pack_b(const GemmDesc& d, float* dst) {
-  for (int64_t n0 = 0; n0 < d.N; n0 += kGemmNC) {
-    const int64_t nc = std::min(kGemmNC, d.N - n0);
-    for (int64_t k0 = 0; k0 < d.K; k0 += kGemmKC) {
-      const int64_t kc = std::min(kGemmKC, d.K - k0);
-      float* out = dst + n0 * d.K + gemm_round(nc, kGemmNR) * k0;
-      if (d.b_im2col) {
-        pack_b_im2col(d.b_img, d.N, k0, kc, n0, nc, out);
-      } else {
-        pack_b(d, k0, kc, n0, nc, out);
-      }
+int64_t gemm_pack_b_tasks(const GemmDesc& d) {
+  return ((d.N + kGemmNC - 1) / kGemmNC) * ((d.K + kGemmKC - 1) / kGemmKC);
+}
+
+void gemm_pack_b(const GemmDesc& d, float* dst, int64_t t0, int64_t t1) {
+  const int64_t kblocks = (d.K + kGemmKC - 1) / kGemmKC;
+  for (int64_t t = t0; t < t1; ++t) {  // t = (n block, k block)
+    const int64_t n0 = t / kblocks * kGemmNC, k0 = t % kblocks * kGemmKC;
+    const int64_t nc = std::min(kGemmNC, d.N - n0), kc = std::min(kGemmKC, d.K - k0);
+    float* out = dst + n0 * d.K + gemm_round(nc, kGemmNR) * k0;
+    if (d.b_im2col) {
+      pack_b_im2col(d.b_img, d.N, k0, kc, n0, nc, out);
+    } else {
+      pack_b(d, k0, kc, n0, nc, out);
     }
   }
 }
