@@ -224,27 +224,37 @@ def test_bad_dtypes_and_devices():
         PF.conv2d(x, torch.randn(3, 2, 2, 2), activation="gelu")
 
 
+def check_float32_layer(x, w, b, args, fmt=torch.contiguous_format):
+    """The float32 forward with the fused epilogue (relu(conv + b + residual)) and both gradients
+    against float64 torch; the output and the input gradient keep the layout `fmt`."""
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = F.conv2d(xr, wr, b, **args)
+    res = torch.randn_like(ref).contiguous(memory_format=fmt)
+    xf, wf = x.float().requires_grad_(), w.float().requires_grad_()
+    out = PF.conv2d(xf, wf, b.float(), **args, activation="relu", residual=res.float())
+    if x.shape[1] > 1:
+        assert out.is_contiguous(memory_format=fmt)
+    close(out, torch.relu(ref + res), torch.float32)
+    grad = torch.randn_like(ref).contiguous(memory_format=fmt)
+    want = torch.autograd.grad(ref, (xr, wr), grad)
+    got = torch.autograd.grad(PF.conv2d(xf, wf, b.float(), **args), (xf, wf), grad.float())
+    if x.shape[1] > 1:
+        assert got[0].is_contiguous(memory_format=fmt)
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=3e-4)
+    return got, grad
+
+
 @pytest.mark.parametrize("width", [9, 21, 37, 64])
 def test_wide_rows_every_kernel_path(simd, width):  # simd: each CPU path this machine has
-    # rows long enough for the 16- and 8-wide register tiles, their overlapping last blocks and the
-    # scalar borders, at strides 1, 2 and 3, with dilation, groups and the fused epilogue
+    # rows wider than every register tile, with partial last blocks, at strides 1, 2 and 3, with
+    # dilation, groups and the fused epilogue
     for cin, cout, k, s, p, d, g in CONFIGS + [(5, 13, 3, (1, 2), 2, (1, 2), 1)]:
         x = torch.randn(2, cin, 7, width, dtype=torch.float64)
         kh, kw = (k, k) if isinstance(k, int) else k
         w = torch.randn(cout, cin // g, kh, kw, dtype=torch.float64)
         b = torch.randn(cout, dtype=torch.float64)
-        args = dict(stride=s, padding=p, dilation=d, groups=g)
-        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-        ref = F.conv2d(xr, wr, b, **args)
-        res = torch.randn_like(ref)
-        xf, wf = x.float().requires_grad_(), w.float().requires_grad_()
-        out = PF.conv2d(xf, wf, b.float(), **args, activation="relu", residual=res.float())
-        close(out, torch.relu(ref + res), torch.float32)
-        grad = torch.randn_like(ref)
-        want = torch.autograd.grad(ref, (xr, wr), grad)
-        got = torch.autograd.grad(PF.conv2d(xf, wf, b.float(), **args), (xf, wf), grad.float())
-        for a, e in zip(got, want, strict=True):
-            close(a, e, torch.float32)
+        check_float32_layer(x, w, b, dict(stride=s, padding=p, dilation=d, groups=g))
 
 
 @pytest.mark.parametrize(
@@ -308,20 +318,7 @@ def test_strided_pointwise_layers(simd, fmt, stride, groups):
     x = torch.randn(2, 24, 11, 10, dtype=torch.float64).contiguous(memory_format=fmt)
     w = torch.randn(40, 24 // groups, 1, 1, dtype=torch.float64)
     b = torch.randn(40, dtype=torch.float64)
-    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-    ref = F.conv2d(xr, wr, b, stride=stride, groups=groups)
-    res = torch.randn_like(ref).contiguous(memory_format=fmt)
-    xf, wf = x.float().requires_grad_(), w.float().requires_grad_()
-    args = dict(stride=stride, groups=groups)
-    out = PF.conv2d(xf, wf, b.float(), **args, activation="relu", residual=res.float())
-    assert out.is_contiguous(memory_format=fmt)
-    close(out, torch.relu(ref + res), torch.float32)
-    grad = torch.randn_like(ref).contiguous(memory_format=fmt)
-    want = torch.autograd.grad(ref, (xr, wr), grad)
-    got = torch.autograd.grad(PF.conv2d(xf, wf, b.float(), **args), (xf, wf), grad.float())
-    assert got[0].is_contiguous(memory_format=fmt)
-    for a, e in zip(got, want, strict=True):
-        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=3e-4)
+    check_float32_layer(x, w, b, dict(stride=stride, groups=groups), fmt)
 
 
 @pytest.mark.parametrize("path", ["1", "0"], ids=["implicit-gemm", "direct"])
@@ -335,19 +332,7 @@ def test_forward_paths_forced(monkeypatch, simd, path, fmt):
         kh, kw = (k, k) if isinstance(k, int) else k
         w = torch.randn(cout, cin // g, kh, kw, dtype=torch.float64)
         b = torch.randn(cout, dtype=torch.float64)
-        args = dict(stride=s, padding=p, dilation=d, groups=g)
-        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-        ref = F.conv2d(xr, wr, b, **args)
-        res = torch.randn_like(ref).contiguous(memory_format=fmt)
-        xf, wf = x.float().requires_grad_(), w.float().requires_grad_()
-        out = PF.conv2d(xf, wf, b.float(), **args, activation="relu", residual=res.float())
-        assert out.is_contiguous(memory_format=fmt)
-        close(out, torch.relu(ref + res), torch.float32)
-        grad = torch.randn_like(ref).contiguous(memory_format=fmt)
-        want = torch.autograd.grad(ref, (xr, wr), grad)
-        got = torch.autograd.grad(PF.conv2d(xf, wf, b.float(), **args), (xf, wf), grad.float())
-        for a, e in zip(got, want, strict=True):
-            torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=3e-4)
+        check_float32_layer(x, w, b, dict(stride=s, padding=p, dilation=d, groups=g), fmt)
 
 
 @pytest.mark.parametrize("stride", [1, 2, 3])
@@ -364,19 +349,7 @@ def test_direct_kernel_register_tiles(monkeypatch, simd, stride, fmt):
             x = torch.randn(3, 2, 6, width, dtype=torch.float64).contiguous(memory_format=fmt)
             w = torch.randn(cout, 2, 3, 3, dtype=torch.float64)
             b = torch.randn(cout, dtype=torch.float64)
-            args = dict(stride=stride, padding=1)
-            xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-            ref = F.conv2d(xr, wr, b, **args)
-            res = torch.randn_like(ref).contiguous(memory_format=fmt)
-            xf, wf = x.float().requires_grad_(), w.float().requires_grad_()
-            out = PF.conv2d(xf, wf, b.float(), **args, activation="relu", residual=res.float())
-            assert out.is_contiguous(memory_format=fmt)
-            close(out, torch.relu(ref + res), torch.float32)
-            grad = torch.randn_like(ref).contiguous(memory_format=fmt)
-            want = torch.autograd.grad(ref, (xr, wr), grad)
-            got = torch.autograd.grad(PF.conv2d(xf, wf, b.float(), **args), (xf, wf), grad.float())
-            for a, e in zip(got, want, strict=True):
-                torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=3e-4)
+            got, grad = check_float32_layer(x, w, b, dict(stride=stride, padding=1), fmt)
             again = ops.conv2d_backward_weight(
                 grad.float(), x.float(), list(w.shape), [stride] * 2, [1] * 4, [1, 1], 1
             )
@@ -400,18 +373,7 @@ def test_winograd(monkeypatch, simd, fmt):
         x = torch.randn(2, cin, h, w, dtype=torch.float64).contiguous(memory_format=fmt)
         wt = torch.randn(cout, cin, 3, 3, dtype=torch.float64)
         b = torch.randn(cout, dtype=torch.float64)
-        xr, wr = x.clone().requires_grad_(), wt.clone().requires_grad_()
-        ref = F.conv2d(xr, wr, b, padding=p)
-        res = torch.randn_like(ref).contiguous(memory_format=fmt)
-        xf, wf = x.float().requires_grad_(), wt.float().requires_grad_()
-        out = PF.conv2d(xf, wf, b.float(), padding=p, activation="relu", residual=res.float())
-        assert out.is_contiguous(memory_format=fmt)
-        close(out, torch.relu(ref + res), torch.float32)
-        grad = torch.randn_like(ref).contiguous(memory_format=fmt)
-        want = torch.autograd.grad(ref, (xr, wr), grad)
-        got = torch.autograd.grad(PF.conv2d(xf, wf, b.float(), padding=p), (xf, wf), grad.float())
-        for a, e in zip(got, want, strict=True):
-            torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=3e-4)
+        check_float32_layer(x, wt, b, dict(padding=p), fmt)
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])

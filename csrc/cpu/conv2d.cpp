@@ -878,15 +878,7 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
     const std::vector<float> wt = depthwise_weights(w, s);
     at::Tensor gi = empty_cached(input_size, grad_output.options().dtype(ct), cl);
     // stride 1: a depthwise forward of grad_output with the filters flipped (the faster kernel)
-    ConvShape t = s;
-    t.H = s.OH;
-    t.W = s.OW;
-    t.OH = s.H;
-    t.OW = s.W;
-    t.pT = s.dH * (s.R - 1) - s.pT;
-    t.pB = s.dH * (s.R - 1) - s.pB;
-    t.pL = s.dW * (s.S - 1) - s.pL;
-    t.pR = s.dW * (s.S - 1) - s.pR;
+    const ConvShape t = input_grad_as_forward(s);
     if (s.sH == 1 && s.sW == 1 && t.pT >= 0 && t.pB >= 0 && t.pL >= 0 && t.pR >= 0) {
       const int64_t RS = s.R * s.S;
       std::vector<float> flipped(wt.size());

@@ -75,6 +75,21 @@ inline void load_patch_cl(const float* x, const ConvShape& s, int64_t n, int64_t
   }
 }
 
+// Eight rows of four (one per channel) to four vectors over the eight channels: out[j] lane q =
+// r[q][j].
+inline void transpose_8x4(const __m128 (&r)[8], __m256 (&out)[4]) {
+  const __m256 a0 = _mm256_insertf128_ps(_mm256_castps128_ps256(r[0]), r[4], 1);
+  const __m256 a1 = _mm256_insertf128_ps(_mm256_castps128_ps256(r[1]), r[5], 1);
+  const __m256 a2 = _mm256_insertf128_ps(_mm256_castps128_ps256(r[2]), r[6], 1);
+  const __m256 a3 = _mm256_insertf128_ps(_mm256_castps128_ps256(r[3]), r[7], 1);
+  const __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1);
+  const __m256 t2 = _mm256_unpacklo_ps(a2, a3), t3 = _mm256_unpackhi_ps(a2, a3);
+  out[0] = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  out[1] = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  out[2] = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  out[3] = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+}
+
 // NCHW: four columns of each channel's patch row, transposed to vectors over the channels.
 template <bool kInside>
 inline void load_patch_nchw(const float* x, const ConvShape& s, int64_t n, int64_t h0, int64_t w0,
@@ -94,16 +109,7 @@ inline void load_patch_nchw(const float* x, const ConvShape& s, int64_t n, int64
         r[q] = _mm_loadu_ps(tmp);
       }
     }
-    const __m256 a0 = _mm256_insertf128_ps(_mm256_castps128_ps256(r[0]), r[4], 1);
-    const __m256 a1 = _mm256_insertf128_ps(_mm256_castps128_ps256(r[1]), r[5], 1);
-    const __m256 a2 = _mm256_insertf128_ps(_mm256_castps128_ps256(r[2]), r[6], 1);
-    const __m256 a3 = _mm256_insertf128_ps(_mm256_castps128_ps256(r[3]), r[7], 1);
-    const __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1);
-    const __m256 t2 = _mm256_unpacklo_ps(a2, a3), t3 = _mm256_unpackhi_ps(a2, a3);
-    d[i][0] = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
-    d[i][1] = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
-    d[i][2] = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
-    d[i][3] = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+    transpose_8x4(r, d[i]);
   }
 }
 
@@ -376,16 +382,12 @@ inline void load_grad_tile(const float* go, const ConvShape& s, int64_t n, int64
         r[q] = _mm_loadu_ps(e);
       }
     }
-    const __m256 a0 = _mm256_insertf128_ps(_mm256_castps128_ps256(r[0]), r[4], 1);
-    const __m256 a1 = _mm256_insertf128_ps(_mm256_castps128_ps256(r[1]), r[5], 1);
-    const __m256 a2 = _mm256_insertf128_ps(_mm256_castps128_ps256(r[2]), r[6], 1);
-    const __m256 a3 = _mm256_insertf128_ps(_mm256_castps128_ps256(r[3]), r[7], 1);
-    const __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1);
-    const __m256 t2 = _mm256_unpacklo_ps(a2, a3), t3 = _mm256_unpackhi_ps(a2, a3);
-    y[0][0] = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
-    y[0][1] = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
-    y[1][0] = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
-    y[1][1] = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 q[4];
+    transpose_8x4(r, q);
+    y[0][0] = q[0];
+    y[0][1] = q[1];
+    y[1][0] = q[2];
+    y[1][1] = q[3];
   }
 }
 
