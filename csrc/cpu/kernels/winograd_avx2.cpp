@@ -113,6 +113,19 @@ inline void load_patch_nchw(const float* x, const ConvShape& s, int64_t n, int64
   }
 }
 
+// The patch in either layout; `inside`: no element of it in the padding.
+template <bool kCL>
+inline void load_patch(const float* x, const ConvShape& s, int64_t n, int64_t h0, int64_t w0,
+                       int64_t c, bool inside, __m256 (&d)[4][4]) {
+  if constexpr (kCL) {
+    inside ? load_patch_cl<true>(x, s, n, h0, w0, c, d)
+           : load_patch_cl<false>(x, s, n, h0, w0, c, d);
+  } else {
+    inside ? load_patch_nchw<true>(x, s, n, h0, w0, c, d)
+           : load_patch_nchw<false>(x, s, n, h0, w0, c, d);
+  }
+}
+
 // M[rows 0..5] (16 columns) = A[rows] (C8 long, row stride lda) x B (C8 x 16, packed).
 inline void gemm_6x16(const float* a, int64_t lda, const float* b, int64_t C8, float* m,
                       int64_t ldm) {
@@ -264,19 +277,7 @@ void winograd_fwd(const float* x, const float* u, const float* bias, const float
       const bool inside = h0 >= 0 && w0 >= 0 && h0 + 4 <= s.H && w0 + 4 <= s.W;
       for (int64_t c = 0; c < C8; c += 8) {
         __m256 d[4][4];
-        if constexpr (kCL) {
-          if (inside) {
-            load_patch_cl<true>(x, s, n, h0, w0, c, d);
-          } else {
-            load_patch_cl<false>(x, s, n, h0, w0, c, d);
-          }
-        } else {
-          if (inside) {
-            load_patch_nchw<true>(x, s, n, h0, w0, c, d);
-          } else {
-            load_patch_nchw<false>(x, s, n, h0, w0, c, d);
-          }
-        }
+        load_patch<kCL>(x, s, n, h0, w0, c, inside, d);
         transform_input(d, vt + c, Tb * C8);
       }
     }
@@ -424,18 +425,8 @@ void wgrad_transform(const float* go, const float* x, const ConvShape& s, int64_
         for (auto& row : d) {
           for (auto& e : row) e = _mm256_setzero_ps();
         }
-      } else if constexpr (kCL) {
-        if (inside) {
-          load_patch_cl<true>(x, s, n, h0, w0, c, d);
-        } else {
-          load_patch_cl<false>(x, s, n, h0, w0, c, d);
-        }
       } else {
-        if (inside) {
-          load_patch_nchw<true>(x, s, n, h0, w0, c, d);
-        } else {
-          load_patch_nchw<false>(x, s, n, h0, w0, c, d);
-        }
+        load_patch<kCL>(x, s, n, h0, w0, c, inside, d);
       }
       transform_input(d, vt, count * C16);
       vt += 8;
