@@ -21,10 +21,47 @@ namespace {
 
 // A rows [m0, m0 + mc) x k [k0, k0 + kc) as panels of 6 rows: panel p holds, for each k, its 6
 // values (zero beyond M).
+// Eight consecutive k of six rows (row stride rs, k contiguous) as dst[k][6]: an 8 x 8 transpose
+// in registers (two zero rows); writes dst[0, 48) only.
+inline void pack_a_6x8(const float* src, int64_t rs, float* dst) {
+  const __m256 z = _mm256_setzero_ps();
+  const __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + rs);
+  const __m256 r2 = _mm256_loadu_ps(src + 2 * rs), r3 = _mm256_loadu_ps(src + 3 * rs);
+  const __m256 r4 = _mm256_loadu_ps(src + 4 * rs), r5 = _mm256_loadu_ps(src + 5 * rs);
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u4 = _mm256_shuffle_ps(t4, z, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u5 = _mm256_shuffle_ps(t4, z, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u6 = _mm256_shuffle_ps(t5, z, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u7 = _mm256_shuffle_ps(t5, z, _MM_SHUFFLE(3, 2, 3, 2));
+  // column k (k < 4 from the low halves, k >= 4 from the high halves): rows 0-3 from u, 4-5 from u
+  const __m256 col[8] = {
+      _mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
+      _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
+      _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
+      _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
+  // whole-vector stores in order, each one's two extra lanes overwritten by the next; the last
+  // stores exactly its six (a masked store is slow here)
+  for (int k = 0; k < 7; ++k) _mm256_storeu_ps(dst + k * kGemmMR, col[k]);
+  _mm_storeu_ps(dst + 7 * kGemmMR, _mm256_castps256_ps128(col[7]));
+  _mm_storel_pi(reinterpret_cast<__m64*>(dst + 7 * kGemmMR + 4), _mm256_extractf128_ps(col[7], 1));
+}
+
 void pack_a(const GemmDesc& d, int64_t m0, int64_t mc, int64_t k0, int64_t kc, float* dst) {
   for (int64_t p = 0; p < mc; p += kGemmMR) {
     const int64_t rows = std::min(kGemmMR, mc - p);
-    for (int64_t k = 0; k < kc; ++k) {
+    int64_t k0v = 0;  // whole rows with contiguous k: eight k at a time, transposed in registers
+    if (rows == kGemmMR && d.a_cs == 1) {
+      for (; k0v + 8 <= kc; k0v += 8, dst += 8 * kGemmMR) {
+        pack_a_6x8(d.A + (m0 + p) * d.a_rs + k0 + k0v, d.a_rs, dst);
+      }
+    }
+    for (int64_t k = k0v; k < kc; ++k) {
       const float* src = d.A + (m0 + p) * d.a_rs + (k0 + k) * d.a_cs;
       int64_t i = 0;
       for (; i < rows; ++i) dst[i] = src[i * d.a_rs];
