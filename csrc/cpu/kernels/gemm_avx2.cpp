@@ -257,24 +257,13 @@ void micro_kernel(const GemmDesc& d, int64_t kc, const float* a, const float* b,
     a += kGemmMR;
     b += kGemmNR;
   }
-  // out of registers with constant indices only, so that the accumulators never live in memory
-  alignas(32) float t[kGemmMR][kGemmNR];
-#define PYCONV_STORE(i)           \
-  _mm256_store_ps(t[i], c[i][0]); \
-  _mm256_store_ps(t[i] + 8, c[i][1])
-  PYCONV_STORE(0);
-  PYCONV_STORE(1);
-  PYCONV_STORE(2);
-  PYCONV_STORE(3);
-  PYCONV_STORE(4);
-  PYCONV_STORE(5);
-#undef PYCONV_STORE
   const bool add_c = !first || d.accumulate;
   const int64_t rows = std::min(kGemmMR, d.M - m), cols = std::min(kGemmNR, d.N - n);
   if (rows == kGemmMR && cols == kGemmNR) {
-    for (int i = 0; i < kGemmMR; ++i) {
+    // whole tile: each row's two accumulators passed by value (constant indices), straight from
+    // registers to C
+    auto row = [&](int i, __m256 v0, __m256 v1) {
       float* cp = d.C + (m + i) * d.ldc + n;
-      __m256 v0 = _mm256_load_ps(t[i]), v1 = _mm256_load_ps(t[i] + 8);
       if (add_c) {
         v0 = _mm256_add_ps(v0, _mm256_loadu_ps(cp));
         v1 = _mm256_add_ps(v1, _mm256_loadu_ps(cp + 8));
@@ -301,9 +290,28 @@ void micro_kernel(const GemmDesc& d, int64_t kc, const float* a, const float* b,
       }
       _mm256_storeu_ps(cp, v0);
       _mm256_storeu_ps(cp + 8, v1);
-    }
+    };
+    row(0, c[0][0], c[0][1]);
+    row(1, c[1][0], c[1][1]);
+    row(2, c[2][0], c[2][1]);
+    row(3, c[3][0], c[3][1]);
+    row(4, c[4][0], c[4][1]);
+    row(5, c[5][0], c[5][1]);
     return;
   }
+  // a partial tile: out of registers with constant indices only, so that the accumulators never
+  // live in memory in the loop above
+  alignas(32) float t[kGemmMR][kGemmNR];
+#define PYCONV_STORE(i)           \
+  _mm256_store_ps(t[i], c[i][0]); \
+  _mm256_store_ps(t[i] + 8, c[i][1])
+  PYCONV_STORE(0);
+  PYCONV_STORE(1);
+  PYCONV_STORE(2);
+  PYCONV_STORE(3);
+  PYCONV_STORE(4);
+  PYCONV_STORE(5);
+#undef PYCONV_STORE
   for (int64_t i = 0; i < rows; ++i) {
     float* cp = d.C + (m + i) * d.ldc + n;
     for (int64_t j = 0; j < cols; ++j) {
