@@ -61,6 +61,14 @@ void pack_a(const GemmDesc& d, int64_t m0, int64_t mc, int64_t k0, int64_t kc, f
         pack_a_6x8(d.A + (m0 + p) * d.a_rs + k0 + k0v, d.a_rs, dst);
       }
     }
+    if (rows == kGemmMR && d.a_rs == 1) {  // the six rows contiguous for each k: two moves
+      for (; k0v < kc; ++k0v, dst += kGemmMR) {
+        const float* src = d.A + m0 + p + (k0 + k0v) * d.a_cs;
+        _mm_storeu_ps(dst, _mm_loadu_ps(src));
+        _mm_storel_pi(reinterpret_cast<__m64*>(dst + 4),
+                      _mm_loadl_pi(_mm_setzero_ps(), reinterpret_cast<const __m64*>(src + 4)));
+      }
+    }
     for (int64_t k = k0v; k < kc; ++k) {
       const float* src = d.A + (m0 + p) * d.a_rs + (k0 + k) * d.a_cs;
       int64_t i = 0;
