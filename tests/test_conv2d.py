@@ -410,15 +410,17 @@ def test_weight_gradient_in_slices(simd, fmt):
     assert torch.equal(got, again)
 
 
+@pytest.mark.parametrize("channels", [21, 32])
 @pytest.mark.parametrize("k, s, p, d", [(3, 1, 1, 1), (3, 2, 1, 1), (5, 2, 3, 2), (1, 1, 0, 1)])
-def test_depthwise_channels_last(simd, k, s, p, d):
-    # channels are the vector lanes: 21 channels leave a masked tail of 5
-    x = torch.randn(2, 21, 15, 12, dtype=torch.float64).contiguous(
+def test_depthwise_channels_last(simd, k, s, p, d, channels):
+    # channels are the vector lanes: 21 channels leave a masked tail of 5; 32 take the blocks of
+    # 16 channels x 4 columns
+    x = torch.randn(2, channels, 15, 12, dtype=torch.float64).contiguous(
         memory_format=torch.channels_last
     )
-    w = torch.randn(21, 1, k, k, dtype=torch.float64)
-    b = torch.randn(21, dtype=torch.float64)
-    args = dict(stride=s, padding=p, dilation=d, groups=21)
+    w = torch.randn(channels, 1, k, k, dtype=torch.float64)
+    b = torch.randn(channels, dtype=torch.float64)
+    args = dict(stride=s, padding=p, dilation=d, groups=channels)
     xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
     ref = F.conv2d(xr, wr, br, **args)
     res = torch.randn_like(ref).contiguous(memory_format=torch.channels_last)

@@ -125,6 +125,42 @@ void depthwise_fwd_cl_avx2(const float* x, const float* wt, const float* bias, c
         for (int j = 0; j < kCols; ++j) finish(a[j], ow + j, c, l);
       }
     };
+    // channel counts in whole pairs of vectors: 4 columns x 16 channels at a time, so that each
+    // output pixel's 64-byte line is written by two consecutive stores (whole lines leave the
+    // core together; with one vector per column, every line waits for the next channel block)
+    auto block16 = [&](int64_t ow) {
+      for (int64_t c = 0; c < C; c += 16) {
+        const __m256 b0 = bias ? _mm256_loadu_ps(bias + c) : _mm256_setzero_ps();
+        const __m256 b1 = bias ? _mm256_loadu_ps(bias + c + 8) : _mm256_setzero_ps();
+        __m256 a[4][2];
+        for (int j = 0; j < 4; ++j) {
+          a[j][0] = b0;
+          a[j][1] = b1;
+        }
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t ih = oh * sH - pT + r * dH;
+          if (ih < 0 || ih >= H) continue;
+          const float* xp = x + ((n * H + ih) * W + ow * sW - pL) * C + c;
+          const float* wrow = wt + r * S * C + c;
+          for (int64_t q = 0; q < S; ++q) {
+            const __m256 w0 = _mm256_loadu_ps(wrow + q * C), w1 = _mm256_loadu_ps(wrow + q * C + 8);
+            const float* p = xp + q * dW * C;
+            for (int j = 0; j < 4; ++j) {
+              a[j][0] = _mm256_fmadd_ps(_mm256_loadu_ps(p + j * sW * C), w0, a[j][0]);
+              a[j][1] = _mm256_fmadd_ps(_mm256_loadu_ps(p + j * sW * C + 8), w1, a[j][1]);
+            }
+          }
+        }
+        const Lanes l = lanes(0, 8);
+        for (int j = 0; j < 4; ++j) {
+          finish(a[j][0], ow + j, c, l);
+          finish(a[j][1], ow + j, c + 8, l);
+        }
+      }
+    };
+    if (C % 16 == 0) {
+      for (; ow + 4 <= hi; ow += 4) block16(ow);
+    }
     for (; ow + 8 <= hi; ow += 8) block(std::integral_constant<int, 8>{}, ow);
     for (; ow + 4 <= hi; ow += 4) block(std::integral_constant<int, 4>{}, ow);
     for (; ow < s.OW; ++ow) one(ow);
