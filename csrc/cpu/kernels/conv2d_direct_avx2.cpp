@@ -437,21 +437,25 @@ void fwd_cl_tasks(const FwdClArgs& a, int64_t t0, int64_t t1) {
                               off.data(), taps, Cg, acc);
           const int64_t k0 = tile * 8 * kN;  // first channel of the tile inside the group
           const float* bias = a.bias + (g * pl.tiles + tile) * 8 * kN;
-          for (int v = 0; v < kN; ++v) {
-            const int64_t left = Kg - k0 - 8 * v;
-            if (left <= 0) break;
-            const __m256i m = lanes_below(left);
-            const __m256 bv = _mm256_loadu_ps(bias + 8 * v);
-            for (int64_t j = 0; j < pixels; ++j) {
-              const int64_t o = ((n * s.OH + oh) * s.OW + ow + j) * s.K + g * Kg + k0 + 8 * v;
-              __m256 r = _mm256_add_ps(acc[j][v], bv);
+          // pixel by pixel, its channel vectors in order: each output line is written by
+          // consecutive stores
+          for (int64_t j = 0; j < pixels; ++j) {
+            const int64_t o = ((n * s.OH + oh) * s.OW + ow + j) * s.K + g * Kg + k0;
+            for (int v = 0; v < kN; ++v) {
+              const int64_t left = Kg - k0 - 8 * v;
+              if (left <= 0) break;
+              __m256 r = _mm256_add_ps(acc[j][v], _mm256_loadu_ps(bias + 8 * v));
               if (left >= 8) {
-                if (a.residual != nullptr) r = _mm256_add_ps(r, _mm256_loadu_ps(a.residual + o));
-                _mm256_storeu_ps(a.y + o, a.relu ? relu8(r) : r);
+                if (a.residual != nullptr) {
+                  r = _mm256_add_ps(r, _mm256_loadu_ps(a.residual + o + 8 * v));
+                }
+                _mm256_storeu_ps(a.y + o + 8 * v, a.relu ? relu8(r) : r);
               } else {
-                if (a.residual != nullptr)
-                  r = _mm256_add_ps(r, _mm256_maskload_ps(a.residual + o, m));
-                _mm256_maskstore_ps(a.y + o, m, a.relu ? relu8(r) : r);
+                const __m256i m = lanes_below(left);
+                if (a.residual != nullptr) {
+                  r = _mm256_add_ps(r, _mm256_maskload_ps(a.residual + o + 8 * v, m));
+                }
+                _mm256_maskstore_ps(a.y + o + 8 * v, m, a.relu ? relu8(r) : r);
               }
             }
           }
