@@ -60,9 +60,10 @@ void pad_rows(const float* x, const ConvShape& s, int64_t ih0, int64_t rows, int
         continue;
       }
       std::memset(dst, 0, sizeof(float) * row);
-      for (int64_t iw = 0; iw < s.W; ++iw) {
-        const int64_t j = iw + s.pL;
-        dst[j % s.sW * Wph + j / s.sW] = src[iw];
+      for (int64_t ph = 0; ph < s.sW; ++ph) {  // phase ph: padded columns ph, ph + sW, ...
+        const int64_t iw0 = ((ph - s.pL) % s.sW + s.sW) % s.sW;  // first input column in it
+        float* to = dst + ph * Wph + (iw0 + s.pL) / s.sW;
+        for (int64_t iw = iw0; iw < s.W; iw += s.sW) *to++ = src[iw];
       }
     }
   }
@@ -348,14 +349,20 @@ void pad_rows_cl(const float* x, const ConvShape& s, int64_t g, int64_t ih0, int
     const int64_t ih = ih0 + i;
     if (ih < 0 || ih >= s.H) continue;
     const float* src = x + ih * s.W * s.C + g * Cg;
-    for (int64_t iw = 0; iw < s.W; ++iw) {
-      const int64_t j = iw + s.pL;
-      float* to = dst + (j % s.sW * Wph + j / s.sW) * Cg;
-      const float* from = src + iw * s.C;
-      if (Cg >= 16) {
-        std::memcpy(to, from, sizeof(float) * Cg);
-      } else {  // a few channels (first layers): inline, not a library call per pixel
-        for (int64_t c = 0; c < Cg; ++c) to[c] = from[c];
+    if (s.sW == 1 && Cg == s.C) {  // one group, stride 1: the row as it is
+      std::memcpy(dst + s.pL * Cg, src, sizeof(float) * s.W * Cg);
+      continue;
+    }
+    for (int64_t ph = 0; ph < s.sW; ++ph) {  // phase ph: padded columns ph, ph + sW, ...
+      const int64_t iw0 = ((ph - s.pL) % s.sW + s.sW) % s.sW;  // first input column in it
+      float* to = dst + (ph * Wph + (iw0 + s.pL) / s.sW) * Cg;
+      for (int64_t iw = iw0; iw < s.W; iw += s.sW, to += Cg) {
+        const float* from = src + iw * s.C;
+        if (Cg >= 16) {
+          std::memcpy(to, from, sizeof(float) * Cg);
+        } else {  // a few channels (first layers): inline, not a library call per pixel
+          for (int64_t c = 0; c < Cg; ++c) to[c] = from[c];
+        }
       }
     }
   }
