@@ -1,7 +1,7 @@
 """Times forward, input gradient and weight gradient of one conv2d shape, torch against pyconv,
 interleaved on the CPU.
 
-Usage: python scripts/conv_parts.py N C H W K R [stride pad groups] [--cl]
+Usage: python scripts/conv_parts.py N C H W K R [stride pad groups] [--cl] [--double]
 """
 
 import sys
@@ -13,10 +13,11 @@ from pyconv.bench.timing import interleaved
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 cl = "--cl" in sys.argv
+dtype = torch.float64 if "--double" in sys.argv else torch.float32
 n, c, h, w, k, r = map(int, args[:6])
 stride, pad, groups = (list(map(int, args[6:9])) + [1, r // 2, 1][len(args[6:9]) :])[:3]
-x = torch.randn(n, c, h, w)
-wt = torch.randn(k, c // groups, r, r) * (c * r * r) ** -0.5
+x = torch.randn(n, c, h, w, dtype=dtype)
+wt = torch.randn(k, c // groups, r, r, dtype=dtype) * (c * r * r) ** -0.5
 if cl:
     x = x.contiguous(memory_format=torch.channels_last)
 out = torch.nn.functional.conv2d(x, wt, None, stride, pad, 1, groups)

@@ -410,6 +410,43 @@ def test_weight_gradient_in_slices(simd, fmt):
     assert torch.equal(got, again)
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_float64_paths(simd, fmt):
+    # float64 runs on the implicit GEMM (AVX2) or the portable loops (generic): forward with the
+    # fused epilogue, input gradient (stride 1, and per phase at strides 2 and 3) and weight
+    # gradient, against torch's float64 at float64 precision; shapes with partial register tiles,
+    # reductions longer than one cache block (40 x 3 x 3 > 256 taps), groups and dilation
+    geometry = [  # cin, cout, k, stride, padding, dilation, groups, height, width
+        (3, 16, 3, 1, 1, 1, 1, 12, 19),
+        (40, 21, 3, 1, 1, 1, 1, 9, 13),
+        (40, 9, 3, 2, 1, 1, 1, 11, 14),
+        (12, 30, 5, 3, 2, 1, 1, 16, 17),
+        (16, 24, 3, 1, 2, 2, 4, 10, 11),
+        (6, 12, (1, 3), (2, 1), (0, 1), 1, 3, 9, 20),
+        (24, 33, 1, 1, 0, 1, 1, 7, 9),
+        (24, 32, 1, 2, 0, 1, 2, 7, 9),
+    ]
+    for cin, cout, k, st, p, d, g, h, wd in geometry:
+        kh, kw = (k, k) if isinstance(k, int) else k
+        x = torch.randn(2, cin, h, wd, dtype=torch.float64).contiguous(memory_format=fmt)
+        w = torch.randn(cout, cin // g, kh, kw, dtype=torch.float64)
+        b = torch.randn(cout, dtype=torch.float64)
+        args = dict(stride=st, padding=p, dilation=d, groups=g)
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        ref = F.conv2d(xr, wr, b, **args)
+        res = torch.randn_like(ref).contiguous(memory_format=fmt)
+        xp, wp = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = PF.conv2d(xp, wp, b, **args, activation="relu", residual=res)
+        assert out.dtype == torch.float64 and out.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(out, torch.relu(ref + res), rtol=1e-12, atol=1e-12)
+        grad = torch.randn_like(ref).contiguous(memory_format=fmt)
+        want = torch.autograd.grad(ref, (xr, wr), grad)
+        got = torch.autograd.grad(PF.conv2d(xp, wp, b, **args), (xp, wp), grad)
+        assert got[0].is_contiguous(memory_format=fmt)
+        for a, e in zip(got, want, strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("channels", [21, 32])
 @pytest.mark.parametrize("k, s, p, d", [(3, 1, 1, 1), (3, 2, 1, 1), (5, 2, 3, 2), (1, 1, 0, 1)])
 def test_depthwise_channels_last(simd, k, s, p, d, channels):
@@ -436,7 +473,8 @@ def test_depthwise_channels_last(simd, k, s, p, d, channels):
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
-def test_results_do_not_depend_on_thread_count(fmt):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_results_do_not_depend_on_thread_count(fmt, dtype):
     # every CPU path splits work by shape, not by thread count, and sums in a fixed order: the
     # forward and both gradients are bit-identical on 1, 2 and 3 threads (Winograd, direct and
     # implicit-GEMM layers, a strided one)
@@ -444,8 +482,8 @@ def test_results_do_not_depend_on_thread_count(fmt):
     geometry = [(3, 16, 3, 1, 1), (32, 32, 3, 1, 1), (8, 12, 5, 2, 2), (32, 16, 5, 2, 2)]
     try:
         for c, k, r, st, p in geometry:
-            x = torch.randn(3, c, 15, 17).contiguous(memory_format=fmt)
-            w = torch.randn(k, c, r, r)
+            x = torch.randn(3, c, 15, 17, dtype=dtype).contiguous(memory_format=fmt)
+            w = torch.randn(k, c, r, r, dtype=dtype)
             go = torch.randn_like(F.conv2d(x, w, None, st, p)).contiguous(memory_format=fmt)
             args = ([st] * 2, [p] * 4, [1, 1], 1)
             runs = []

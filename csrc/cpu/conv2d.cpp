@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "common/conv.h"
@@ -155,23 +156,25 @@ ConvShape as_long_rows(const ConvShape& s) {
   return t;
 }
 
-void run_gemms(const std::vector<GemmDesc>& ds);
+template <typename T>
+void run_gemms(const std::vector<GemmDescT<T>>& ds);
 
 // The weights of a group are one GEMM operand for every sample: packed once, shared by all tasks.
+template <typename T>
 struct SharedPack {
-  std::vector<std::vector<float>> bufs;
-  void a(std::vector<GemmDesc>& ds, size_t first) {  // A of ds[first:] (all the same A)
+  std::vector<std::vector<T>> bufs;
+  void a(std::vector<GemmDescT<T>>& ds, size_t first) {  // A of ds[first:] (all the same A)
     bufs.emplace_back(static_cast<size_t>(gemm_packed_a_size(ds[first])));
-    float* dst = bufs.back().data();
-    const GemmDesc& d = ds[first];
+    T* dst = bufs.back().data();
+    const GemmDescT<T>& d = ds[first];
     at::parallel_for(0, gemm_pack_a_tasks(d), 1,
                      [&](int64_t t0, int64_t t1) { gemm_pack_a(d, dst, t0, t1); });
     for (size_t i = first; i < ds.size(); ++i) ds[i].a_packed = dst;
   }
-  void b(std::vector<GemmDesc>& ds, size_t first) {
+  void b(std::vector<GemmDescT<T>>& ds, size_t first) {
     bufs.emplace_back(static_cast<size_t>(gemm_packed_b_size(ds[first])));
-    float* dst = bufs.back().data();
-    const GemmDesc& d = ds[first];
+    T* dst = bufs.back().data();
+    const GemmDescT<T>& d = ds[first];
     at::parallel_for(0, gemm_pack_b_tasks(d), 1,
                      [&](int64_t t0, int64_t t1) { gemm_pack_b(d, dst, t0, t1); });
     for (size_t i = first; i < ds.size(); ++i) ds[i].b_packed = dst;
@@ -182,10 +185,11 @@ struct SharedPack {
 //   NCHW, per sample: Y[n] (K x OH OW) = W (K x C R S) . im2col(X[n]);
 //   channels_last: Y (N OH OW x K) = im2col(X) (N OH OW x R S C) . W^T, W as (K, R, S, C).
 // x, y and residual contiguous in the layout `cl` names; w as torch gives it, (K, C / G, R, S).
-void implicit_gemm_forward(const float* x, const float* w, const float* bias, const float* res,
-                           bool relu, float* y, const ConvShape& s, bool cl) {
+template <typename T>
+void implicit_gemm_forward(const T* x, const T* w, const T* bias, const T* res, bool relu, T* y,
+                           const ConvShape& s, bool cl) {
   const int64_t Cg = s.Cg(), Kg = s.Kg(), taps = Cg * s.R * s.S, P = s.OH * s.OW;
-  std::vector<float> wp;
+  std::vector<T> wp;
   if (cl) {  // (K, Cg, R, S) -> (K, R, S, Cg)
     wp.resize(static_cast<size_t>(s.K * taps));
     at::parallel_for(0, s.K, 8, [&](int64_t k0, int64_t k1) {
@@ -195,20 +199,20 @@ void implicit_gemm_forward(const float* x, const float* w, const float* bias, co
             wp[k * taps + rs * Cg + c] = w[(k * Cg + c) * s.R * s.S + rs];
     });
   }
-  std::vector<GemmDesc> ds;
+  std::vector<GemmDescT<T>> ds;
   ds.reserve(static_cast<size_t>(s.G * (cl ? 1 : s.N)));
-  SharedPack packs;
+  SharedPack<T> packs;
   for (int64_t g = 0; g < s.G; ++g) {
-    Im2col img{nullptr, 0,   0,   0,    0,    Cg,   s.H,  s.W,  s.OH,
-               s.OW,    s.R, s.S, s.sH, s.sW, s.pT, s.pL, s.dH, s.dW};
+    Im2colT<T> img{nullptr, 0,   0,   0,    0,    Cg,   s.H,  s.W,  s.OH,
+                   s.OW,    s.R, s.S, s.sH, s.sW, s.pT, s.pL, s.dH, s.dW};
     if (cl) {
       img.x = x + g * Cg;
       img.sn = s.H * s.W * s.C;
       img.sc = 1;
       img.sh = s.W * s.C;
       img.sw = s.C;
-      GemmDesc d{s.N * P, Kg,   taps,       nullptr, 0, 0, wp.data() + g * Kg * taps,
-                 1,       taps, y + g * Kg, s.K};
+      GemmDescT<T> d{s.N * P, Kg,   taps,       nullptr, 0, 0, wp.data() + g * Kg * taps,
+                     1,       taps, y + g * Kg, s.K};
       d.a_im2col = true;
       d.a_img = img;
       d.bias_n = bias ? bias + g * Kg : nullptr;
@@ -225,8 +229,8 @@ void implicit_gemm_forward(const float* x, const float* w, const float* bias, co
     const size_t first = ds.size();
     for (int64_t n = 0; n < s.N; ++n) {
       img.x = x + (n * s.C + g * Cg) * s.H * s.W;
-      GemmDesc d{Kg,      P, taps, w + g * Kg * taps,          taps, 1,
-                 nullptr, 0, 0,    y + (n * s.K + g * Kg) * P, P};
+      GemmDescT<T> d{Kg,      P, taps, w + g * Kg * taps,          taps, 1,
+                     nullptr, 0, 0,    y + (n * s.K + g * Kg) * P, P};
       d.b_im2col = true;
       d.b_img = img;
       d.bias_m = bias ? bias + g * Kg : nullptr;
@@ -244,25 +248,25 @@ void implicit_gemm_forward(const float* x, const float* w, const float* bias, co
 // pixels cut into slices whose partial products are added in a fixed order (the same result for
 // any thread count). NCHW: a slice per sample, taps in the weight's (c, r, s) order;
 // channels_last: slices of about 2048 pixels, taps in (r, s, c) order, reordered at the end.
-void implicit_gemm_backward_weight(const float* go, const float* x, float* gw, const ConvShape& s,
-                                   bool cl) {
+template <typename T>
+void implicit_gemm_backward_weight(const T* go, const T* x, T* gw, const ConvShape& s, bool cl) {
   const int64_t Cg = s.Cg(), Kg = s.Kg(), taps = Cg * s.R * s.S, P = s.OH * s.OW;
   const int64_t NP = s.N * P;
   const int64_t slices =
       cl ? std::clamp<int64_t>((NP + 2047) / 2048, 1, 16) : std::max<int64_t>(s.N, 1);
-  std::vector<float> part(static_cast<size_t>(slices * s.G * Kg * taps), 0.0f);
-  std::vector<GemmDesc> ds;
+  std::vector<T> part(static_cast<size_t>(slices * s.G * Kg * taps), T(0));
+  std::vector<GemmDescT<T>> ds;
   for (int64_t g = 0; g < s.G; ++g) {
     for (int64_t sl = 0; sl < slices; ++sl) {
       const int64_t p0 = cl ? sl * NP / slices : 0;
       const int64_t np = cl ? (sl + 1) * NP / slices - p0 : P;
       if (np == 0) continue;  // its partial stays zero
-      Im2col img{nullptr, 0,   0,   0,    0,    Cg,   s.H,  s.W,  s.OH,
-                 s.OW,    s.R, s.S, s.sH, s.sW, s.pT, s.pL, s.dH, s.dW};
+      Im2colT<T> img{nullptr, 0,   0,   0,    0,    Cg,   s.H,  s.W,  s.OH,
+                     s.OW,    s.R, s.S, s.sH, s.sW, s.pT, s.pL, s.dH, s.dW};
       img.taps_rsc = cl;
-      GemmDesc d{Kg,  taps,    np, nullptr, 0,
-                 0,   nullptr, 0,  0,       part.data() + (sl * s.G + g) * Kg * taps,
-                 taps};
+      GemmDescT<T> d{Kg,  taps,    np, nullptr, 0,
+                     0,   nullptr, 0,  0,       part.data() + (sl * s.G + g) * Kg * taps,
+                     taps};
       if (cl) {
         img.x = x + g * Cg;
         img.sn = s.H * s.W * s.C;
@@ -292,9 +296,9 @@ void implicit_gemm_backward_weight(const float* go, const float* x, float* gw, c
   at::parallel_for(0, s.G * Kg, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {  // row = g * Kg + k
       const int64_t g = row / Kg, k = row % Kg;
-      float* dst = gw + row * taps;
+      T* dst = gw + row * taps;
       for (int64_t j = 0; j < taps; ++j) {
-        float acc = 0.0f;
+        T acc = T(0);
         for (int64_t sl = 0; sl < slices; ++sl) acc += part[((sl * s.G + g) * Kg + k) * taps + j];
         dst[cl ? (j % Cg) * RS + j / Cg : j] = acc;  // (r, s, c) -> (c, r, s)
       }
@@ -466,31 +470,44 @@ void forward_cl_avx2(const float* x, const float* w, const float* bias, const fl
   });
 }
 
+// The fastest forward of either layout: for float32 Winograd, the direct kernels or the implicit
+// GEMM as the shape chooses; for float64 the implicit GEMM.
+template <typename T>
+void forward_fast(const T* x, const T* w, const T* bias, const T* residual, bool relu, T* y,
+                  const ConvShape& s, bool cl) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (cl) {
+      forward_cl_avx2(x, w, bias, residual, relu, y, s);
+    } else {
+      forward_avx2(x, w, bias, residual, relu, y, s);
+    }
+  } else {
+    implicit_gemm_forward<T>(x, w, bias, residual, relu, y, s, cl);
+  }
+}
+
 // At stride 1 the input gradient is a forward convolution of grad_output with the weights
 // flipped in space and transposed in channels, padded by dilation * (k - 1) - pad: it runs on the
 // forward kernel. Returns false (nothing done) where that padding would be negative.
-bool backward_input_as_forward(const float* go, const float* w, float* gi, const ConvShape& s,
+template <typename T>
+bool backward_input_as_forward(const T* go, const T* w, T* gi, const ConvShape& s,
                                bool cl = false) {
   if (s.sH != 1 || s.sW != 1) return false;
   const ConvShape t = input_grad_as_forward(s);
   if (t.pT < 0 || t.pB < 0 || t.pL < 0 || t.pR < 0) return false;
   const int64_t Cg = s.Cg(), Kg = s.Kg(), RS = s.R * s.S;
-  std::vector<float> wt(static_cast<size_t>(s.C * Kg * RS));  // (C, K / G, R, S)
+  std::vector<T> wt(static_cast<size_t>(s.C * Kg * RS));  // (C, K / G, R, S)
   at::parallel_for(0, s.C, 8, [&](int64_t c0, int64_t c1) {
     for (int64_t gc = c0; gc < c1; ++gc) {  // gc = g * Cg + c
       const int64_t g = gc / Cg, c = gc % Cg;
       for (int64_t kl = 0; kl < Kg; ++kl) {
-        const float* src = w + ((g * Kg + kl) * Cg + c) * RS;
-        float* dst = wt.data() + (gc * Kg + kl) * RS;
+        const T* src = w + ((g * Kg + kl) * Cg + c) * RS;
+        T* dst = wt.data() + (gc * Kg + kl) * RS;
         for (int64_t i = 0; i < RS; ++i) dst[i] = src[RS - 1 - i];  // flip r and s together
       }
     }
   });
-  if (cl) {
-    forward_cl_avx2(go, wt.data(), nullptr, nullptr, false, gi, t);
-  } else {
-    forward_avx2(go, wt.data(), nullptr, nullptr, false, gi, t);
-  }
+  forward_fast<T>(go, wt.data(), nullptr, nullptr, false, gi, t, cl);
   return true;
 }
 
@@ -516,8 +533,8 @@ Phase phase_of(int64_t a, int64_t stride, int64_t pad, int64_t k, int64_t in, in
   return p;
 }
 
-bool backward_input_polyphase(const float* go, const float* w, float* gi, const ConvShape& s,
-                              bool cl = false) {
+template <typename T>
+bool backward_input_polyphase(const T* go, const T* w, T* gi, const ConvShape& s, bool cl = false) {
   if ((s.sH == 1 && s.sW == 1) || s.dH != 1 || s.dW != 1) return false;
   for (int64_t a = 0; a < s.sH; ++a) {
     const Phase ph = phase_of(a, s.sH, s.pT, s.R, s.H, s.OH);
@@ -528,7 +545,7 @@ bool backward_input_polyphase(const float* go, const float* w, float* gi, const 
     if (pw.taps > 0 && pw.size > 0 && (pw.pad_begin < 0 || pw.pad_end < 0)) return false;
   }
   const int64_t Cg = s.Cg(), Kg = s.Kg(), planes = s.N * s.C;
-  std::vector<float> buf, wt;
+  std::vector<T> buf, wt;
   for (int64_t a = 0; a < s.sH; ++a) {
     const Phase ph = phase_of(a, s.sH, s.pT, s.R, s.H, s.OH);
     for (int64_t b = 0; b < s.sW; ++b) {
@@ -556,8 +573,8 @@ bool backward_input_polyphase(const float* go, const float* w, float* gi, const 
         for (int64_t g = 0; g < s.G; ++g) {
           for (int64_t kl = 0; kl < Kg; ++kl) {
             for (int64_t c = 0; c < Cg; ++c) {
-              const float* src = w + ((g * Kg + kl) * Cg + c) * s.R * s.S;
-              float* dst = wt.data() + ((g * Cg + c) * Kg + kl) * TU;
+              const T* src = w + ((g * Kg + kl) * Cg + c) * s.R * s.S;
+              T* dst = wt.data() + ((g * Cg + c) * Kg + kl) * TU;
               for (int64_t i = 0; i < t.R; ++i) {
                 for (int64_t j = 0; j < t.S; ++j) {
                   const int64_t r = ph.r0 + s.sH * (t.R - 1 - i);
@@ -569,20 +586,16 @@ bool backward_input_polyphase(const float* go, const float* w, float* gi, const 
           }
         }
         buf.resize(static_cast<size_t>(planes * Hp * Wp));
-        if (cl) {
-          forward_cl_avx2(go, wt.data(), nullptr, nullptr, false, buf.data(), t);
-        } else {
-          forward_avx2(go, wt.data(), nullptr, nullptr, false, buf.data(), t);
-        }
+        forward_fast<T>(go, wt.data(), nullptr, nullptr, false, buf.data(), t, cl);
       }
       if (cl) {  // channels_last: each phase pixel is a run of C channels
         at::parallel_for(0, s.N * Hp, 1, [&](int64_t q0, int64_t q1) {
           for (int64_t q = q0; q < q1; ++q) {
             const int64_t n = q / Hp, i = q % Hp;
             for (int64_t j = 0; j < Wp; ++j) {
-              float* dst = gi + ((n * s.H + a + s.sH * i) * s.W + b + s.sW * j) * s.C;
-              const float* src = empty ? nullptr : buf.data() + ((n * Hp + i) * Wp + j) * s.C;
-              for (int64_t c = 0; c < s.C; ++c) dst[c] = empty ? 0.0f : src[c];
+              T* dst = gi + ((n * s.H + a + s.sH * i) * s.W + b + s.sW * j) * s.C;
+              const T* src = empty ? nullptr : buf.data() + ((n * Hp + i) * Wp + j) * s.C;
+              for (int64_t c = 0; c < s.C; ++c) dst[c] = empty ? T(0) : src[c];
             }
           }
         });
@@ -590,11 +603,11 @@ bool backward_input_polyphase(const float* go, const float* w, float* gi, const 
       }
       at::parallel_for(0, planes, 1, [&](int64_t p0, int64_t p1) {
         for (int64_t p = p0; p < p1; ++p) {
-          const float* src = empty ? nullptr : buf.data() + p * Hp * Wp;
-          float* dst = gi + p * s.H * s.W;
+          const T* src = empty ? nullptr : buf.data() + p * Hp * Wp;
+          T* dst = gi + p * s.H * s.W;
           for (int64_t i = 0; i < Hp; ++i) {
-            float* row = dst + (a + s.sH * i) * s.W + b;
-            for (int64_t j = 0; j < Wp; ++j) row[s.sW * j] = empty ? 0.0f : src[i * Wp + j];
+            T* row = dst + (a + s.sH * i) * s.W + b;
+            for (int64_t j = 0; j < Wp; ++j) row[s.sW * j] = empty ? T(0) : src[i * Wp + j];
           }
         }
       });
@@ -612,7 +625,8 @@ bool pointwise(const ConvShape& s) {
 }
 
 // The tasks of several independent products, shared among threads.
-void run_gemms(const std::vector<GemmDesc>& ds) {
+template <typename T>
+void run_gemms(const std::vector<GemmDescT<T>>& ds) {
   std::vector<int64_t> start(ds.size() + 1, 0);
   for (size_t i = 0; i < ds.size(); ++i) start[i + 1] = start[i] + gemm_tasks(ds[i]);
   at::parallel_for(0, start.back(), 1, [&](int64_t t0, int64_t t1) {
@@ -621,22 +635,23 @@ void run_gemms(const std::vector<GemmDesc>& ds) {
     for (int64_t t = t0; t < t1;) {
       while (t >= start[i + 1]) ++i;
       const int64_t e = std::min(t1, start[i + 1]);
-      sgemm_avx2(ds[i], t - start[i], e - start[i]);
+      gemm_avx2(ds[i], t - start[i], e - start[i]);
       t = e;
     }
   });
 }
 
 // y = relu?(conv(x, w) + bias + residual); x, y, residual contiguous in the layout `cl` names.
-void pointwise_forward(const float* x, const float* w, const float* bias, const float* res,
-                       bool relu, float* y, const ConvShape& s, bool cl) {
+template <typename T>
+void pointwise_forward(const T* x, const T* w, const T* bias, const T* res, bool relu, T* y,
+                       const ConvShape& s, bool cl) {
   const int64_t HW = s.H * s.W, Cg = s.Cg(), Kg = s.Kg();
-  std::vector<GemmDesc> ds;
-  SharedPack packs;
+  std::vector<GemmDescT<T>> ds;
+  SharedPack<T> packs;
   for (int64_t g = 0; g < s.G; ++g) {
     const size_t first = ds.size();
     if (cl) {  // Y (NHW x K) = X (NHW x C) W^T, per group's columns
-      GemmDesc d{s.N * HW, Kg, Cg, x + g * Cg, s.C, 1, w + g * Kg * Cg, 1, Cg, y + g * Kg, s.K};
+      GemmDescT<T> d{s.N * HW, Kg, Cg, x + g * Cg, s.C, 1, w + g * Kg * Cg, 1, Cg, y + g * Kg, s.K};
       d.bias_n = bias ? bias + g * Kg : nullptr;
       d.residual = res ? res + g * Kg : nullptr;
       d.ldr = s.K;
@@ -646,17 +661,17 @@ void pointwise_forward(const float* x, const float* w, const float* bias, const 
       continue;
     }
     for (int64_t n = 0; n < s.N; ++n) {  // Y[n] (K x HW) = W X[n]
-      GemmDesc d{Kg,
-                 HW,
-                 Cg,
-                 w + g * Kg * Cg,
-                 Cg,
-                 1,
-                 x + (n * s.C + g * Cg) * HW,
-                 HW,
-                 1,
-                 y + (n * s.K + g * Kg) * HW,
-                 HW};
+      GemmDescT<T> d{Kg,
+                     HW,
+                     Cg,
+                     w + g * Kg * Cg,
+                     Cg,
+                     1,
+                     x + (n * s.C + g * Cg) * HW,
+                     HW,
+                     1,
+                     y + (n * s.K + g * Kg) * HW,
+                     HW};
       d.bias_m = bias ? bias + g * Kg : nullptr;
       d.residual = res ? res + (n * s.K + g * Kg) * HW : nullptr;
       d.ldr = HW;
@@ -668,22 +683,22 @@ void pointwise_forward(const float* x, const float* w, const float* bias, const 
   run_gemms(ds);
 }
 
-void pointwise_backward_input(const float* go, const float* w, float* gi, const ConvShape& s,
-                              bool cl) {
+template <typename T>
+void pointwise_backward_input(const T* go, const T* w, T* gi, const ConvShape& s, bool cl) {
   const int64_t HW = s.H * s.W, Cg = s.Cg(), Kg = s.Kg();
-  std::vector<GemmDesc> ds;
-  SharedPack packs;
+  std::vector<GemmDescT<T>> ds;
+  SharedPack<T> packs;
   for (int64_t g = 0; g < s.G; ++g) {
     const size_t first = ds.size();
     if (cl) {  // GI (NHW x C) = GO (NHW x K) W, per group
-      ds.push_back(GemmDesc{s.N * HW, Cg, Kg, go + g * Kg, s.K, 1, w + g * Kg * Cg, Cg, 1,
-                            gi + g * Cg, s.C});
+      ds.push_back(GemmDescT<T>{s.N * HW, Cg, Kg, go + g * Kg, s.K, 1, w + g * Kg * Cg, Cg, 1,
+                                gi + g * Cg, s.C});
       packs.b(ds, first);
       continue;
     }
     for (int64_t n = 0; n < s.N; ++n) {  // GI[n] (C x HW) = W^T GO[n]
-      ds.push_back(GemmDesc{Cg, HW, Kg, w + g * Kg * Cg, 1, Cg, go + (n * s.K + g * Kg) * HW, HW, 1,
-                            gi + (n * s.C + g * Cg) * HW, HW});
+      ds.push_back(GemmDescT<T>{Cg, HW, Kg, w + g * Kg * Cg, 1, Cg, go + (n * s.K + g * Kg) * HW,
+                                HW, 1, gi + (n * s.C + g * Cg) * HW, HW});
     }
     if (ds.size() > first) packs.a(ds, first);
   }
@@ -691,32 +706,32 @@ void pointwise_backward_input(const float* go, const float* w, float* gi, const 
 }
 
 // Deterministic: samples are added in order (NCHW), or the whole reduction is one product (CL).
-void pointwise_backward_weight(const float* go, const float* x, float* gw, const ConvShape& s,
-                               bool cl) {
+template <typename T>
+void pointwise_backward_weight(const T* go, const T* x, T* gw, const ConvShape& s, bool cl) {
   const int64_t HW = s.H * s.W, Cg = s.Cg(), Kg = s.Kg();
   if (cl) {  // GW (K x C) = GO^T (K x NHW) X (NHW x C), per group
-    std::vector<GemmDesc> ds;
+    std::vector<GemmDescT<T>> ds;
     for (int64_t g = 0; g < s.G; ++g) {
-      ds.push_back(GemmDesc{Kg, Cg, s.N * HW, go + g * Kg, 1, s.K, x + g * Cg, s.C, 1,
-                            gw + g * Kg * Cg, Cg});
+      ds.push_back(GemmDescT<T>{Kg, Cg, s.N * HW, go + g * Kg, 1, s.K, x + g * Cg, s.C, 1,
+                                gw + g * Kg * Cg, Cg});
     }
     run_gemms(ds);
     return;
   }
   for (int64_t n = 0; n < s.N; ++n) {  // GW += GO[n] (K x HW) X[n]^T
-    std::vector<GemmDesc> ds;
+    std::vector<GemmDescT<T>> ds;
     for (int64_t g = 0; g < s.G; ++g) {
-      GemmDesc d{Kg,
-                 Cg,
-                 HW,
-                 go + (n * s.K + g * Kg) * HW,
-                 HW,
-                 1,
-                 x + (n * s.C + g * Cg) * HW,
-                 1,
-                 HW,
-                 gw + g * Kg * Cg,
-                 Cg};
+      GemmDescT<T> d{Kg,
+                     Cg,
+                     HW,
+                     go + (n * s.K + g * Kg) * HW,
+                     HW,
+                     1,
+                     x + (n * s.C + g * Cg) * HW,
+                     1,
+                     HW,
+                     gw + g * Kg * Cg,
+                     Cg};
       d.accumulate = n > 0;
       ds.push_back(d);
     }
@@ -757,6 +772,18 @@ void by_type(at::ScalarType ct, const F& f) {
   }
 }
 
+// float64 on AVX2 runs on the implicit GEMM (and the 1x1 products), in the tensors' own layout,
+// except layers with one input and one output channel per group (depthwise), which stay on the
+// portable loops.
+bool gemm_f64(at::ScalarType ct, const ConvShape& s) {
+  return ct == at::kDouble && simd_is_avx2() && (s.Cg() > 1 || s.Kg() > 1);
+}
+
+// The fast paths of a dtype: every float32 kernel, or float64's GEMM.
+bool fast(at::ScalarType ct, const ConvShape& s) {
+  return (ct == at::kFloat && simd_is_avx2()) || gemm_f64(ct, s);
+}
+
 // A strided 1x1 layer without padding is the stride-1 layer on the subsampled input (every sW-th
 // column of every sH-th row): a matrix product on a quarter (at stride 2) of the input.
 bool strided_pointwise(const ConvShape& s) {
@@ -782,7 +809,7 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
       make_conv_shape("conv2d", input.sizes(), weight.sizes(), stride, padding, dilation, groups);
   check_conv_extras("conv2d", input, weight, bias, residual, s);
   const at::ScalarType ct = compute_type(input.scalar_type());
-  if (ct == at::kFloat && simd_is_avx2() && input.dim() == 4 && strided_pointwise(s)) {
+  if (fast(ct, s) && input.dim() == 4 && strided_pointwise(s)) {
     return conv2d(subsampled(input, s), weight, bias, kOne, kNoPad, kOne, groups, relu, residual);
   }
   if (ct == at::kFloat && simd_is_avx2() && depthwise_cl(s, input) && s.N * s.OH * s.OW > 0) {
@@ -800,17 +827,33 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
     });
     return y.to(input.scalar_type());
   }
-  if (ct == at::kFloat && simd_is_avx2() && pointwise(s)) {  // each layout as it comes
+  if (fast(ct, s) && pointwise(s)) {  // each layout as it comes
     const at::MemoryFormat fmt = format_of(input);
     const at::Tensor x = input.to(ct).contiguous(fmt), w = weight.to(ct).contiguous();
     const at::Tensor b = bias.has_value() ? bias->to(ct).contiguous() : at::Tensor();
     const at::Tensor rs = residual.has_value() ? residual->to(ct).contiguous(fmt) : at::Tensor();
     at::Tensor y = empty_cached({s.N, s.K, s.OH, s.OW}, input.options().dtype(ct), fmt);
-    pointwise_forward(x.const_data_ptr<float>(), w.const_data_ptr<float>(),
-                      b.defined() ? b.const_data_ptr<float>() : nullptr,
-                      rs.defined() ? rs.const_data_ptr<float>() : nullptr, relu,
-                      y.mutable_data_ptr<float>(), s, fmt == at::MemoryFormat::ChannelsLast);
+    by_type(ct, [&](auto tag) {
+      using T = decltype(tag);
+      pointwise_forward<T>(x.const_data_ptr<T>(), w.const_data_ptr<T>(),
+                           b.defined() ? b.const_data_ptr<T>() : nullptr,
+                           rs.defined() ? rs.const_data_ptr<T>() : nullptr, relu,
+                           y.mutable_data_ptr<T>(), s, fmt == at::MemoryFormat::ChannelsLast);
+    });
     return y.to(input.scalar_type());
+  }
+  if (gemm_f64(ct, s) && s.N * s.OH * s.OW > 0) {  // float64: the implicit GEMM in either layout
+    const at::MemoryFormat fmt = format_of(input);
+    const at::Tensor x = input.contiguous(fmt), w = weight.contiguous();
+    const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+    const at::Tensor rs = residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
+    at::Tensor y = empty_cached({s.N, s.K, s.OH, s.OW}, input.options(), fmt);
+    implicit_gemm_forward<double>(x.const_data_ptr<double>(), w.const_data_ptr<double>(),
+                                  b.defined() ? b.const_data_ptr<double>() : nullptr,
+                                  rs.defined() ? rs.const_data_ptr<double>() : nullptr, relu,
+                                  y.mutable_data_ptr<double>(), s,
+                                  fmt == at::MemoryFormat::ChannelsLast);
+    return y;
   }
   const bool cl_in = format_of(input) == at::MemoryFormat::ChannelsLast;
   if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 &&
@@ -863,7 +906,7 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
                                       padding, dilation, groups);
   check_grad_output("conv2d_backward_input", grad_output, s);
   const at::ScalarType ct = compute_type(grad_output.scalar_type());
-  if (ct == at::kFloat && simd_is_avx2() && input_size.size() == 4 && strided_pointwise(s)) {
+  if (fast(ct, s) && input_size.size() == 4 && strided_pointwise(s)) {
     // the stride-1 gradient of the subsampled input, spread into zeros
     const std::vector<int64_t> sub = {s.N, s.C, s.OH, s.OW};
     const at::Tensor part =
@@ -897,14 +940,30 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
     }
     return gi.to(grad_output.scalar_type());
   }
-  if (ct == at::kFloat && simd_is_avx2() && pointwise(s)) {
+  if (fast(ct, s) && pointwise(s)) {
     const at::MemoryFormat fmt = format_of(grad_output);
     const at::Tensor go = grad_output.to(ct).contiguous(fmt), w = weight.to(ct).contiguous();
     at::Tensor gi = empty_cached(input_size, grad_output.options().dtype(ct), fmt);
-    pointwise_backward_input(go.const_data_ptr<float>(), w.const_data_ptr<float>(),
-                             gi.mutable_data_ptr<float>(), s,
-                             fmt == at::MemoryFormat::ChannelsLast);
+    by_type(ct, [&](auto tag) {
+      using T = decltype(tag);
+      pointwise_backward_input<T>(go.const_data_ptr<T>(), w.const_data_ptr<T>(),
+                                  gi.mutable_data_ptr<T>(), s,
+                                  fmt == at::MemoryFormat::ChannelsLast);
+    });
     return gi.to(grad_output.scalar_type());
+  }
+  if (gemm_f64(ct, s) && s.N * s.OH * s.OW > 0) {
+    // float64: as forward convolutions on the implicit GEMM, in grad_output's layout
+    const at::MemoryFormat fmt = format_of(grad_output);
+    const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+    const at::Tensor go = grad_output.contiguous(fmt), w = weight.contiguous();
+    at::Tensor gi = empty_cached(input_size, grad_output.options(), fmt);
+    if (backward_input_as_forward<double>(go.const_data_ptr<double>(), w.const_data_ptr<double>(),
+                                          gi.mutable_data_ptr<double>(), s, cl) ||
+        backward_input_polyphase<double>(go.const_data_ptr<double>(), w.const_data_ptr<double>(),
+                                         gi.mutable_data_ptr<double>(), s, cl)) {
+      return gi;
+    }
   }
   const bool cl_go = format_of(grad_output) == at::MemoryFormat::ChannelsLast;
   if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 && input_grad_as_cl(s, cl_go)) {
@@ -962,11 +1021,11 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
                                       padding, dilation, groups);
   check_grad_output("conv2d_backward_weight", grad_output, s);
   const at::ScalarType ct = compute_type(grad_output.scalar_type());
-  if (ct == at::kFloat && simd_is_avx2() && input.dim() == 4 && strided_pointwise(s)) {
+  if (fast(ct, s) && input.dim() == 4 && strided_pointwise(s)) {
     return conv2d_backward_weight(grad_output, subsampled(input, s), weight_size, kOne, kNoPad,
                                   kOne, groups);
   }
-  if (ct == at::kFloat && simd_is_avx2() && pointwise(s)) {
+  if (fast(ct, s) && pointwise(s)) {
     // both operands in one layout: the grad_output's, unless only the input is channels_last
     const at::MemoryFormat fmt = format_of(grad_output) == at::MemoryFormat::ChannelsLast
                                      ? at::MemoryFormat::ChannelsLast
@@ -974,10 +1033,22 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
     const at::Tensor go = grad_output.to(ct).contiguous(fmt), x = input.to(ct).contiguous(fmt);
     at::Tensor gw =
         empty_cached(weight_size, grad_output.options().dtype(ct), at::MemoryFormat::Contiguous);
-    pointwise_backward_weight(go.const_data_ptr<float>(), x.const_data_ptr<float>(),
-                              gw.mutable_data_ptr<float>(), s,
-                              fmt == at::MemoryFormat::ChannelsLast);
+    by_type(ct, [&](auto tag) {
+      using T = decltype(tag);
+      pointwise_backward_weight<T>(go.const_data_ptr<T>(), x.const_data_ptr<T>(),
+                                   gw.mutable_data_ptr<T>(), s,
+                                   fmt == at::MemoryFormat::ChannelsLast);
+    });
     return gw.to(grad_output.scalar_type());
+  }
+  if (gemm_f64(ct, s) && s.N * s.OH * s.OW > 0) {
+    // float64: the weight gradient's implicit GEMM on channels_last operands
+    const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
+    const at::Tensor go = grad_output.contiguous(cl), x = input.contiguous(cl);
+    at::Tensor gw = empty_cached(weight_size, grad_output.options(), at::MemoryFormat::Contiguous);
+    implicit_gemm_backward_weight<double>(go.const_data_ptr<double>(), x.const_data_ptr<double>(),
+                                          gw.mutable_data_ptr<double>(), s, true);
+    return gw;
   }
   if (ct == at::kFloat && simd_is_avx2() && depthwise_cl(s, grad_output) && s.N * s.OH * s.OW > 0) {
     // fixed row slices summed in order: the same result for any thread count
