@@ -150,6 +150,16 @@ def print_table(report):
             f"geometric mean speedup {geo:.2f}x over {len(speedups)} cases; "
             f"min {min(speedups):.2f}x, max {max(speedups):.2f}x"
         )
+    groups = {}  # the conv2d suite by dtype
+    for r in report["rows"]:
+        if r["op"].startswith("conv2d"):
+            groups.setdefault((r["device"], r["dtype"]), []).append(r["speedup"])
+    for (device, dtype), sp in groups.items():
+        geo = math.exp(sum(math.log(s) for s in sp) / len(sp))
+        print(
+            f"  conv2d {device} {dtype}: geometric mean {geo:.2f}x over {len(sp)} cases; "
+            f"min {min(sp):.2f}x, max {max(sp):.2f}x"
+        )
 
 
 def markdown(report):

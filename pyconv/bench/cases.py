@@ -82,7 +82,8 @@ def pool_cases(device):
 
 
 def conv_cases(device):
-    """A first slice of issue 4's suite: first layers, 1x1, 3x3 (plain, strided), depthwise."""
+    """Issue 4's suite: first layers, 1x1, 3x3 (plain, strided), depthwise, in float32; float64
+    forward + backward on four of them."""
     f32 = torch.float32
     cases = []
     for shape, conv, quick in [
@@ -98,6 +99,14 @@ def conv_cases(device):
                 cases.append(
                     Case("conv2d", shape, f32, cl, mode, conv=conv, quick=quick and not cl)
                 )
+    for shape, conv in [  # float64 (torch: its own loops and BLAS, no oneDNN)
+        ((32, 3, 32, 32), (3, 16, 3, 1, 1, 1)),
+        ((8, 64, 56, 56), (64, 128, 1, 1, 0, 1)),
+        ((8, 64, 56, 56), (64, 64, 3, 1, 1, 1)),
+        ((8, 64, 56, 56), (64, 128, 3, 2, 1, 1)),
+    ]:
+        for cl in (False, True):
+            cases.append(Case("conv2d", shape, torch.float64, cl, "fwd+bwd", conv=conv))
     return cases
 
 
