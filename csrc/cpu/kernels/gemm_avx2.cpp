@@ -59,13 +59,11 @@ inline void copy_row(const T* src, T* dst) {
 
 // A rows [m0, m0 + mc) x k [k0, k0 + kc) as panels of 6 rows: panel p holds, for each k, its 6
 // values (zero beyond M).
-// Eight consecutive k of six rows (row stride rs, k contiguous) as dst[k][6]: an 8 x 8 transpose
-// in registers (two zero rows); writes dst[0, 48) only.
-inline void pack_a_6x8(const float* src, int64_t rs, float* dst) {
+// Eight consecutive k of six rows r0..r5 as dst[k][6]: an 8 x 8 transpose in registers (two zero
+// rows); writes dst[0, 48) only.
+inline void transpose_6x8(__m256 r0, __m256 r1, __m256 r2, __m256 r3, __m256 r4, __m256 r5,
+                          float* dst) {
   const __m256 z = _mm256_setzero_ps();
-  const __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + rs);
-  const __m256 r2 = _mm256_loadu_ps(src + 2 * rs), r3 = _mm256_loadu_ps(src + 3 * rs);
-  const __m256 r4 = _mm256_loadu_ps(src + 4 * rs), r5 = _mm256_loadu_ps(src + 5 * rs);
   const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
   const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
   const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
@@ -88,6 +86,19 @@ inline void pack_a_6x8(const float* src, int64_t rs, float* dst) {
   for (int k = 0; k < 7; ++k) _mm256_storeu_ps(dst + k * kGemmMR, col[k]);
   _mm_storeu_ps(dst + 7 * kGemmMR, _mm256_castps256_ps128(col[7]));
   _mm_storel_pi(reinterpret_cast<__m64*>(dst + 7 * kGemmMR + 4), _mm256_extractf128_ps(col[7], 1));
+}
+
+// Six rows with row stride rs, k contiguous.
+inline void pack_a_6x8(const float* src, int64_t rs, float* dst) {
+  transpose_6x8(_mm256_loadu_ps(src), _mm256_loadu_ps(src + rs), _mm256_loadu_ps(src + 2 * rs),
+                _mm256_loadu_ps(src + 3 * rs), _mm256_loadu_ps(src + 4 * rs),
+                _mm256_loadu_ps(src + 5 * rs), dst);
+}
+
+// Six rows at their own addresses (null: a row of zeros), k contiguous.
+inline void pack_a_6x8_rows(const float* const* src, int64_t off, float* dst) {
+  auto row = [&](int i) { return src[i] ? _mm256_loadu_ps(src[i] + off) : _mm256_setzero_ps(); };
+  transpose_6x8(row(0), row(1), row(2), row(3), row(4), row(5), dst);
 }
 
 template <typename T>
@@ -176,10 +187,20 @@ void pack_a_im2col(const Im2colT<T>& g, int64_t M, int64_t m0, int64_t mc, int64
       }
     };
     locate();
-    for (int64_t k = 0; k < kc; ++k) {
-      for (int64_t i = 0; i < kGemmMR; ++i) dst[i] = src[i] ? src[i][c * g.sc] : T(0);
-      dst += kGemmMR;
-      if (++c == g.C) {
+    for (int64_t k = 0; k < kc;) {
+      int64_t step = 1;
+      if constexpr (std::is_same_v<T, float>) {  // eight contiguous channels of one tap
+        if (g.sc == 1 && c + 8 <= g.C && k + 8 <= kc) step = 8;
+      }
+      if constexpr (std::is_same_v<T, float>) {
+        if (step == 8) pack_a_6x8_rows(src, c, dst);
+      }
+      if (step == 1) {
+        for (int64_t i = 0; i < kGemmMR; ++i) dst[i] = src[i] ? src[i][c * g.sc] : T(0);
+      }
+      dst += step * kGemmMR;
+      k += step;
+      if ((c += step) == g.C) {
         c = 0;
         if (++q == g.S) {
           q = 0;
