@@ -616,6 +616,71 @@ bool backward_input_polyphase(const T* go, const T* w, T* gi, const ConvShape& s
   return true;
 }
 
+// The input gradient of a layer with few input channels per group (first layers), any stride,
+// padding and dilation: per sample and group one matrix product with the weights,
+//   NCHW: cols (Cg R S x OH OW) = W_g^T GO_g;  channels_last: cols (OH OW x Cg R S) = GO_g W_g,
+// then each column added at the input position its tap reads (col2im), in a fixed order. The
+// transposed-forward products would have Cg rows (a fraction of a register tile) and an im2col
+// of grad_output to pack; these have the taps as rows and grad_output as it is.
+template <typename T>
+void backward_input_col2im(const T* go, const T* w, T* gi, const ConvShape& s, bool cl) {
+  const int64_t Cg = s.Cg(), Kg = s.Kg(), RS = s.R * s.S, taps = Cg * RS, P = s.OH * s.OW;
+  const int64_t per = taps * P;  // one (sample, group)
+  const int64_t chunk =
+      std::clamp<int64_t>((int64_t{16} << 20) / static_cast<int64_t>(sizeof(T)) / (per * s.G), 1,
+                          s.N);  // samples per pass: about 16 MiB of columns
+  const at::Tensor buf =         // from the buffer cache: no page faults, no zeroing
+      empty_cached({chunk * s.G * per}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>()),
+                   at::MemoryFormat::Contiguous);
+  T* const cols = buf.mutable_data_ptr<T>();
+  for (int64_t n0 = 0; n0 < s.N; n0 += chunk) {
+    const int64_t nb = std::min(chunk, s.N - n0);
+    std::vector<GemmDescT<T>> ds;
+    for (int64_t n = 0; n < nb; ++n) {
+      for (int64_t g = 0; g < s.G; ++g) {
+        T* c = cols + (n * s.G + g) * per;
+        const T* wg = w + g * Kg * taps;
+        if (cl) {
+          ds.push_back(GemmDescT<T>{P, taps, Kg, go + (n0 + n) * P * s.K + g * Kg, s.K, 1, wg, taps,
+                                    1, c, taps});
+        } else {
+          ds.push_back(GemmDescT<T>{taps, P, Kg, wg, 1, taps, go + ((n0 + n) * s.K + g * Kg) * P, P,
+                                    1, c, P});
+        }
+      }
+    }
+    run_gemms(ds);
+    at::parallel_for(0, nb * s.C, 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {  // q = (sample, input channel)
+        const int64_t n = q / s.C, gc = q % s.C, g = gc / Cg, c = gc % Cg;
+        const T* col = cols + (n * s.G + g) * per;
+        // the plane (NCHW) or the channel's elements (channels_last, stride C) of grad_input
+        T* dst = cl ? gi + (n0 + n) * s.H * s.W * s.C + gc : gi + ((n0 + n) * s.C + gc) * s.H * s.W;
+        const int64_t es = cl ? s.C : 1;  // element stride
+        for (int64_t i = 0; i < s.H * s.W; ++i) dst[i * es] = T(0);
+        for (int64_t r = 0; r < s.R; ++r) {
+          for (int64_t u = 0; u < s.S; ++u) {
+            const int64_t tap = (c * s.R + r) * s.S + u;
+            const Cols ow = valid_cols(u * s.dW - s.pL, s.sW, s.W, s.OW);
+            for (int64_t oh = 0; oh < s.OH; ++oh) {
+              const int64_t ih = oh * s.sH - s.pT + r * s.dH;
+              if (ih < 0 || ih >= s.H) continue;
+              T* row = dst + (ih * s.W + u * s.dW - s.pL) * es;
+              if (cl) {
+                const T* src = col + oh * s.OW * taps + tap;
+                for (int64_t j = ow.lo; j < ow.hi; ++j) row[j * s.sW * es] += src[j * taps];
+              } else {
+                const T* src = col + tap * P + oh * s.OW;
+                for (int64_t j = ow.lo; j < ow.hi; ++j) row[j * s.sW] += src[j];
+              }
+            }
+          }
+        }
+      }
+    });
+  }
+}
+
 // --- 1x1, stride 1, unpadded: each direction is a matrix product per group, in either layout
 // (NCHW: per sample, planes as columns; channels_last: all pixels as rows), on the packed GEMM.
 
@@ -951,6 +1016,16 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
                                   fmt == at::MemoryFormat::ChannelsLast);
     });
     return gi.to(grad_output.scalar_type());
+  }
+  if (gemm_f64(ct, s) && s.Cg() <= 4 && s.N * s.OH * s.OW > 0) {
+    // float64, few input channels: products with the weights, then col2im
+    const at::MemoryFormat fmt = format_of(grad_output);
+    const at::Tensor go = grad_output.contiguous(fmt), w = weight.contiguous();
+    at::Tensor gi = empty_cached(input_size, grad_output.options(), fmt);
+    backward_input_col2im<double>(go.const_data_ptr<double>(), w.const_data_ptr<double>(),
+                                  gi.mutable_data_ptr<double>(), s,
+                                  fmt == at::MemoryFormat::ChannelsLast);
+    return gi;
   }
   if (gemm_f64(ct, s) && s.N * s.OH * s.OW > 0) {
     // float64: as forward convolutions on the implicit GEMM, in grad_output's layout

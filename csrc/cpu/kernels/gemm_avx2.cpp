@@ -237,7 +237,8 @@ void pack_b_im2col(const Im2colT<T>& g, int64_t N, int64_t k0, int64_t kc, int64
       if (row && ih >= 0 && ih < g.H && iw >= 0 && iw + NR <= g.W && g.sw == 1) {
         copy_row(plane + ih * g.sh + iw, dst);
       } else if (row && ih >= 0 && ih < g.H && g.sw == 1) {  // a row cut by the padding
-        const int64_t j0 = std::clamp<int64_t>(-iw, 0, NR), j1 = std::clamp<int64_t>(g.W - iw, 0, NR);
+        const int64_t j0 = std::clamp<int64_t>(-iw, 0, NR),
+                      j1 = std::clamp<int64_t>(g.W - iw, 0, NR);
         const T* src = plane + ih * g.sh + iw;
         for (int64_t j = 0; j < NR; ++j) dst[j] = j >= j0 && j < j1 ? src[j] : T(0);
       } else {
