@@ -143,6 +143,16 @@ void pack_a(const GemmDescT<T>& d, int64_t m0, int64_t mc, int64_t k0, int64_t k
 template <typename T>
 void pack_b(const GemmDescT<T>& d, int64_t k0, int64_t kc, int64_t n0, int64_t nc, T* dst) {
   constexpr int64_t NR = kGemmNR<T>;
+  const int64_t whole = nc / NR * NR;
+  if (d.b_cs == 1 && whole > 0) {  // rows read in order (one stream each), whole panels
+    for (int64_t k = 0; k < kc; ++k) {
+      const T* src = d.B + (k0 + k) * d.b_rs + n0;
+      for (int64_t p = 0; p < whole; p += NR) copy_row(src + p, dst + p * kc + k * NR);
+    }
+    dst += whole * kc;
+    n0 += whole;
+    nc -= whole;
+  }
   for (int64_t p = 0; p < nc; p += NR) {
     const int64_t cols = std::min(NR, nc - p);
     for (int64_t k = 0; k < kc; ++k) {
