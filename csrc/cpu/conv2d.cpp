@@ -291,6 +291,16 @@ void implicit_gemm_backward_weight(const T* go, const T* x, T* gw, const ConvSha
       ds.push_back(d);
     }
   }
+  // All taps in one column block (up to 2560) where that still leaves two tasks per thread: the
+  // image is then read once per slice, not once per block of kGemmNC taps. Same sums either way.
+  if (taps > kGemmNC && taps <= 2560 && !ds.empty()) {
+    const int64_t wide = gemm_round(taps, kGemmNR<T>);
+    GemmDescT<T> probe = ds[0];
+    probe.nc = wide;
+    if (static_cast<int64_t>(ds.size()) * gemm_tasks(probe) >= 2 * at::get_num_threads()) {
+      for (GemmDescT<T>& d : ds) d.nc = wide;
+    }
+  }
   run_gemms(ds);
   const int64_t RS = s.R * s.S;
   at::parallel_for(0, s.G * Kg, 1, [&](int64_t r0, int64_t r1) {

@@ -47,6 +47,7 @@ struct GemmDescT {
   bool a_im2col = false;         // A is a_img, pixel-major (A, a_rs and a_cs unused)
   bool b_im2col = false;         // B is b_img, tap-major (B, b_rs and b_cs unused)
   bool b_im2col_pixels = false;  // B is b_img, pixel-major
+  int64_t nc = 0;                // columns per task (0: kGemmNC), a multiple of the tile's
   Im2colT<T> a_img{}, b_img{};
 };
 using GemmDesc = GemmDescT<float>;
@@ -73,8 +74,13 @@ inline int64_t gemm_mc(const GemmDescT<T>& d) {
 }
 
 template <typename T>
+inline int64_t gemm_nc(const GemmDescT<T>& d) {
+  return d.nc > 0 ? d.nc : kGemmNC;
+}
+
+template <typename T>
 inline int64_t gemm_tasks(const GemmDescT<T>& d) {
-  return ((d.M + gemm_mc(d) - 1) / gemm_mc(d)) * ((d.N + kGemmNC - 1) / kGemmNC);
+  return ((d.M + gemm_mc(d) - 1) / gemm_mc(d)) * ((d.N + gemm_nc(d) - 1) / gemm_nc(d));
 }
 
 inline int64_t gemm_round(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
@@ -87,7 +93,8 @@ inline int64_t gemm_packed_a_size(const GemmDescT<T>& d) {
 }
 template <typename T>
 inline int64_t gemm_packed_b_size(const GemmDescT<T>& d) {
-  return gemm_round(d.N, kGemmNR<T>) * d.K + kGemmNR<T> * d.K * ((d.N + kGemmNC - 1) / kGemmNC);
+  return gemm_round(d.N, kGemmNR<T>) * d.K +
+         kGemmNR<T> * d.K * ((d.N + gemm_nc(d) - 1) / gemm_nc(d));
 }
 // Packing in independent tasks [t0, t1) of (row or column block, KC slice).
 // Defined for float and double.

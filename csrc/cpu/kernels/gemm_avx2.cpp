@@ -449,15 +449,15 @@ void gemm_pack_a(const GemmDescT<T>& d, T* dst, int64_t t0, int64_t t1) {
 
 template <typename T>
 int64_t gemm_pack_b_tasks(const GemmDescT<T>& d) {
-  return ((d.N + kGemmNC - 1) / kGemmNC) * ((d.K + kGemmKC<T> - 1) / kGemmKC<T>);
+  return ((d.N + gemm_nc(d) - 1) / gemm_nc(d)) * ((d.K + kGemmKC<T> - 1) / kGemmKC<T>);
 }
 
 template <typename T>
 void gemm_pack_b(const GemmDescT<T>& d, T* dst, int64_t t0, int64_t t1) {
   const int64_t kblocks = (d.K + kGemmKC<T> - 1) / kGemmKC<T>;
   for (int64_t t = t0; t < t1; ++t) {  // t = (n block, k block)
-    const int64_t n0 = t / kblocks * kGemmNC, k0 = t % kblocks * kGemmKC<T>;
-    const int64_t nc = std::min(kGemmNC, d.N - n0), kc = std::min(kGemmKC<T>, d.K - k0);
+    const int64_t n0 = t / kblocks * gemm_nc(d), k0 = t % kblocks * kGemmKC<T>;
+    const int64_t nc = std::min(gemm_nc(d), d.N - n0), kc = std::min(kGemmKC<T>, d.K - k0);
     T* out = dst + n0 * d.K + gemm_round(nc, kGemmNR<T>) * k0;
     if (d.b_im2col) {
       pack_b_im2col(d.b_img, d.N, k0, kc, n0, nc, out);
@@ -473,7 +473,8 @@ void gemm_avx2(const GemmDescT<T>& d, int64_t t0, int64_t t1) {  // d.K > 0
   const int64_t MC = gemm_mc(d), mblocks = (d.M + MC - 1) / MC;
   thread_local std::vector<T> pa, pb;
   pa.resize(static_cast<size_t>(kGemmMC * KC));
-  pb.resize(static_cast<size_t>(KC * ((kGemmNC + NR - 1) / NR) * NR));
+  const int64_t NC = gemm_nc(d);
+  pb.resize(static_cast<size_t>(KC * gemm_round(NC, NR)));
   // Runs of consecutive tasks in one column block, where B is packed here: each slice of B packed
   // once for the run, then every row block of the run over it (the sums of each C element in the
   // same order). Over several slices the run's block of C is revisited: four row blocks at most
@@ -483,7 +484,7 @@ void gemm_avx2(const GemmDescT<T>& d, int64_t t0, int64_t t1) {  // d.K > 0
   for (int64_t run = t0; run < t1;) {
     const int64_t nb = run / mblocks;
     const int64_t end = std::min({t1, (nb + 1) * mblocks, run + max_run});
-    const int64_t n0 = nb * kGemmNC, nc = std::min(kGemmNC, d.N - n0);
+    const int64_t n0 = nb * NC, nc = std::min(NC, d.N - n0);
     for (int64_t k0 = 0; k0 < d.K; k0 += KC) {
       const int64_t kc = std::min(KC, d.K - k0);
       const T* bq = pb.data();
