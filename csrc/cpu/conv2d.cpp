@@ -291,13 +291,15 @@ void implicit_gemm_backward_weight(const T* go, const T* x, T* gw, const ConvSha
       ds.push_back(d);
     }
   }
-  // All taps in one column block (up to 2560) where that still leaves two tasks per thread: the
-  // image is then read once per slice, not once per block of kGemmNC taps. Same sums either way.
+  // All taps in one column block (up to 2560) where the tasks still share evenly among threads
+  // (a multiple of the thread count, or four per thread): the image is then read once per
+  // slice, not once per block of kGemmNC taps. The same sums either way.
   if (taps > kGemmNC && taps <= 2560 && !ds.empty()) {
-    const int64_t wide = gemm_round(taps, kGemmNR<T>);
+    const int64_t wide = gemm_round(taps, kGemmNR<T>), threads = at::get_num_threads();
     GemmDescT<T> probe = ds[0];
     probe.nc = wide;
-    if (static_cast<int64_t>(ds.size()) * gemm_tasks(probe) >= 2 * at::get_num_threads()) {
+    const int64_t tasks = static_cast<int64_t>(ds.size()) * gemm_tasks(probe);
+    if (tasks >= 4 * threads || (tasks >= threads && tasks % threads == 0)) {
       for (GemmDescT<T>& d : ds) d.nc = wide;
     }
   }
