@@ -335,6 +335,33 @@ def test_forward_paths_forced(monkeypatch, simd, path, fmt):
         check_float32_layer(x, w, b, dict(stride=s, padding=p, dilation=d, groups=g), fmt)
 
 
+@pytest.mark.parametrize("path", ["0", "1"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_input_gradient_paths_forced(monkeypatch, simd, path, fmt):
+    # the input gradient by col2im (products with the weights, then the columns added into place)
+    # and as forward convolutions (per stride phase), each forced on every configuration, in
+    # float32 and float64, with groups, dilation and strides up to 3
+    monkeypatch.setenv("PYCONV_CONV_COL2IM", path)
+    extra = [(40, 20, 3, 2, 1, 1, 1), (16, 24, 3, 3, 2, 2, 2), (12, 8, (3, 5), (2, 3), 2, 1, 4)]
+    for cin, cout, k, st, p, d, g in CONFIGS + extra:
+        kh, kw = (k, k) if isinstance(k, int) else k
+        x = torch.randn(2, cin, 13, 17, dtype=torch.float64).contiguous(memory_format=fmt)
+        w = torch.randn(cout, cin // g, kh, kw, dtype=torch.float64)
+        args = dict(stride=st, padding=p, dilation=d, groups=g)
+        xr = x.clone().requires_grad_()
+        ref = F.conv2d(xr, w, None, **args)
+        grad = torch.randn_like(ref).contiguous(memory_format=fmt)
+        (want,) = torch.autograd.grad(ref, xr, grad)
+        for dtype, tol in [(torch.float32, dict(rtol=1e-5, atol=3e-4)), (torch.float64, {})]:
+            xp = x.to(dtype).requires_grad_()
+            (got,) = torch.autograd.grad(
+                PF.conv2d(xp, w.to(dtype), None, **args), xp, grad.to(dtype)
+            )
+            if cin > 1:
+                assert got.is_contiguous(memory_format=fmt)
+            torch.testing.assert_close(got.double(), want, **(tol or dict(rtol=1e-12, atol=1e-12)))
+
+
 @pytest.mark.parametrize("stride", [1, 2, 3])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 def test_direct_kernel_register_tiles(monkeypatch, simd, stride, fmt):

@@ -391,6 +391,18 @@ bool use_implicit_gemm_weight(const ConvShape& s) {
   return s.Kg() >= 8 && s.Cg() * s.R * s.S >= 64;
 }
 
+// The input gradient by col2im (products with the weights, then a pass adding the columns into
+// place) rather than as forward convolutions, where the products' reduction (Kg output channels
+// per group) is long enough to pay for that pass: strided layers (one product instead of one per
+// stride phase) from 64 channels in NCHW and 256 in channels_last, stride-1 layers from 512
+// (beyond Winograd's range); measured. PYCONV_CONV_COL2IM=0/1 turns it off or forces it.
+bool input_grad_col2im(const ConvShape& s, bool cl) {
+  if (const char* e = std::getenv("PYCONV_CONV_COL2IM")) return e[0] == '1';
+  if (s.R * s.S == 1) return false;  // 1x1 layers are products as they are
+  const bool strided = s.sH > 1 || s.sW > 1;
+  return strided ? s.Kg() >= (cl ? 256 : 64) : s.Kg() >= 512;
+}
+
 // Winograd F(2x2, 3x3) for 3x3 stride-1 layers of one group. PYCONV_CONV_WINOGRAD=0 turns it off,
 // =1 forces it wherever it applies; forcing the GEMM or the direct kernel (PYCONV_CONV_GEMM) turns
 // it off too.
@@ -628,48 +640,85 @@ bool backward_input_polyphase(const T* go, const T* w, T* gi, const ConvShape& s
   return true;
 }
 
-// The input gradient of a layer with few input channels per group (first layers), any stride,
-// padding and dilation: per sample and group one matrix product with the weights,
-//   NCHW: cols (Cg R S x OH OW) = W_g^T GO_g;  channels_last: cols (OH OW x Cg R S) = GO_g W_g,
-// then each column added at the input position its tap reads (col2im), in a fixed order. The
-// transposed-forward products would have Cg rows (a fraction of a register tile) and an im2col
-// of grad_output to pack; these have the taps as rows and grad_output as it is.
+// The input gradient as products with the weights, then col2im, any stride, padding and
+// dilation: per sample and group
+//   NCHW: cols (Cg R S x OH OW) = W_g^T GO_g, taps in (c, r, s) order;
+//   channels_last: cols (N OH OW x R S Cg) = GO_g W_g, taps in (r, s, c) order,
+// then each column added at the input position its tap reads, in a fixed order (channels_last:
+// runs of Cg channels, row by row of grad_input). The products need no im2col: grad_output and
+// the weights are the operands as they are. Used for layers with few input channels per group
+// (the transposed-forward products would have a fraction of a register tile of rows) and for
+// strided layers (one product instead of one per stride phase).
 template <typename T>
 void backward_input_col2im(const T* go, const T* w, T* gi, const ConvShape& s, bool cl) {
   const int64_t Cg = s.Cg(), Kg = s.Kg(), RS = s.R * s.S, taps = Cg * RS, P = s.OH * s.OW;
   const int64_t per = taps * P;  // one (sample, group)
   const int64_t chunk =
-      std::clamp<int64_t>((int64_t{16} << 20) / static_cast<int64_t>(sizeof(T)) / (per * s.G), 1,
-                          s.N);  // samples per pass: about 16 MiB of columns
+      std::clamp<int64_t>((int64_t{8} << 20) / static_cast<int64_t>(sizeof(T)) / (per * s.G), 1,
+                          s.N);  // samples per pass: about 8 MiB of columns
   const at::Tensor buf =         // from the buffer cache: no page faults, no zeroing
       empty_cached({chunk * s.G * per}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>()),
                    at::MemoryFormat::Contiguous);
   T* const cols = buf.mutable_data_ptr<T>();
+  std::vector<T> wr;  // channels_last: the weights as (K, R, S, Cg)
+  if (cl) {
+    wr.resize(static_cast<size_t>(s.K * taps));
+    for (int64_t k = 0; k < s.K; ++k)
+      for (int64_t c = 0; c < Cg; ++c)
+        for (int64_t rs = 0; rs < RS; ++rs) wr[k * taps + rs * Cg + c] = w[(k * Cg + c) * RS + rs];
+  }
   for (int64_t n0 = 0; n0 < s.N; n0 += chunk) {
     const int64_t nb = std::min(chunk, s.N - n0);
     std::vector<GemmDescT<T>> ds;
-    for (int64_t n = 0; n < nb; ++n) {
-      for (int64_t g = 0; g < s.G; ++g) {
-        T* c = cols + (n * s.G + g) * per;
-        const T* wg = w + g * Kg * taps;
-        if (cl) {
-          ds.push_back(GemmDescT<T>{P, taps, Kg, go + (n0 + n) * P * s.K + g * Kg, s.K, 1, wg, taps,
-                                    1, c, taps});
-        } else {
-          ds.push_back(GemmDescT<T>{taps, P, Kg, wg, 1, taps, go + ((n0 + n) * s.K + g * Kg) * P, P,
-                                    1, c, P});
-        }
+    SharedPack<T> packs;
+    for (int64_t g = 0; g < s.G; ++g) {
+      const size_t first = ds.size();
+      if (cl) {  // every pixel of the pass in one product: cols of group g are (nb P x taps)
+        ds.push_back(GemmDescT<T>{nb * P, taps, Kg, go + n0 * P * s.K + g * Kg, s.K, 1,
+                                  wr.data() + g * Kg * taps, taps, 1, cols + g * nb * per, taps});
+        continue;
       }
+      for (int64_t n = 0; n < nb; ++n) {
+        ds.push_back(GemmDescT<T>{taps, P, Kg, w + g * Kg * taps, 1, taps,
+                                  go + ((n0 + n) * s.K + g * Kg) * P, P, 1,
+                                  cols + (n * s.G + g) * per, P});
+      }
+      packs.a(ds, first);
     }
     run_gemms(ds);
+    if (cl) {
+      at::parallel_for(0, nb * s.H, 1, [&](int64_t q0, int64_t q1) {
+        for (int64_t q = q0; q < q1; ++q) {  // q = (sample, input row)
+          const int64_t n = q / s.H, ih = q % s.H;
+          T* row = gi + ((n0 + n) * s.H + ih) * s.W * s.C;
+          std::fill(row, row + s.W * s.C, T(0));
+          for (int64_t r = 0; r < s.R; ++r) {
+            const int64_t t = ih + s.pT - r * s.dH;
+            if (t < 0 || t % s.sH != 0 || t / s.sH >= s.OH) continue;
+            const int64_t oh = t / s.sH;
+            for (int64_t u = 0; u < s.S; ++u) {
+              const Cols ow = valid_cols(u * s.dW - s.pL, s.sW, s.W, s.OW);
+              for (int64_t j = ow.lo; j < ow.hi; ++j) {
+                T* dst = row + (j * s.sW - s.pL + u * s.dW) * s.C;
+                for (int64_t g = 0; g < s.G; ++g) {
+                  const T* src =
+                      cols + g * nb * per + (n * P + oh * s.OW + j) * taps + (r * s.S + u) * Cg;
+                  T* d = dst + g * Cg;
+                  for (int64_t c = 0; c < Cg; ++c) d[c] += src[c];
+                }
+              }
+            }
+          }
+        }
+      });
+      continue;
+    }
     at::parallel_for(0, nb * s.C, 1, [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {  // q = (sample, input channel)
         const int64_t n = q / s.C, gc = q % s.C, g = gc / Cg, c = gc % Cg;
         const T* col = cols + (n * s.G + g) * per;
-        // the plane (NCHW) or the channel's elements (channels_last, stride C) of grad_input
-        T* dst = cl ? gi + (n0 + n) * s.H * s.W * s.C + gc : gi + ((n0 + n) * s.C + gc) * s.H * s.W;
-        const int64_t es = cl ? s.C : 1;  // element stride
-        for (int64_t i = 0; i < s.H * s.W; ++i) dst[i * es] = T(0);
+        T* dst = gi + ((n0 + n) * s.C + gc) * s.H * s.W;
+        std::fill(dst, dst + s.H * s.W, T(0));
         for (int64_t r = 0; r < s.R; ++r) {
           for (int64_t u = 0; u < s.S; ++u) {
             const int64_t tap = (c * s.R + r) * s.S + u;
@@ -677,14 +726,9 @@ void backward_input_col2im(const T* go, const T* w, T* gi, const ConvShape& s, b
             for (int64_t oh = 0; oh < s.OH; ++oh) {
               const int64_t ih = oh * s.sH - s.pT + r * s.dH;
               if (ih < 0 || ih >= s.H) continue;
-              T* row = dst + (ih * s.W + u * s.dW - s.pL) * es;
-              if (cl) {
-                const T* src = col + oh * s.OW * taps + tap;
-                for (int64_t j = ow.lo; j < ow.hi; ++j) row[j * s.sW * es] += src[j * taps];
-              } else {
-                const T* src = col + tap * P + oh * s.OW;
-                for (int64_t j = ow.lo; j < ow.hi; ++j) row[j * s.sW] += src[j];
-              }
+              T* row = dst + ih * s.W + u * s.dW - s.pL;
+              const T* src = col + tap * P + oh * s.OW;
+              for (int64_t j = ow.lo; j < ow.hi; ++j) row[j * s.sW] += src[j];
             }
           }
         }
@@ -1029,8 +1073,10 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
     });
     return gi.to(grad_output.scalar_type());
   }
-  if (gemm_f64(ct, s) && s.Cg() <= 4 && s.N * s.OH * s.OW > 0) {
-    // float64, few input channels: products with the weights, then col2im
+  if (gemm_f64(ct, s) && s.N * s.OH * s.OW > 0 &&
+      (s.Cg() <= 4 ||
+       input_grad_col2im(s, format_of(grad_output) == at::MemoryFormat::ChannelsLast))) {
+    // float64, few input channels or as float32 chooses: products with the weights, then col2im
     const at::MemoryFormat fmt = format_of(grad_output);
     const at::Tensor go = grad_output.contiguous(fmt), w = weight.contiguous();
     at::Tensor gi = empty_cached(input_size, grad_output.options(), fmt);
@@ -1053,6 +1099,14 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
     }
   }
   const bool cl_go = format_of(grad_output) == at::MemoryFormat::ChannelsLast;
+  if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 && input_grad_col2im(s, cl_go)) {
+    const at::MemoryFormat fmt = format_of(grad_output);
+    const at::Tensor go = grad_output.to(ct).contiguous(fmt), w = weight.to(ct).contiguous();
+    at::Tensor gi = empty_cached(input_size, grad_output.options().dtype(ct), fmt);
+    backward_input_col2im<float>(go.const_data_ptr<float>(), w.const_data_ptr<float>(),
+                                 gi.mutable_data_ptr<float>(), s, cl_go);
+    return gi.to(grad_output.scalar_type());
+  }
   if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 && input_grad_as_cl(s, cl_go)) {
     // as channels_last forward convolutions (the implicit GEMM or the direct kernel)
     const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
