@@ -22,6 +22,7 @@
 #include "cpu/kernels/conv2d_kernels.h"
 #include "cpu/kernels/depthwise.h"
 #include "cpu/kernels/gemm.h"
+#include "cpu/kernels/transpose.h"
 #include "cpu/simd.h"
 
 namespace pyconv::cpu {
@@ -880,10 +881,6 @@ at::ScalarType compute_type(at::ScalarType t) {
 
 at::Tensor nchw(const at::Tensor& t, at::ScalarType ct) { return t.to(ct).contiguous(); }
 
-at::MemoryFormat format_of(const at::Tensor& t) {
-  return t.dim() == 4 ? t.suggest_memory_format() : at::MemoryFormat::Contiguous;
-}
-
 template <typename F>
 void by_type(at::ScalarType ct, const F& f) {
   if (ct == at::kDouble) {
@@ -891,6 +888,38 @@ void by_type(at::ScalarType ct, const F& f) {
   } else {
     f(float{});
   }
+}
+
+// t in the memory format fmt. Between NCHW and channels_last, float32 and float64 4-D tensors go
+// through the AVX2 transposes (torch's permuting copy takes 2.5 to 6 times a plain copy's time
+// here); anything else through contiguous().
+at::Tensor in_format(const at::Tensor& t, at::MemoryFormat fmt) {
+  const at::ScalarType st = t.scalar_type();
+  if (t.dim() != 4 || t.is_contiguous(fmt) || !simd_is_avx2() ||
+      (st != at::kFloat && st != at::kDouble)) {
+    return t.contiguous(fmt);
+  }
+  const bool to_cl = fmt == at::MemoryFormat::ChannelsLast;
+  if (!(to_cl ? t.is_contiguous() : t.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+      (fmt != at::MemoryFormat::Contiguous && !to_cl)) {
+    return t.contiguous(fmt);
+  }
+  const int64_t N = t.size(0), C = t.size(1), HW = t.size(2) * t.size(3);
+  at::Tensor out = empty_cached(t.sizes(), t.options(), fmt);
+  const int64_t rows = to_cl ? C : HW, cols = to_cl ? HW : C;  // per sample, read as rows
+  by_type(st, [&](auto tag) {
+    using T = decltype(tag);
+    const T* src = t.const_data_ptr<T>();
+    T* dst = out.mutable_data_ptr<T>();
+    at::parallel_for(0, transpose_tasks(N, rows, cols), 1, [&](int64_t t0, int64_t t1) {
+      transpose_avx2<T>(src, dst, N, rows, cols, t0, t1);
+    });
+  });
+  return out;
+}
+
+at::MemoryFormat format_of(const at::Tensor& t) {
+  return t.dim() == 4 ? t.suggest_memory_format() : at::MemoryFormat::Contiguous;
 }
 
 // float64 on AVX2 runs on the implicit GEMM (and the 1x1 products), in the tensors' own layout,
@@ -935,9 +964,9 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
   }
   if (ct == at::kFloat && simd_is_avx2() && depthwise_cl(s, input) && s.N * s.OH * s.OW > 0) {
     const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
-    const at::Tensor x = input.to(ct).contiguous(cl), w = weight.to(ct).contiguous();
+    const at::Tensor x = in_format(input.to(ct), cl), w = weight.to(ct).contiguous();
     const at::Tensor b = bias.has_value() ? bias->to(ct).contiguous() : at::Tensor();
-    const at::Tensor rs = residual.has_value() ? residual->to(ct).contiguous(cl) : at::Tensor();
+    const at::Tensor rs = residual.has_value() ? in_format(residual->to(ct), cl) : at::Tensor();
     const std::vector<float> wt = depthwise_weights(w, s);
     at::Tensor y = empty_cached({s.N, s.K, s.OH, s.OW}, input.options().dtype(ct), cl);
     at::parallel_for(0, s.N * s.OH, 1, [&](int64_t t0, int64_t t1) {
@@ -950,9 +979,9 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
   }
   if (fast(ct, s) && pointwise(s)) {  // each layout as it comes
     const at::MemoryFormat fmt = format_of(input);
-    const at::Tensor x = input.to(ct).contiguous(fmt), w = weight.to(ct).contiguous();
+    const at::Tensor x = in_format(input.to(ct), fmt), w = weight.to(ct).contiguous();
     const at::Tensor b = bias.has_value() ? bias->to(ct).contiguous() : at::Tensor();
-    const at::Tensor rs = residual.has_value() ? residual->to(ct).contiguous(fmt) : at::Tensor();
+    const at::Tensor rs = residual.has_value() ? in_format(residual->to(ct), fmt) : at::Tensor();
     at::Tensor y = empty_cached({s.N, s.K, s.OH, s.OW}, input.options().dtype(ct), fmt);
     by_type(ct, [&](auto tag) {
       using T = decltype(tag);
@@ -965,9 +994,9 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
   }
   if (gemm_f64(ct, s) && s.N * s.OH * s.OW > 0) {  // float64: the implicit GEMM in either layout
     const at::MemoryFormat fmt = format_of(input);
-    const at::Tensor x = input.contiguous(fmt), w = weight.contiguous();
+    const at::Tensor x = in_format(input, fmt), w = weight.contiguous();
     const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-    const at::Tensor rs = residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
+    const at::Tensor rs = residual.has_value() ? in_format(*residual, fmt) : at::Tensor();
     at::Tensor y = empty_cached({s.N, s.K, s.OH, s.OW}, input.options(), fmt);
     implicit_gemm_forward<double>(x.const_data_ptr<double>(), w.const_data_ptr<double>(),
                                   b.defined() ? b.const_data_ptr<double>() : nullptr,
@@ -983,15 +1012,15 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
     // channels_last copy and comes back (two passes over memory, cheaper than the NCHW kernels
     // where the GEMM applies)
     const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
-    const at::Tensor x = input.to(ct).contiguous(cl), w = weight.to(ct).contiguous();
+    const at::Tensor x = in_format(input.to(ct), cl), w = weight.to(ct).contiguous();
     const at::Tensor b = bias.has_value() ? bias->to(ct).contiguous() : at::Tensor();
-    const at::Tensor rs = residual.has_value() ? residual->to(ct).contiguous(cl) : at::Tensor();
+    const at::Tensor rs = residual.has_value() ? in_format(residual->to(ct), cl) : at::Tensor();
     at::Tensor y = empty_cached({s.N, s.K, s.OH, s.OW}, input.options().dtype(ct), cl);
     forward_cl_avx2(x.const_data_ptr<float>(), w.const_data_ptr<float>(),
                     b.defined() ? b.const_data_ptr<float>() : nullptr,
                     rs.defined() ? rs.const_data_ptr<float>() : nullptr, relu,
                     y.mutable_data_ptr<float>(), s);
-    return y.to(input.scalar_type()).contiguous(format_of(input));
+    return in_format(y.to(input.scalar_type()), format_of(input));
   }
   at::Tensor out =
       empty_cached({s.N, s.K, s.OH, s.OW}, input.options().dtype(ct), at::MemoryFormat::Contiguous);
@@ -1014,7 +1043,7 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
       });
     }
   }
-  return out.to(input.scalar_type()).contiguous(format_of(input));
+  return in_format(out.to(input.scalar_type()), format_of(input));
 }
 
 at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor& weight,
@@ -1038,7 +1067,7 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
   }
   if (ct == at::kFloat && simd_is_avx2() && depthwise_cl(s, grad_output) && s.N * s.H * s.W > 0) {
     const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
-    const at::Tensor go = grad_output.to(ct).contiguous(cl), w = weight.to(ct).contiguous();
+    const at::Tensor go = in_format(grad_output.to(ct), cl), w = weight.to(ct).contiguous();
     const std::vector<float> wt = depthwise_weights(w, s);
     at::Tensor gi = empty_cached(input_size, grad_output.options().dtype(ct), cl);
     // stride 1: a depthwise forward of grad_output with the filters flipped (the faster kernel)
@@ -1063,7 +1092,7 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
   }
   if (fast(ct, s) && pointwise(s)) {
     const at::MemoryFormat fmt = format_of(grad_output);
-    const at::Tensor go = grad_output.to(ct).contiguous(fmt), w = weight.to(ct).contiguous();
+    const at::Tensor go = in_format(grad_output.to(ct), fmt), w = weight.to(ct).contiguous();
     at::Tensor gi = empty_cached(input_size, grad_output.options().dtype(ct), fmt);
     by_type(ct, [&](auto tag) {
       using T = decltype(tag);
@@ -1078,7 +1107,7 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
        input_grad_col2im(s, format_of(grad_output) == at::MemoryFormat::ChannelsLast))) {
     // float64, few input channels or as float32 chooses: products with the weights, then col2im
     const at::MemoryFormat fmt = format_of(grad_output);
-    const at::Tensor go = grad_output.contiguous(fmt), w = weight.contiguous();
+    const at::Tensor go = in_format(grad_output, fmt), w = weight.contiguous();
     at::Tensor gi = empty_cached(input_size, grad_output.options(), fmt);
     backward_input_col2im<double>(go.const_data_ptr<double>(), w.const_data_ptr<double>(),
                                   gi.mutable_data_ptr<double>(), s,
@@ -1089,7 +1118,7 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
     // float64: as forward convolutions on the implicit GEMM, in grad_output's layout
     const at::MemoryFormat fmt = format_of(grad_output);
     const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-    const at::Tensor go = grad_output.contiguous(fmt), w = weight.contiguous();
+    const at::Tensor go = in_format(grad_output, fmt), w = weight.contiguous();
     at::Tensor gi = empty_cached(input_size, grad_output.options(), fmt);
     if (backward_input_as_forward<double>(go.const_data_ptr<double>(), w.const_data_ptr<double>(),
                                           gi.mutable_data_ptr<double>(), s, cl) ||
@@ -1101,7 +1130,7 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
   const bool cl_go = format_of(grad_output) == at::MemoryFormat::ChannelsLast;
   if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 && input_grad_col2im(s, cl_go)) {
     const at::MemoryFormat fmt = format_of(grad_output);
-    const at::Tensor go = grad_output.to(ct).contiguous(fmt), w = weight.to(ct).contiguous();
+    const at::Tensor go = in_format(grad_output.to(ct), fmt), w = weight.to(ct).contiguous();
     at::Tensor gi = empty_cached(input_size, grad_output.options().dtype(ct), fmt);
     backward_input_col2im<float>(go.const_data_ptr<float>(), w.const_data_ptr<float>(),
                                  gi.mutable_data_ptr<float>(), s, cl_go);
@@ -1110,13 +1139,13 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
   if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 && input_grad_as_cl(s, cl_go)) {
     // as channels_last forward convolutions (the implicit GEMM or the direct kernel)
     const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
-    const at::Tensor go = grad_output.to(ct).contiguous(cl), w = weight.to(ct).contiguous();
+    const at::Tensor go = in_format(grad_output.to(ct), cl), w = weight.to(ct).contiguous();
     at::Tensor gi = empty_cached(input_size, grad_output.options().dtype(ct), cl);
     if (backward_input_as_forward(go.const_data_ptr<float>(), w.const_data_ptr<float>(),
                                   gi.mutable_data_ptr<float>(), s, true) ||
         backward_input_polyphase(go.const_data_ptr<float>(), w.const_data_ptr<float>(),
                                  gi.mutable_data_ptr<float>(), s, true)) {
-      return gi.to(grad_output.scalar_type()).contiguous(format_of(grad_output));
+      return in_format(gi.to(grad_output.scalar_type()), format_of(grad_output));
     }
   }
   at::Tensor gi =
@@ -1149,7 +1178,7 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
       });
     }
   }
-  return gi.to(grad_output.scalar_type()).contiguous(format_of(grad_output));
+  return in_format(gi.to(grad_output.scalar_type()), format_of(grad_output));
 }
 
 at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
@@ -1171,7 +1200,7 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
     const at::MemoryFormat fmt = format_of(grad_output) == at::MemoryFormat::ChannelsLast
                                      ? at::MemoryFormat::ChannelsLast
                                      : format_of(input);
-    const at::Tensor go = grad_output.to(ct).contiguous(fmt), x = input.to(ct).contiguous(fmt);
+    const at::Tensor go = in_format(grad_output.to(ct), fmt), x = in_format(input.to(ct), fmt);
     at::Tensor gw =
         empty_cached(weight_size, grad_output.options().dtype(ct), at::MemoryFormat::Contiguous);
     by_type(ct, [&](auto tag) {
@@ -1185,7 +1214,7 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
   if (gemm_f64(ct, s) && s.N * s.OH * s.OW > 0) {
     // float64: the weight gradient's implicit GEMM on channels_last operands
     const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
-    const at::Tensor go = grad_output.contiguous(cl), x = input.contiguous(cl);
+    const at::Tensor go = in_format(grad_output, cl), x = in_format(input, cl);
     at::Tensor gw = empty_cached(weight_size, grad_output.options(), at::MemoryFormat::Contiguous);
     implicit_gemm_backward_weight<double>(go.const_data_ptr<double>(), x.const_data_ptr<double>(),
                                           gw.mutable_data_ptr<double>(), s, true);
@@ -1194,7 +1223,7 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
   if (ct == at::kFloat && simd_is_avx2() && depthwise_cl(s, grad_output) && s.N * s.OH * s.OW > 0) {
     // fixed row slices summed in order: the same result for any thread count
     const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
-    const at::Tensor go = grad_output.to(ct).contiguous(cl), x = input.to(ct).contiguous(cl);
+    const at::Tensor go = in_format(grad_output.to(ct), cl), x = in_format(input.to(ct), cl);
     const int64_t rows = s.N * s.OH, slices = std::min<int64_t>(rows, 16), RS = s.R * s.S;
     std::vector<float> part(static_cast<size_t>(slices * RS * s.C), 0.0f);
     at::parallel_for(0, slices, 1, [&](int64_t a, int64_t b) {
@@ -1217,7 +1246,7 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
   }
   if (ct == at::kFloat && simd_is_avx2() && use_winograd(s, 512)) {  // either layout as it comes
     const at::MemoryFormat fmt = format_of(grad_output);
-    const at::Tensor go = grad_output.to(ct).contiguous(fmt), x = input.to(ct).contiguous(fmt);
+    const at::Tensor go = in_format(grad_output.to(ct), fmt), x = in_format(input.to(ct), fmt);
     at::Tensor gw = at::empty(weight_size, grad_output.options().dtype(ct));
     winograd_backward_weight(go.const_data_ptr<float>(), x.const_data_ptr<float>(),
                              gw.mutable_data_ptr<float>(), s,
@@ -1228,7 +1257,7 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
     // channels_last operands (NCHW ones copied): 16 neighbouring channels per packed row
     const bool cl_grads = true;
     const at::MemoryFormat fmt = at::MemoryFormat::ChannelsLast;
-    const at::Tensor go = grad_output.to(ct).contiguous(fmt), x = input.to(ct).contiguous(fmt);
+    const at::Tensor go = in_format(grad_output.to(ct), fmt), x = in_format(input.to(ct), fmt);
     at::Tensor gw =
         empty_cached(weight_size, grad_output.options().dtype(ct), at::MemoryFormat::Contiguous);
     implicit_gemm_backward_weight(go.const_data_ptr<float>(), x.const_data_ptr<float>(),
@@ -1238,7 +1267,7 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
   if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 &&
       format_of(grad_output) == at::MemoryFormat::ChannelsLast) {  // channels_last direct
     const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
-    const at::Tensor go = grad_output.to(ct).contiguous(cl), x = input.to(ct).contiguous(cl);
+    const at::Tensor go = in_format(grad_output.to(ct), cl), x = in_format(input.to(ct), cl);
     const DirectPlan p = direct_wgrad_cl_plan(s);
     const int64_t RS = s.R * s.S, Cg = s.Cg(), per = s.K * Cg * RS;
     std::vector<float> partial(static_cast<size_t>(p.slices * per));
@@ -1299,7 +1328,7 @@ at::Tensor conv2d_backward_bias(const at::Tensor& grad_output) {
   if (format_of(grad_output) == at::MemoryFormat::ChannelsLast) {
     // rows of K channels: fixed row chunks summed in parallel, then the chunks in order (the same
     // result for any thread count)
-    const at::Tensor go = grad_output.to(ct).contiguous(at::MemoryFormat::ChannelsLast);
+    const at::Tensor go = in_format(grad_output.to(ct), at::MemoryFormat::ChannelsLast);
     const int64_t rows = N * plane, chunks = std::max<int64_t>(1, std::min<int64_t>(rows, 64));
     by_type(ct, [&](auto tag) {
       using T = decltype(tag);
