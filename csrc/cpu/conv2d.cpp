@@ -401,6 +401,8 @@ bool input_grad_col2im(const ConvShape& s, bool cl) {
   if (const char* e = std::getenv("PYCONV_CONV_COL2IM")) return e[0] == '1';
   if (s.R * s.S == 1) return false;  // 1x1 layers are products as they are
   const bool strided = s.sH > 1 || s.sW > 1;
+  // no stride phases for these (depthwise ones keep the scatter kernel)
+  if (strided && (s.dH > 1 || s.dW > 1)) return s.Cg() > 1 || s.Kg() > 1;
   return strided ? s.Kg() >= (cl ? 256 : 64) : s.Kg() >= 512;
 }
 
