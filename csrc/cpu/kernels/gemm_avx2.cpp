@@ -337,6 +337,7 @@ void micro_kernel(const GemmDescT<T>& d, int64_t kc, const T* a, const T* b, int
   constexpr int64_t NR = kGemmNR<T>, W = V::W;
   R c[kGemmMR][2];
   for (int i = 0; i < kGemmMR; ++i) c[i][0] = c[i][1] = V::zero();
+#pragma GCC unroll 4
   for (int64_t k = 0; k < kc; ++k) {
     const R b0 = V::load(b), b1 = V::load(b + W);
 #define PYCONV_ROW(i)                  \
