@@ -131,6 +131,7 @@ inline void gemm_6x16(const float* a, int64_t lda, const float* b, int64_t C8, f
                       int64_t ldm) {
   __m256 acc[6][2];
   for (int r = 0; r < 6; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+#pragma GCC unroll 4
   for (int64_t c = 0; c < C8; ++c, b += 16) {
     const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
     for (int r = 0; r < 6; ++r) {
@@ -479,6 +480,7 @@ void winograd_wgrad_products(const float* v, const float* pg, float* du, const C
       acc[r][0] = _mm256_loadu_ps(d + r * C16);
       acc[r][1] = _mm256_loadu_ps(d + r * C16 + 8);
     }
+#pragma GCC unroll 4
     for (int64_t t = 0; t < count; ++t, a += K6, b += C16) {
       const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
       for (int r = 0; r < 6; ++r) {
