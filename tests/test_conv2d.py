@@ -474,6 +474,30 @@ def test_float64_paths(simd, fmt):
             torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
+def test_depthwise_channels_last_streamed_output(simd):
+    # outputs of 4 MiB or more are written with streaming stores (whole lines, interior columns)
+    x = torch.randn(2, 64, 96, 97, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last
+    )
+    w = torch.randn(64, 1, 3, 3, dtype=torch.float64)
+    b = torch.randn(64, dtype=torch.float64)
+    res = torch.randn(2, 64, 96, 97, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last
+    )
+    want = torch.relu(F.conv2d(x, w, b, padding=1, groups=64) + res)
+    got = PF.conv2d(
+        x.float(),
+        w.float(),
+        b.float(),
+        padding=1,
+        groups=64,
+        activation="relu",
+        residual=res.float(),
+    )
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("channels", [21, 32])
 @pytest.mark.parametrize("k, s, p, d", [(3, 1, 1, 1), (3, 2, 1, 1), (5, 2, 3, 2), (1, 1, 0, 1)])
 def test_depthwise_channels_last(simd, k, s, p, d, channels):

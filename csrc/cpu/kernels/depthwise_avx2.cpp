@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 
 #include "cpu/kernels/depthwise.h"
@@ -58,6 +59,10 @@ void depthwise_fwd_cl_avx2(const float* x, const float* wt, const float* bias, c
   const int64_t lo = std::min(s.OW, (s.pL + s.sW - 1) / s.sW);
   const int64_t span = s.W + s.pL - (s.S - 1) * s.dW;  // last tap inside <=> ow * sW < span
   const int64_t hi = std::max(lo, std::min(s.OW, span > 0 ? (span + s.sW - 1) / s.sW : 0));
+  // outputs of 4 MiB or more (past L2, where each line written would first be read) are
+  // written with streaming stores where whole aligned lines allow
+  const bool stream = C % 16 == 0 && reinterpret_cast<uintptr_t>(y) % 64 == 0 &&
+                      s.N * s.OH * s.OW * C * 4 >= (int64_t{4} << 20);
   for (int64_t t = t0; t < t1; ++t) {  // t = (n, oh)
     const int64_t n = t / s.OH, oh = t % s.OH;
     float* orow = y + (n * s.OH + oh) * s.OW * C;
@@ -152,6 +157,23 @@ void depthwise_fwd_cl_avx2(const float* x, const float* wt, const float* bias, c
           }
         }
         const Lanes l = lanes(0, 8);
+        if (stream) {  // whole 64-byte lines, past the caches: no read for ownership
+          for (int j = 0; j < 4; ++j) {
+            __m256 v0 = a[j][0], v1 = a[j][1];
+            float* o = orow + (ow + j) * C + c;
+            if (rrow) {
+              v0 = _mm256_add_ps(v0, _mm256_loadu_ps(rrow + (ow + j) * C + c));
+              v1 = _mm256_add_ps(v1, _mm256_loadu_ps(rrow + (ow + j) * C + c + 8));
+            }
+            if (relu) {
+              v0 = _mm256_max_ps(_mm256_setzero_ps(), v0);  // NaN stays NaN
+              v1 = _mm256_max_ps(_mm256_setzero_ps(), v1);
+            }
+            _mm256_stream_ps(o, v0);
+            _mm256_stream_ps(o + 8, v1);
+          }
+          continue;
+        }
         for (int j = 0; j < 4; ++j) {
           finish(a[j][0], ow + j, c, l);
           finish(a[j][1], ow + j, c + 8, l);
@@ -165,6 +187,7 @@ void depthwise_fwd_cl_avx2(const float* x, const float* wt, const float* bias, c
     for (; ow + 4 <= hi; ow += 4) block(std::integral_constant<int, 4>{}, ow);
     for (; ow < s.OW; ++ow) one(ow);
   }
+  if (stream) _mm_sfence();
 }
 
 void depthwise_bwd_input_cl_avx2(const float* go, const float* wt, float* gi, const ConvShape& s,
