@@ -480,8 +480,12 @@ void winograd_backward_weight(const float* go, const float* x, float* gw, const 
 }
 
 // float32 channels_last forward: Winograd, the implicit GEMM or the direct kernel.
+// The channels_last forward takes the direct kernel (which can also write its output in place
+// inside a larger tensor: forward_cl_avx2 honours `out` only there).
+bool forward_cl_direct(const ConvShape& s) { return !use_winograd(s) && !use_implicit_gemm(s); }
+
 void forward_cl_avx2(const float* x, const float* w, const float* bias, const float* residual,
-                     bool relu, float* y, const ConvShape& s) {
+                     bool relu, float* y, const ConvShape& s, const OutGeometry* out = nullptr) {
   if (use_winograd(s)) {
     winograd_forward(x, w, bias, residual, relu, y, s, true);
     return;
@@ -495,8 +499,8 @@ void forward_cl_avx2(const float* x, const float* w, const float* bias, const fl
   std::vector<float> packed_bias(static_cast<size_t>(s.G * p.tiles * 8 * p.kK));
   direct_cl_pack(w, bias, packed.data(), packed_bias.data(), s, p);
   at::parallel_for(0, direct_fwd_tasks(s, p), 1, [&](int64_t t0, int64_t t1) {
-    conv2d_fwd_cl_direct_avx2(x, packed.data(), packed_bias.data(), residual, relu, y, s, p, t0,
-                              t1);
+    conv2d_fwd_cl_direct_avx2(x, packed.data(), packed_bias.data(), residual, relu, y, s, p, t0, t1,
+                              out);
   });
 }
 
@@ -613,6 +617,15 @@ bool backward_input_polyphase(const T* go, const T* w, T* gi, const ConvShape& s
                 }
               }
             }
+          }
+        }
+        if constexpr (std::is_same_v<T, float>) {
+          // channels_last on the direct kernel: the phase's pixels written in place in grad_input
+          if (cl && forward_cl_direct(t)) {
+            const OutGeometry at_phase{s.H * s.W * s.C, s.sH * s.W * s.C, s.sW * s.C};
+            forward_cl_avx2(go, wt.data(), nullptr, nullptr, false, gi + (a * s.W + b) * s.C, t,
+                            &at_phase);
+            continue;
           }
         }
         buf.resize(static_cast<size_t>(planes * Hp * Wp));

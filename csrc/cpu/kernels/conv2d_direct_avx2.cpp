@@ -383,6 +383,7 @@ struct FwdClArgs {
   float* y;
   const ConvShape* s;
   const DirectPlan* plan;  // kK: vectors of 8 output channels (kN), kV: pixels (kP)
+  OutGeometry out;
 };
 
 // kP pixels x kN vectors of output channels at buffer position xb (pixel stride Cg).
@@ -447,20 +448,21 @@ void fwd_cl_tasks(const FwdClArgs& a, int64_t t0, int64_t t1) {
           // pixel by pixel, its channel vectors in order: each output line is written by
           // consecutive stores
           for (int64_t j = 0; j < pixels; ++j) {
-            const int64_t o = ((n * s.OH + oh) * s.OW + ow + j) * s.K + g * Kg + k0;
+            const int64_t ro = ((n * s.OH + oh) * s.OW + ow + j) * s.K + g * Kg + k0;
+            const int64_t o = n * a.out.sn + oh * a.out.sh + (ow + j) * a.out.sw + g * Kg + k0;
             for (int v = 0; v < kN; ++v) {
               const int64_t left = Kg - k0 - 8 * v;
               if (left <= 0) break;
               __m256 r = _mm256_add_ps(acc[j][v], _mm256_loadu_ps(bias + 8 * v));
               if (left >= 8) {
                 if (a.residual != nullptr) {
-                  r = _mm256_add_ps(r, _mm256_loadu_ps(a.residual + o + 8 * v));
+                  r = _mm256_add_ps(r, _mm256_loadu_ps(a.residual + ro + 8 * v));
                 }
                 _mm256_storeu_ps(a.y + o + 8 * v, a.relu ? relu8(r) : r);
               } else {
                 const __m256i m = lanes_below(left);
                 if (a.residual != nullptr) {
-                  r = _mm256_add_ps(r, _mm256_maskload_ps(a.residual + o + 8 * v, m));
+                  r = _mm256_add_ps(r, _mm256_maskload_ps(a.residual + ro + 8 * v, m));
                 }
                 _mm256_maskstore_ps(a.y + o + 8 * v, m, a.relu ? relu8(r) : r);
               }
@@ -711,8 +713,10 @@ void direct_cl_pack(const float* w, const float* bias, float* packed, float* pac
 
 void conv2d_fwd_cl_direct_avx2(const float* x, const float* packed, const float* packed_bias,
                                const float* residual, bool relu, float* y, const ConvShape& s,
-                               const DirectPlan& p, int64_t t0, int64_t t1) {
-  const FwdClArgs a{x, packed, packed_bias, residual, relu, y, &s, &p};
+                               const DirectPlan& p, int64_t t0, int64_t t1,
+                               const OutGeometry* out) {
+  const OutGeometry contiguous{s.OH * s.OW * s.K, s.OW * s.K, s.K};
+  const FwdClArgs a{x, packed, packed_bias, residual, relu, y, &s, &p, out ? *out : contiguous};
   fwd_cl_fn(p.kK)(a, t0, t1);
 }
 

@@ -49,10 +49,18 @@ DirectPlan direct_fwd_cl_plan(const ConvShape& s, int threads);
 int64_t direct_cl_packed_size(const ConvShape& s, const DirectPlan& p);
 void direct_cl_pack(const float* w, const float* bias, float* packed, float* packed_bias,
                     const ConvShape& s, const DirectPlan& p);
-// Tasks [t0, t1) of (n, g, block of p.rows output rows), direct_fwd_tasks(s, p) in all.
+// Where output pixel (n, oh, ow) starts: y + n * sn + oh * sh + ow * sw (its K channels
+// consecutive). Contiguous channels_last: sn = OH OW K, sh = OW K, sw = K.
+struct OutGeometry {
+  int64_t sn, sh, sw;
+};
+// Tasks [t0, t1) of (n, g, block of p.rows output rows), direct_fwd_tasks(s, p) in all. The
+// output is contiguous channels_last unless `out` places it (the residual, if any, stays
+// contiguous).
 void conv2d_fwd_cl_direct_avx2(const float* x, const float* packed, const float* packed_bias,
                                const float* residual, bool relu, float* y, const ConvShape& s,
-                               const DirectPlan& p, int64_t t0, int64_t t1);
+                               const DirectPlan& p, int64_t t0, int64_t t1,
+                               const OutGeometry* out = nullptr);
 DirectPlan direct_wgrad_cl_plan(const ConvShape& s);
 // Tasks [t0, t1) of (slice, g, tile), direct_wgrad_tasks(s, p) in all: partial[slice] (K x R S Cg).
 void conv2d_bwd_weight_cl_direct_avx2(const float* grad_out, const float* x, float* partial,
