@@ -845,7 +845,8 @@ void pointwise_backward_input(const T* go, const T* w, T* gi, const ConvShape& s
   run_gemms(ds);
 }
 
-// Deterministic: samples are added in order (NCHW), or the whole reduction is one product (CL).
+// Deterministic: fixed slices of samples added in order (NCHW), or the whole reduction is one
+// product (CL).
 template <typename T>
 void pointwise_backward_weight(const T* go, const T* x, T* gw, const ConvShape& s, bool cl) {
   const int64_t HW = s.H * s.W, Cg = s.Cg(), Kg = s.Kg();
@@ -858,24 +859,36 @@ void pointwise_backward_weight(const T* go, const T* x, T* gw, const ConvShape& 
     run_gemms(ds);
     return;
   }
-  for (int64_t n = 0; n < s.N; ++n) {  // GW += GO[n] (K x HW) X[n]^T
-    std::vector<GemmDescT<T>> ds;
-    for (int64_t g = 0; g < s.G; ++g) {
-      GemmDescT<T> d{Kg,
-                     Cg,
-                     HW,
-                     go + (n * s.K + g * Kg) * HW,
-                     HW,
-                     1,
-                     x + (n * s.C + g * Cg) * HW,
-                     1,
-                     HW,
-                     gw + g * Kg * Cg,
-                     Cg};
-      d.accumulate = n > 0;
-      ds.push_back(d);
+  // NCHW: GW += GO[n] (K x HW) X[n]^T over the samples, cut into a fixed number of slices (not
+  // by thread count): each slice's products accumulated in order on one thread into its own
+  // partial sum, then the partials added in order
+  const int64_t slices = std::min<int64_t>(s.N, 8), per = Kg * Cg;
+  std::vector<T> part(static_cast<size_t>(slices * s.G * per));
+  at::parallel_for(0, slices * s.G, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t sl = q / s.G, g = q % s.G;
+      const int64_t n0 = sl * s.N / slices, n1 = (sl + 1) * s.N / slices;
+      for (int64_t n = n0; n < n1; ++n) {
+        GemmDescT<T> d{Kg,
+                       Cg,
+                       HW,
+                       go + (n * s.K + g * Kg) * HW,
+                       HW,
+                       1,
+                       x + (n * s.C + g * Cg) * HW,
+                       1,
+                       HW,
+                       part.data() + q * per,
+                       Cg};
+        d.accumulate = n > n0;
+        gemm_avx2(d, 0, gemm_tasks(d));
+      }
     }
-    run_gemms(ds);
+  });
+  for (int64_t i = 0; i < s.G * per; ++i) {
+    T acc = part[static_cast<size_t>(i)];
+    for (int64_t sl = 1; sl < slices; ++sl) acc += part[static_cast<size_t>(sl * s.G * per + i)];
+    gw[i] = acc;
   }
 }
 
@@ -1214,10 +1227,12 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
                                   kOne, groups);
   }
   if (fast(ct, s) && pointwise(s)) {
-    // both operands in one layout: the grad_output's, unless only the input is channels_last
-    const at::MemoryFormat fmt = format_of(grad_output) == at::MemoryFormat::ChannelsLast
-                                     ? at::MemoryFormat::ChannelsLast
-                                     : format_of(input);
+    // both operands in one layout: the grad_output's, unless only the input is channels_last;
+    // small images go channels_last (NCHW products per sample would reduce over a few pixels)
+    const at::MemoryFormat fmt =
+        format_of(grad_output) == at::MemoryFormat::ChannelsLast || s.H * s.W < 64
+            ? at::MemoryFormat::ChannelsLast
+            : format_of(input);
     const at::Tensor go = in_format(grad_output.to(ct), fmt), x = in_format(input.to(ct), fmt);
     at::Tensor gw =
         empty_cached(weight_size, grad_output.options().dtype(ct), at::MemoryFormat::Contiguous);
