@@ -396,14 +396,15 @@ bool use_implicit_gemm_weight(const ConvShape& s) {
 // place) rather than as forward convolutions, where the products' reduction (Kg output channels
 // per group) is long enough to pay for that pass: strided layers (one product instead of one per
 // stride phase) from 64 channels in NCHW and 256 in channels_last, stride-1 layers from 512
-// (beyond Winograd's range); measured. PYCONV_CONV_COL2IM=0/1 turns it off or forces it.
+// (beyond Winograd's range) on images of at most 64 pixels; measured. PYCONV_CONV_COL2IM=0/1
+// turns it off or forces it.
 bool input_grad_col2im(const ConvShape& s, bool cl) {
   if (const char* e = std::getenv("PYCONV_CONV_COL2IM")) return e[0] == '1';
   if (s.R * s.S == 1) return false;  // 1x1 layers are products as they are
   const bool strided = s.sH > 1 || s.sW > 1;
   // no stride phases for these (depthwise ones keep the scatter kernel)
   if (strided && (s.dH > 1 || s.dW > 1)) return s.Cg() > 1 || s.Kg() > 1;
-  return strided ? s.Kg() >= (cl ? 256 : 64) : s.Kg() >= 512;
+  return strided ? s.Kg() >= (cl ? 256 : 64) : s.Kg() >= 512 && s.OH * s.OW <= 64;
 }
 
 // Winograd F(2x2, 3x3) for 3x3 stride-1 layers of one group. PYCONV_CONV_WINOGRAD=0 turns it off,
@@ -1160,12 +1161,15 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
   }
   const bool cl_go = format_of(grad_output) == at::MemoryFormat::ChannelsLast;
   if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 && input_grad_col2im(s, cl_go)) {
-    const at::MemoryFormat fmt = format_of(grad_output);
+    // small NCHW images (stride 1) go channels_last: one product over every pixel, not one per
+    // sample
+    const bool as_cl = cl_go || (s.OH * s.OW < 64 && s.sH == 1 && s.sW == 1);
+    const at::MemoryFormat fmt = as_cl ? at::MemoryFormat::ChannelsLast : format_of(grad_output);
     const at::Tensor go = in_format(grad_output.to(ct), fmt), w = weight.to(ct).contiguous();
     at::Tensor gi = empty_cached(input_size, grad_output.options().dtype(ct), fmt);
     backward_input_col2im<float>(go.const_data_ptr<float>(), w.const_data_ptr<float>(),
-                                 gi.mutable_data_ptr<float>(), s, cl_go);
-    return gi.to(grad_output.scalar_type());
+                                 gi.mutable_data_ptr<float>(), s, as_cl);
+    return in_format(gi.to(grad_output.scalar_type()), format_of(grad_output));
   }
   if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 && input_grad_as_cl(s, cl_go)) {
     // as channels_last forward convolutions (the implicit GEMM or the direct kernel)
