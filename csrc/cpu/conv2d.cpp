@@ -677,7 +677,7 @@ void backward_input_col2im(const T* go, const T* w, T* gi, const ConvShape& s, b
       std::clamp<int64_t>((int64_t{8} << 20) / static_cast<int64_t>(sizeof(T)) / (per * s.G), 1,
                           s.N);  // samples per pass: about 8 MiB of columns
   const at::Tensor buf =         // from the buffer cache: no page faults, no zeroing
-      empty_cached({chunk * s.G * per}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>()),
+      empty_cached({chunk * s.G * per}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value),
                    at::MemoryFormat::Contiguous);
   T* const cols = buf.mutable_data_ptr<T>();
   std::vector<T> wr;  // channels_last: the weights as (K, R, S, Cg)
