@@ -677,7 +677,8 @@ void backward_input_col2im(const T* go, const T* w, T* gi, const ConvShape& s, b
       std::clamp<int64_t>((int64_t{8} << 20) / static_cast<int64_t>(sizeof(T)) / (per * s.G), 1,
                           s.N);  // samples per pass: about 8 MiB of columns
   const at::Tensor buf =         // from the buffer cache: no page faults, no zeroing
-      empty_cached({chunk * s.G * per}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value),
+      empty_cached({chunk * s.G * per},
+                   at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value),
                    at::MemoryFormat::Contiguous);
   T* const cols = buf.mutable_data_ptr<T>();
   std::vector<T> wr;  // channels_last: the weights as (K, R, S, Cg)
@@ -1395,11 +1396,20 @@ at::Tensor conv2d_backward_bias(const at::Tensor& grad_output) {
     T* out = gb.mutable_data_ptr<T>();
     at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
-        T acc = 0;
+        // 16 running sums (independent: vectorised, no serial add chain), then added in order
+        constexpr int64_t L = 16;
+        T lane[L] = {};
+        T tail = 0;
         for (int64_t n = 0; n < N; ++n) {
           const T* p = g + (n * K + k) * plane;
-          for (int64_t i = 0; i < plane; ++i) acc += p[i];
+          int64_t i = 0;
+          for (; i + L <= plane; i += L) {
+            for (int64_t j = 0; j < L; ++j) lane[j] += p[i + j];
+          }
+          for (; i < plane; ++i) tail += p[i];
         }
+        T acc = tail;
+        for (int64_t j = 0; j < L; ++j) acc += lane[j];
         out[k] = acc;
       }
     });
