@@ -474,6 +474,20 @@ def test_float64_paths(simd, fmt):
             torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_relu_backward_matches_threshold_backward(device, dtype):
+    # the fused ReLU's gradient: 0 where the output is <= 0 (zeros and -0.0 included), the
+    # gradient elsewhere, a NaN output passing it, exactly as torch's threshold_backward
+    out = torch.randn(4, 8, 9, 10, device=device).to(dtype)
+    out[0, 0, 0, :4] = torch.tensor([0.0, -0.0, float("nan"), float("inf")])
+    out = out.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(4, 8, 9, 10, device=device).to(dtype)
+    grad[0, 0, 0, 4] = float("nan")
+    got = ops.relu_backward(grad, out)
+    want = torch.ops.aten.threshold_backward(grad, out, 0)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
 def test_depthwise_channels_last_streamed_output(simd):
     # outputs of 4 MiB or more are written with streaming stores (whole lines, interior columns)
     x = torch.randn(2, 64, 96, 97, dtype=torch.float64).contiguous(

@@ -1417,7 +1417,7 @@ at::Tensor conv2d_backward_bias(const at::Tensor& grad_output) {
   return gb.to(grad_output.scalar_type());
 }
 
-// Gradient through the fused ReLU: grad where the output is positive, else 0.
+// Gradient through the fused ReLU: 0 where the output is <= 0, else grad (as torch's).
 at::Tensor relu_backward(const at::Tensor& grad_output, const at::Tensor& output) {
   check_conv_dtype("relu_backward", "grad_output", grad_output);
   check_same_device_dtype("relu_backward", grad_output, "output", output);
@@ -1425,16 +1425,24 @@ at::Tensor relu_backward(const at::Tensor& grad_output, const at::Tensor& output
               "relu_backward: expected grad_output and output of one size, got ",
               grad_output.sizes(), " and ", output.sizes());
   const at::ScalarType ct = compute_type(grad_output.scalar_type());
-  const at::Tensor g = grad_output.to(ct).contiguous(format_of(output));
-  const at::Tensor o = output.to(ct).contiguous(format_of(output));
-  at::Tensor r = at::empty_like(g);
+  const at::Tensor g = in_format(grad_output.to(ct), format_of(output));
+  const at::Tensor o = in_format(output.to(ct), format_of(output));
+  at::Tensor r = empty_like_cached(g);
   by_type(ct, [&](auto tag) {
     using T = decltype(tag);
     const T* gp = g.const_data_ptr<T>();
     const T* op = o.const_data_ptr<T>();
     T* rp = r.mutable_data_ptr<T>();
-    at::parallel_for(0, r.numel(), 32768, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) rp[i] = op[i] > T(0) ? gp[i] : T(0);
+    at::parallel_for(0, r.numel(), 32768, [gp, op, rp](int64_t i0, int64_t i1) {
+      // as torch's threshold_backward: 0 where output <= 0, the gradient elsewhere (a NaN output
+      // passes it); both loads unconditional, so that the loop is a vector select
+      const T* __restrict g_ = gp;
+      const T* __restrict o_ = op;
+      T* __restrict r_ = rp;
+      for (int64_t i = i0; i < i1; ++i) {
+        const T gv = g_[i];
+        r_[i] = o_[i] <= T(0) ? T(0) : gv;
+      }
     });
   });
   return r.to(grad_output.scalar_type());

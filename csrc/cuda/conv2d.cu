@@ -239,7 +239,7 @@ template <typename T>
 __global__ void relu_backward_kernel(const T* g, const T* o, T* r, int64_t total) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
-    r[i] = conv::to_acc(o[i]) > 0.f ? g[i] : T(0);
+    r[i] = conv::to_acc(o[i]) <= 0.f ? T(0) : g[i];  // as threshold_backward: NaN passes
   }
 }
 
