@@ -310,10 +310,16 @@ void implicit_gemm_backward_weight(const T* go, const T* x, T* gw, const ConvSha
     for (int64_t row = r0; row < r1; ++row) {  // row = g * Kg + k
       const int64_t g = row / Kg, k = row % Kg;
       T* dst = gw + row * taps;
-      for (int64_t j = 0; j < taps; ++j) {
-        T acc = T(0);
-        for (int64_t sl = 0; sl < slices; ++sl) acc += part[((sl * s.G + g) * Kg + k) * taps + j];
-        dst[cl ? (j % Cg) * RS + j / Cg : j] = acc;  // (r, s, c) -> (c, r, s)
+      const T* src = part.data() + (g * Kg + k) * taps;  // slice 0; slice sl at + sl * stride
+      const int64_t stride = s.G * Kg * taps;
+      // j = rs * Cg + c (channels_last, taps (r, s, c)) goes to c * RS + rs; NCHW: j to j
+      for (int64_t rs = 0; rs < (cl ? RS : 1); ++rs) {
+        for (int64_t c = 0; c < (cl ? Cg : taps); ++c) {
+          const int64_t j = rs * Cg + c;
+          T acc = T(0);
+          for (int64_t sl = 0; sl < slices; ++sl) acc += src[sl * stride + j];
+          dst[cl ? c * RS + rs : j] = acc;
+        }
       }
     }
   });
