@@ -22,7 +22,9 @@ inline void check_conv_dtype(const char* op, const char* name, const at::Tensor&
 inline ConvShape make_conv_shape(const char* op, c10::IntArrayRef input, c10::IntArrayRef weight,
                                  c10::IntArrayRef stride, c10::IntArrayRef padding,
                                  c10::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(input.size() == 4, op, ": expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, got ",
+  TORCH_CHECK(input.size() == 4, op,
+              ": expected a 3-D (C, H, W) or 4-D (N, C, H, W) input (the operator itself takes "
+              "4-D; pyconv.functional.conv2d adds the batch dimension), got ",
               input.size(), "-D input of size ", input);
   TORCH_CHECK(weight.size() == 4, op,
               ": expected a 4-D weight (out_channels, in_channels / groups, kH, kW), got size ",
