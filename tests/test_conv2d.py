@@ -383,6 +383,29 @@ def test_direct_kernel_register_tiles(monkeypatch, simd, stride, fmt):
             assert torch.equal(got[1], again)  # the image slices add in a fixed order
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_direct_kernel_channel_passes(monkeypatch, simd, stride):
+    # the NCHW direct kernel sums long reductions in passes of input channels (the rows of a pass
+    # stay in L1), each pass after the first adding to the outputs stored so far, and the fused
+    # epilogue applied once, at the last: many input channels, one to three output channels
+    # (the tall tiles of several output rows), row and column tails, both gradients; and the
+    # input gradient of layers of 1 to 3 input channels, the same kernel with the channels swapped
+    monkeypatch.setenv("PYCONV_CONV_GEMM", "0")
+    for cin, cout, k, h, width in [(48, 1, 5, 31, 29), (40, 2, 3, 20, 45), (64, 3, 3, 11, 70)]:
+        x = torch.randn(2, cin, h, width, dtype=torch.float64)
+        w = torch.randn(cout, cin, k, k, dtype=torch.float64) / (cin * k) ** 0.5
+        b = torch.randn(cout, dtype=torch.float64)
+        check_float32_layer(x, w, b, dict(stride=stride, padding=k // 2))
+        # the input gradient of a layer of cout -> cin channels
+        y = torch.randn(2, cin, h, width, dtype=torch.float64)
+        wt = torch.randn(cin, cout, k, k, dtype=torch.float64)
+        want = torch.nn.grad.conv2d_input((2, cout, h, width), wt, y, padding=k // 2)
+        got = ops.conv2d_backward_input(
+            y.float(), wt.float(), [2, cout, h, width], [1, 1], [k // 2] * 4, [1, 1], 1
+        )
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=3e-4)
+
+
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 def test_winograd(monkeypatch, simd, fmt):
     # Winograd F(2x2, 3x3), forced wherever it applies (3x3, stride 1, no dilation, one group):

@@ -38,25 +38,32 @@ int64_t phase_width(const ConvShape& s, int64_t cols) {
   return ceil_div(std::max(reach, ceil_div(s.W + s.pL, s.sW)), 8) * 8;
 }
 
-// Copies input rows [ih0, ih0 + rows) of the Cg planes at x (plane stride H * W) into buf as
-// (Cg, rows, sW phases of Wph): padded column j = iw + pL at phase j % sW, index j / sW; zeros
-// elsewhere.
-void pad_rows(const float* x, const ConvShape& s, int64_t ih0, int64_t rows, int64_t Wph,
-              float* buf) {
-  const int64_t row = s.sW * Wph;
-  for (int64_t c = 0; c < s.Cg(); ++c) {
+// Floats between the channels of a padded buffer of `rows` rows: an odd number of 64-byte lines,
+// so that the channels' rows fall in different cache sets (whole multiples of 4 KiB would put
+// every channel's row in one set of the 8-way L1 and thrash it).
+inline int64_t chan_stride(int64_t rows, int64_t row) { return (rows * row + 15) / 16 * 16 | 16; }
+
+// Copies input rows [ih0, ih0 + rows) of `channels` planes at x (plane stride H * W) into buf as
+// (channels [chan_stride apart], rows, sW phases of Wph): padded column j = iw + pL at phase
+// j % sW, index j / sW; zeros elsewhere.
+void pad_rows(const float* x, const ConvShape& s, int64_t channels, int64_t ih0, int64_t rows,
+              int64_t Wph, float* buf) {
+  const int64_t row = s.sW * Wph, cs = chan_stride(rows, row);
+  for (int64_t c = 0; c < channels; ++c) {
     for (int64_t i = 0; i < rows; ++i) {
-      float* dst = buf + (c * rows + i) * row;
+      float* dst = buf + c * cs + i * row;
       const int64_t ih = ih0 + i;
       if (ih < 0 || ih >= s.H) {
-        std::memset(dst, 0, sizeof(float) * row);
+        for (int64_t j = 0; j < row; j += 8) _mm256_storeu_ps(dst + j, _mm256_setzero_ps());
         continue;
       }
       const float* src = x + (c * s.H + ih) * s.W;
-      if (s.sW == 1) {
-        std::memset(dst, 0, sizeof(float) * s.pL);
-        std::memcpy(dst + s.pL, src, sizeof(float) * s.W);
-        std::memset(dst + s.pL + s.W, 0, sizeof(float) * (row - s.pL - s.W));
+      if (s.sW == 1) {  // zeros over the row (a multiple of 8), then the input row over them
+        for (int64_t j = 0; j < row; j += 8) _mm256_storeu_ps(dst + j, _mm256_setzero_ps());
+        float* to = dst + s.pL;
+        int64_t iw = 0;
+        for (; iw + 8 <= s.W; iw += 8) _mm256_storeu_ps(to + iw, _mm256_loadu_ps(src + iw));
+        for (; iw < s.W; ++iw) to[iw] = src[iw];
         continue;
       }
       std::memset(dst, 0, sizeof(float) * row);
@@ -72,8 +79,9 @@ void pad_rows(const float* x, const ConvShape& s, int64_t ih0, int64_t rows, int
 // Buffer offset of tap (c, r, q) from the first output's position, rows of the buffer `rows` high.
 inline int64_t tap_offset(const ConvShape& s, int64_t c, int64_t r, int64_t q, int64_t rows,
                           int64_t Wph) {
-  const int64_t j = q * s.dW;
-  return (c * rows + r * s.dH) * s.sW * Wph + j % s.sW * Wph + j / s.sW;
+  const int64_t j = q * s.dW, row = s.sW * Wph;
+  const int64_t col = s.sW == 1 ? j : j % s.sW * Wph + j / s.sW;
+  return c * chan_stride(rows, row) + r * s.dH * row + col;
 }
 
 // Lanes [0, n) on.
@@ -95,38 +103,6 @@ struct FwdArgs {
   const DirectPlan* plan;
 };
 
-// The kK x kV tile at buffer position xb: sums over the taps (buffer offsets off[0, taps)) in
-// registers (a local array the loads cannot alias), copied to `out` at the end.
-template <int kK, int kV>
-inline void fwd_tile(const float* xb, const float* wp, const int64_t* off, int64_t taps,
-                     __m256 (&out)[kK][kV]) {
-  __m256 acc[kK][kV];
-  for (int k = 0; k < kK; ++k) {
-    for (int v = 0; v < kV; ++v) acc[k][v] = _mm256_setzero_ps();
-  }
-  for (int64_t t = 0; t < taps; ++t, wp += kK) {
-    const float* p = xb + off[t];
-    if constexpr (kK <= kV) {  // weights in registers, one input vector at a time
-      __m256 w[kK];
-      for (int k = 0; k < kK; ++k) w[k] = _mm256_broadcast_ss(wp + k);
-      for (int v = 0; v < kV; ++v) {
-        const __m256 xv = _mm256_loadu_ps(p + 8 * v);
-        for (int k = 0; k < kK; ++k) acc[k][v] = _mm256_fmadd_ps(w[k], xv, acc[k][v]);
-      }
-    } else {  // input vectors in registers, one weight at a time
-      __m256 xv[kV];
-      for (int v = 0; v < kV; ++v) xv[v] = _mm256_loadu_ps(p + 8 * v);
-      for (int k = 0; k < kK; ++k) {
-        const __m256 w = _mm256_broadcast_ss(wp + k);
-        for (int v = 0; v < kV; ++v) acc[k][v] = _mm256_fmadd_ps(w, xv[v], acc[k][v]);
-      }
-    }
-  }
-  for (int k = 0; k < kK; ++k) {
-    for (int v = 0; v < kV; ++v) out[k][v] = acc[k][v];
-  }
-}
-
 // relu keeping NaN (as torch's): v where v > 0 or v is NaN, else 0.
 inline __m256 relu8(__m256 v) {
   return _mm256_and_ps(_mm256_or_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ),
@@ -134,61 +110,157 @@ inline __m256 relu8(__m256 v) {
                        v);
 }
 
-// Stores `cols` (1..8 kV) outputs of row yp (residual row rp or nullptr) from acc + bias.
-template <int kV>
-inline void store_row(float* yp, const float* rp, __m256 bias, bool relu, int64_t cols,
-                      const __m256 (&acc)[kV]) {
-  if (cols >= 8 * kV && rp == nullptr && !relu) {  // the common whole block
-    for (int v = 0; v < kV; ++v) _mm256_storeu_ps(yp + 8 * v, _mm256_add_ps(acc[v], bias));
-    return;
+// Stores the `left` (1..8 or more) outputs at yp from o, adding the residual rp (or nullptr),
+// then relu.
+inline void store_vec(float* yp, const float* rp, __m256 o, bool relu, int64_t left) {
+  if (left >= 8) {
+    if (rp != nullptr) o = _mm256_add_ps(o, _mm256_loadu_ps(rp));
+    _mm256_storeu_ps(yp, relu ? relu8(o) : o);
+  } else {
+    const __m256i m = lanes_below(left);
+    if (rp != nullptr) o = _mm256_add_ps(o, _mm256_maskload_ps(rp, m));
+    _mm256_maskstore_ps(yp, m, relu ? relu8(o) : o);
   }
-  for (int v = 0; v < kV; ++v) {
-    const int64_t left = cols - 8 * v;
-    if (left <= 0) break;
-    __m256 o = _mm256_add_ps(acc[v], bias);
-    if (left >= 8) {
-      if (rp != nullptr) o = _mm256_add_ps(o, _mm256_loadu_ps(rp + 8 * v));
-      _mm256_storeu_ps(yp + 8 * v, relu ? relu8(o) : o);
-    } else {
-      const __m256i m = lanes_below(left);
-      if (rp != nullptr) o = _mm256_add_ps(o, _mm256_maskload_ps(rp + 8 * v, m));
-      _mm256_maskstore_ps(yp + 8 * v, m, relu ? relu8(o) : o);
+}
+
+// Which taps a pass of fwd_rows sums: [t0, t1) of the tile's, the first pass starting from zero
+// and the others from the output stored so far; the last adds bias and residual and applies relu.
+struct TapRange {
+  int64_t t0, t1;
+  bool first, last;
+};
+
+// Output rows [oh, oh + kH) of column block ow for channel tile `tile` of (n, g): the kK x kH x
+// kV register tile (output channels x output rows x vectors of eight columns) at buffer position
+// xrow + ow, rows hstride floats apart, summed over the taps tr (buffer offsets off), then bias,
+// residual and relu as it is stored. The accumulators are a local array indexed only in fully
+// unrolled loops, copied in from and out to arrays the other loops index: GCC keeps an array
+// indexed at run time in memory, through the tap loop too.
+template <int kK, int kH, int kV>
+__attribute__((always_inline)) inline void fwd_rows(const FwdArgs& a, const float* xrow,
+                                                    int64_t hstride, const int64_t* off,
+                                                    const TapRange& tr, int64_t n, int64_t g,
+                                                    int64_t tile, int64_t oh, int64_t ow) {
+  const ConvShape& s = *a.s;
+  const DirectPlan& pl = *a.plan;
+  const int64_t Kg = s.Kg(), taps = s.Cg() * s.R * s.S, plane = s.OH * s.OW;
+  const int64_t cols = s.OW - ow;
+  const int kk = static_cast<int>(std::min<int64_t>(kK, Kg - tile * kK));  // channels in use
+  constexpr int kN = kK * kH * kV;                                         // (k, h, v)
+  __m256 init[kN];  // the accumulators start from a copy and end in one (`out`)
+  if (tr.first) {
+    for (int i = 0; i < kN; ++i) init[i] = _mm256_setzero_ps();
+  } else {  // the sums of the earlier passes (lanes past the row's end and channels past Kg: 0)
+    const __m256i tail = lanes_below(cols - 8 * (kV - 1));
+    for (int i = 0; i < kN; ++i) {
+      const int k = i / (kH * kV), h = i / kV % kH, v = i % kV;
+      const float* yp = a.y + (n * s.K + g * Kg + tile * kK + std::min(k, kk - 1)) * plane +
+                        (oh + h) * s.OW + ow + 8 * v;
+      init[i] = v < kV - 1 || cols >= 8 * kV ? _mm256_loadu_ps(yp) : _mm256_maskload_ps(yp, tail);
+    }
+  }
+  __m256 acc[kN];
+#pragma GCC unroll 12
+  for (int i = 0; i < kN; ++i) acc[i] = init[i];
+  const float* wp = a.packed + ((g * pl.tiles + tile) * taps + tr.t0) * kK;
+  const float* xb = xrow + ow;
+  const int64_t t1 = tr.t1;
+  for (int64_t t = tr.t0; t < t1; ++t, wp += kK) {
+    const float* p = xb + off[t];
+    if constexpr (kK <= kV * kH) {  // weights in registers, one input vector at a time
+      __m256 w[kK];
+#pragma GCC unroll 12
+      for (int k = 0; k < kK; ++k) w[k] = _mm256_broadcast_ss(wp + k);
+#pragma GCC unroll 12
+      for (int i = 0; i < kH * kV; ++i) {
+        const __m256 xv = _mm256_loadu_ps(p + (i / kV) * hstride + 8 * (i % kV));
+#pragma GCC unroll 12
+        for (int k = 0; k < kK; ++k) {
+          acc[k * kH * kV + i] = _mm256_fmadd_ps(w[k], xv, acc[k * kH * kV + i]);
+        }
+      }
+    } else {  // input vectors in registers, one weight at a time
+      __m256 xv[kH * kV];
+#pragma GCC unroll 12
+      for (int i = 0; i < kH * kV; ++i) {
+        xv[i] = _mm256_loadu_ps(p + (i / kV) * hstride + 8 * (i % kV));
+      }
+#pragma GCC unroll 12
+      for (int k = 0; k < kK; ++k) {
+        const __m256 w = _mm256_broadcast_ss(wp + k);
+#pragma GCC unroll 12
+        for (int i = 0; i < kH * kV; ++i) {
+          acc[k * kH * kV + i] = _mm256_fmadd_ps(w, xv[i], acc[k * kH * kV + i]);
+        }
+      }
+    }
+  }
+  __m256 out[kN];
+#pragma GCC unroll 12
+  for (int i = 0; i < kN; ++i) out[i] = acc[i];
+  const bool plain = cols >= 8 * kV && (!tr.last || (a.residual == nullptr && !a.relu));
+  for (int k = 0; k < kk; ++k) {
+    const int64_t kg = g * Kg + tile * kK + k;
+    const __m256 bias = _mm256_set1_ps(tr.last && a.bias != nullptr ? a.bias[kg] : 0.0f);
+    for (int h = 0; h < kH; ++h) {
+      const int64_t o = (n * s.K + kg) * plane + (oh + h) * s.OW + ow;
+      float* yp = a.y + o;
+      for (int v = 0; v < kV; ++v) {
+        const __m256 r = _mm256_add_ps(out[(k * kH + h) * kV + v], bias);
+        if (plain) {  // the common whole block
+          _mm256_storeu_ps(yp + 8 * v, r);
+        } else if (cols > 8 * v) {
+          store_vec(yp + 8 * v, tr.last && a.residual != nullptr ? a.residual + o + 8 * v : nullptr,
+                    r, tr.last && a.relu, cols - 8 * v);
+        }
+      }
     }
   }
 }
 
-template <int kK, int kV>
+template <int kK, int kH, int kV>
 void fwd_tasks(const FwdArgs& a, int64_t t0, int64_t t1) {
   const ConvShape& s = *a.s;
   const DirectPlan& pl = *a.plan;
-  const int64_t Cg = s.Cg(), Kg = s.Kg(), taps = Cg * s.R * s.S, plane = s.OH * s.OW;
+  const int64_t Cg = s.Cg(), RS = s.R * s.S, taps = Cg * RS;
   const int64_t Wph = pl.Wph, row = s.sW * Wph, blocks = ceil_div(s.OW, 8 * kV);
   const int64_t max_rows = (pl.rows - 1) * s.sH + (s.R - 1) * s.dH + 1;
-  std::vector<float> buf(static_cast<size_t>(Cg * max_rows * row));
+  std::vector<float> buf(static_cast<size_t>(pl.chunk * chan_stride(max_rows, row)));
   std::vector<int64_t> off(static_cast<size_t>(taps));
   const int64_t row_blocks = ceil_div(s.OH, pl.rows);
   for (int64_t t = t0; t < t1; ++t) {  // t = (n, g, row block)
     const int64_t rb = t % row_blocks, g = (t / row_blocks) % s.G, n = t / (row_blocks * s.G);
     const int64_t oh0 = rb * pl.rows, oh1 = std::min(s.OH, oh0 + pl.rows);
     const int64_t rows = (oh1 - oh0 - 1) * s.sH + (s.R - 1) * s.dH + 1;
-    pad_rows(a.x + (n * s.C + g * Cg) * s.H * s.W, s, oh0 * s.sH - s.pT, rows, Wph, buf.data());
-    for (int64_t tap = 0; tap < taps; ++tap) {
-      const int64_t c = tap / (s.R * s.S), r = tap / s.S % s.R, q = tap % s.S;
-      off[tap] = tap_offset(s, c, r, q, rows, Wph);
+    for (int64_t tap = 0; tap < RS; ++tap)
+      off[tap] = tap_offset(s, 0, tap / s.S, tap % s.S, rows, Wph);
+    for (int64_t c = 1; c < Cg; ++c) {  // the buffer holds one pass's channels
+      const int64_t base = (c % pl.chunk) * chan_stride(rows, row);
+      for (int64_t tap = 0; tap < RS; ++tap) off[c * RS + tap] = base + off[tap];
     }
-    for (int64_t oh = oh0; oh < oh1; ++oh) {
-      const float* xrow = buf.data() + (oh - oh0) * s.sH * row;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t ow = b * 8 * kV;
-        for (int64_t tile = 0; tile < pl.tiles; ++tile) {
-          __m256 acc[kK][kV];
-          fwd_tile<kK, kV>(xrow + ow, a.packed + (g * pl.tiles + tile) * taps * kK, off.data(),
-                           taps, acc);
-          for (int k = 0; k < kK && tile * kK + k < Kg; ++k) {
-            const int64_t kg = g * Kg + tile * kK + k, o = (n * s.K + kg) * plane + oh * s.OW + ow;
-            store_row<kV>(a.y + o, a.residual != nullptr ? a.residual + o : nullptr,
-                          _mm256_set1_ps(a.bias != nullptr ? a.bias[kg] : 0.0f), a.relu, s.OW - ow,
-                          acc[k]);
+    const int64_t hstride = s.sH * row;  // buffer distance of consecutive output rows
+    // input channels in passes of pl.chunk, each padded into the buffer, then summed over every
+    // output row of the task: the rows of a pass's channels stay in L1 (a reduction over many
+    // channels would stream them from L2 at every tile)
+    for (int64_t c0 = 0; c0 < Cg; c0 += pl.chunk) {
+      const int64_t c1 = std::min(Cg, c0 + pl.chunk);
+      pad_rows(a.x + (n * s.C + g * Cg + c0) * s.H * s.W, s, c1 - c0, oh0 * s.sH - s.pT, rows, Wph,
+               buf.data());
+      const TapRange tr{c0 * RS, c1 * RS, c0 == 0, c1 >= Cg};
+      // channel tile outermost: the output planes being written at once are the tile's kK
+      // (planes of 4 KiB multiples share cache sets; all of a group's would thrash them)
+      for (int64_t tile = 0; tile < pl.tiles; ++tile) {
+        int64_t oh = oh0;
+        for (; oh + kH <= oh1; oh += kH) {
+          const float* xrow = buf.data() + (oh - oh0) * hstride;
+          for (int64_t b = 0; b < blocks; ++b) {
+            fwd_rows<kK, kH, kV>(a, xrow, hstride, off.data(), tr, n, g, tile, oh, b * 8 * kV);
+          }
+        }
+        for (; oh < oh1; ++oh) {  // rows left over: one at a time
+          const float* xrow = buf.data() + (oh - oh0) * hstride;
+          for (int64_t b = 0; b < blocks; ++b) {
+            fwd_rows<kK, 1, kV>(a, xrow, hstride, off.data(), tr, n, g, tile, oh, b * 8 * kV);
           }
         }
       }
@@ -198,26 +270,46 @@ void fwd_tasks(const FwdArgs& a, int64_t t0, int64_t t1) {
 
 using FwdFn = void (*)(const FwdArgs&, int64_t, int64_t);
 
-template <int kV, int... kKs>
-constexpr std::array<FwdFn, sizeof...(kKs)> fwd_row(std::integer_sequence<int, kKs...>) {
-  return {&fwd_tasks<kKs + 1, kV>...};
+// The register tiles compiled: every kK x kV of kH = 1 up to twelve accumulators (eight for
+// kV = 1), and a few taller ones for layers of few output channels.
+struct FwdTile {
+  int kK, kH, kV;
+  FwdFn fn;
+};
+
+template <int kK, int kH, int kV>
+constexpr FwdTile fwd_entry() {
+  return FwdTile{kK, kH, kV, &fwd_tasks<kK, kH, kV>};
 }
 
-FwdFn fwd_fn(int kK, int kV) {
-  static constexpr auto v1 = fwd_row<1>(std::make_integer_sequence<int, 8>{});
-  static constexpr auto v2 = fwd_row<2>(std::make_integer_sequence<int, 6>{});
-  static constexpr auto v3 = fwd_row<3>(std::make_integer_sequence<int, 4>{});
-  static constexpr auto v4 = fwd_row<4>(std::make_integer_sequence<int, 3>{});
-  switch (kV) {
-    case 1:
-      return v1[kK - 1];
-    case 2:
-      return v2[kK - 1];
-    case 3:
-      return v3[kK - 1];
-    default:
-      return v4[kK - 1];
+template <int kH, int kV, int... kKs>
+constexpr std::array<FwdTile, sizeof...(kKs)> fwd_entries(std::integer_sequence<int, kKs...>) {
+  return {fwd_entry<kKs + 1, kH, kV>()...};
+}
+
+template <typename... Arrays>
+constexpr auto concat(const Arrays&... arrays) {
+  std::array<FwdTile, (std::tuple_size_v<Arrays> + ...)> all{};
+  size_t i = 0;
+  ((std::copy(arrays.begin(), arrays.end(), all.begin() + i), i += arrays.size()), ...);
+  return all;
+}
+
+constexpr auto kFwdTiles = concat(
+    fwd_entries<1, 1>(std::make_integer_sequence<int, 8>{}),
+    fwd_entries<1, 2>(std::make_integer_sequence<int, 6>{}),
+    fwd_entries<1, 3>(std::make_integer_sequence<int, 4>{}),
+    fwd_entries<1, 4>(std::make_integer_sequence<int, 3>{}),
+    std::array<FwdTile, 12>{fwd_entry<1, 2, 2>(), fwd_entry<1, 2, 3>(), fwd_entry<1, 2, 4>(),
+                            fwd_entry<1, 3, 2>(), fwd_entry<1, 3, 3>(), fwd_entry<1, 3, 4>(),
+                            fwd_entry<1, 4, 2>(), fwd_entry<1, 4, 3>(), fwd_entry<1, 6, 2>(),
+                            fwd_entry<2, 2, 2>(), fwd_entry<2, 2, 3>(), fwd_entry<2, 3, 2>()});
+
+FwdFn fwd_fn(int kK, int kH, int kV) {
+  for (const FwdTile& t : kFwdTiles) {
+    if (t.kK == kK && t.kH == kH && t.kV == kV) return t.fn;
   }
+  return nullptr;
 }
 
 // ---------------------------------------------------------------- weight gradient
@@ -287,14 +379,14 @@ void wgrad_tasks(const WgradArgs& a, int64_t t0, int64_t t1) {
   const int64_t Cg = s.Cg(), Kg = s.Kg(), RS = s.R * s.S, taps = Cg * RS;
   const int64_t Wph = pl.Wph, row = s.sW * Wph, rows = (s.OH - 1) * s.sH + (s.R - 1) * s.dH + 1;
   const int64_t chunks = ceil_div(taps, kJ), per_slice = ceil_div(s.N, pl.slices);
-  std::vector<float> buf(static_cast<size_t>(Cg * rows * row));
+  std::vector<float> buf(static_cast<size_t>(Cg * chan_stride(rows, row)));
   std::vector<float> acc(static_cast<size_t>(chunks * kK * kJ * 8));
   for (int64_t t = t0; t < t1; ++t) {  // t = (slice, g, tile)
     const int64_t tile = t % pl.tiles, g = (t / pl.tiles) % s.G, slice = t / (pl.tiles * s.G);
     std::fill(acc.begin(), acc.end(), 0.0f);
     const int64_t n1 = std::min(s.N, (slice + 1) * per_slice);
     for (int64_t n = slice * per_slice; n < n1; ++n) {
-      pad_rows(a.x + (n * s.C + g * Cg) * s.H * s.W, s, -s.pT, rows, Wph, buf.data());
+      pad_rows(a.x + (n * s.C + g * Cg) * s.H * s.W, s, Cg, -s.pT, rows, Wph, buf.data());
       const float* go[kK];
       for (int k = 0; k < kK; ++k) {  // channels past Kg read the tile's first (results dropped)
         const int64_t kl = tile * kK + k < Kg ? tile * kK + k : tile * kK;
@@ -583,26 +675,44 @@ WgradClFn wgrad_cl_fn(int kN) {
 
 }  // namespace
 
+// Input channels per pass of the forward: all of them where a register tile's input rows (and
+// the next tile's, which share most of them) fit in 16 KiB, half of L1; otherwise as many as fit,
+// but at least 32 taps a pass (each pass but the first reloads the outputs).
+int64_t direct_fwd_chunk(const ConvShape& s, const DirectPlan& p) {
+  const int64_t span = p.kH * s.sH + (s.R - 1) * s.dH + 1;  // rows of a tile and the next
+  const int64_t per_channel = span * s.sW * p.Wph * static_cast<int64_t>(sizeof(float));
+  if (s.Cg() * per_channel <= (16 << 10)) return s.Cg();
+  return std::min(s.Cg(), std::max((16 << 10) / per_channel, ceil_div(32, s.R * s.S)));
+}
+
 // The kK x kV tile of least estimated time per useful output (padding columns and channels
 // cost as much as useful ones).
 DirectPlan direct_fwd_plan(const ConvShape& s, int threads) {
   DirectPlan best{};
   double best_cost = 0.0;
   const int64_t Kg = s.Kg();
-  for (int kV = 1; kV <= 4; ++kV) {
-    const int max_k = std::min(kV == 1 ? 8 : kMaxAcc / kV, static_cast<int>(Kg));
-    for (int kK = 1; kK <= max_k; ++kK) {
-      const int64_t cols = ceil_div(s.OW, 8 * kV) * 8 * kV, chans = ceil_div(Kg, kK) * kK;
-      // cycles a tap: FMAs (two a cycle), loads (two a cycle), or the FMA latency (four
-      // cycles) when there are too few accumulators to hide it
-      const double per_tap = std::max({kK * kV / 2.0, (kK + kV) / 2.0, 5.0});
-      const double cost =
-          per_tap / (kK * kV) * static_cast<double>(cols * chans) / static_cast<double>(s.OW * Kg);
-      if (best.kK == 0 || cost < best_cost - 1e-9) {
-        best_cost = cost;
-        best.kK = kK;
-        best.kV = kV;
-      }
+  // cycles a tap: FMAs (two a cycle), loads (two a cycle), or the FMA latency (four cycles)
+  // when there are too few accumulators to hide it
+  auto per_fma = [](int kK, int kH, int kV) {
+    const int n = kK * kH * kV;
+    return std::max({n / 2.0, (kK + kH * kV) / 2.0, 5.0}) / n;
+  };
+  for (const FwdTile& t : kFwdTiles) {
+    // taller tiles (several output rows: each weight broadcast feeds more vectors) only where
+    // there are too few output channels to fill the accumulators
+    if (t.kK > Kg || (t.kH > 1 && Kg > 2)) continue;
+    const int64_t cols = ceil_div(s.OW, 8 * t.kV) * 8 * t.kV, chans = ceil_div(Kg, t.kK) * t.kK;
+    // rows left over by the tall tiles run one at a time
+    const int64_t tall = s.OH / t.kH * t.kH;
+    const double rows = (static_cast<double>(tall) * per_fma(t.kK, t.kH, t.kV) +
+                         static_cast<double>(s.OH - tall) * per_fma(t.kK, 1, t.kV)) /
+                        static_cast<double>(std::max<int64_t>(s.OH, 1));
+    const double cost = rows * static_cast<double>(cols * chans) / static_cast<double>(s.OW * Kg);
+    if (best.kK == 0 || cost < best_cost - 1e-9) {
+      best_cost = cost;
+      best.kK = t.kK;
+      best.kH = t.kH;
+      best.kV = t.kV;
     }
   }
   best.tiles = ceil_div(Kg, best.kK);
@@ -614,6 +724,7 @@ DirectPlan direct_fwd_plan(const ConvShape& s, int threads) {
   const int64_t per_row = s.Cg() * s.sH * s.sW * best.Wph * static_cast<int64_t>(sizeof(float));
   rows = std::max<int64_t>(1, std::min(rows, (192 << 10) / std::max<int64_t>(per_row, 1)));
   best.rows = rows;
+  best.chunk = direct_fwd_chunk(s, best);
   return best;
 }
 
@@ -644,7 +755,7 @@ void conv2d_fwd_nchw_direct_avx2(const float* x, const float* packed, const floa
                                  const float* residual, bool relu, float* y, const ConvShape& s,
                                  const DirectPlan& p, int64_t t0, int64_t t1) {
   const FwdArgs a{x, packed, bias, residual, relu, y, &s, &p};
-  fwd_fn(p.kK, p.kV)(a, t0, t1);
+  fwd_fn(p.kK, p.kH, p.kV)(a, t0, t1);
 }
 
 DirectPlan direct_wgrad_plan(const ConvShape& s) {
