@@ -332,9 +332,17 @@ inline void wgrad_tile(const float* const (&go)[kK], const float* xb, const int6
     for (int j = 0; j < kJ; ++j) acc[k][j] = _mm256_loadu_ps(acc_mem + (k * kJ + j) * 8);
   }
   const int64_t full = s.OW / 8 * 8;
-  const __m256i tail = lanes_below(s.OW - full);
-  auto step = [&](const float* xp, const __m256(&g)[kK]) {
+  // grad_output vectors loaded where they are used (at o of each channel), not all beforehand:
+  // kK of them live next to the kK x kJ accumulators would not fit the 16 registers, and GCC then
+  // reloads each for every FMA; for the same reason the tail's mask is made in the tail only
+  auto step = [&]<bool kWhole>(const float* xp, int64_t o) {
+    auto load_g = [&](int k) {
+      if constexpr (kWhole) return _mm256_loadu_ps(go[k] + o);
+      return _mm256_maskload_ps(go[k] + o, lanes_below(s.OW - full));
+    };
     if constexpr (kK <= kJ) {
+      __m256 g[kK];
+      for (int k = 0; k < kK; ++k) g[k] = load_g(k);
       for (int j = 0; j < kJ; ++j) {
         const __m256 xv = _mm256_loadu_ps(xp + off[j]);
         for (int k = 0; k < kK; ++k) acc[k][j] = _mm256_fmadd_ps(g[k], xv, acc[k][j]);
@@ -343,22 +351,17 @@ inline void wgrad_tile(const float* const (&go)[kK], const float* xb, const int6
       __m256 xv[kJ];
       for (int j = 0; j < kJ; ++j) xv[j] = _mm256_loadu_ps(xp + off[j]);
       for (int k = 0; k < kK; ++k) {
-        for (int j = 0; j < kJ; ++j) acc[k][j] = _mm256_fmadd_ps(g[k], xv[j], acc[k][j]);
+        const __m256 g = load_g(k);
+        for (int j = 0; j < kJ; ++j) acc[k][j] = _mm256_fmadd_ps(g, xv[j], acc[k][j]);
       }
     }
   };
   for (int64_t oh = 0; oh < s.OH; ++oh) {
     const float* xrow = xb + oh * s.sH * row;
     const int64_t o = oh * s.OW;
-    for (int64_t ow = 0; ow < full; ow += 8) {
-      __m256 g[kK];
-      for (int k = 0; k < kK; ++k) g[k] = _mm256_loadu_ps(go[k] + o + ow);
-      step(xrow + ow, g);
-    }
-    if (full < s.OW) {  // the lanes past the row's end multiply zeros
-      __m256 g[kK];
-      for (int k = 0; k < kK; ++k) g[k] = _mm256_maskload_ps(go[k] + o + full, tail);
-      step(xrow + full, g);
+    for (int64_t ow = 0; ow < full; ow += 8) step.template operator()<true>(xrow + ow, o + ow);
+    if (full < s.OW) {  // lanes past the row's end: zeros
+      step.template operator()<false>(xrow + full, o + full);
     }
   }
   for (int k = 0; k < kK; ++k) {
