@@ -84,6 +84,13 @@ inline int64_t tap_offset(const ConvShape& s, int64_t c, int64_t r, int64_t q, i
   return c * chan_stride(rows, row) + r * s.dH * row + col;
 }
 
+// v, opaque to the compiler: a loaded vector that feeds several FMAs stays in its register (GCC
+// would otherwise fold the load into each FMA, loading it again for every one).
+inline __m256 keep(__m256 v) {
+  __asm__("" : "+x"(v));
+  return v;
+}
+
 // Lanes [0, n) on.
 inline __m256i lanes_below(int64_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))),
@@ -123,8 +130,8 @@ inline void store_vec(float* yp, const float* rp, __m256 o, bool relu, int64_t l
   }
 }
 
-// Which taps a pass of fwd_rows sums: [t0, t1) of the tile's, the first pass starting from zero
-// and the others from the output stored so far; the last adds bias and residual and applies relu.
+// Which taps a pass of fwd_rows sums: [t0, t1) of the tile's; each pass after the first adds its
+// sums to the outputs stored so far; the last adds bias and residual and applies relu.
 struct TapRange {
   int64_t t0, t1;
   bool first, last;
@@ -134,8 +141,8 @@ struct TapRange {
 // kV register tile (output channels x output rows x vectors of eight columns) at buffer position
 // xrow + ow, rows hstride floats apart, summed over the taps tr (buffer offsets off), then bias,
 // residual and relu as it is stored. The accumulators are a local array indexed only in fully
-// unrolled loops, copied in from and out to arrays the other loops index: GCC keeps an array
-// indexed at run time in memory, through the tap loop too.
+// unrolled loops, copied out to an array the epilogue's loops index: GCC keeps an array indexed
+// at run time in memory, through the tap loop too.
 template <int kK, int kH, int kV>
 __attribute__((always_inline)) inline void fwd_rows(const FwdArgs& a, const float* xrow,
                                                     int64_t hstride, const int64_t* off,
@@ -147,21 +154,9 @@ __attribute__((always_inline)) inline void fwd_rows(const FwdArgs& a, const floa
   const int64_t cols = s.OW - ow;
   const int kk = static_cast<int>(std::min<int64_t>(kK, Kg - tile * kK));  // channels in use
   constexpr int kN = kK * kH * kV;                                         // (k, h, v)
-  __m256 init[kN];  // the accumulators start from a copy and end in one (`out`)
-  if (tr.first) {
-    for (int i = 0; i < kN; ++i) init[i] = _mm256_setzero_ps();
-  } else {  // the sums of the earlier passes (lanes past the row's end and channels past Kg: 0)
-    const __m256i tail = lanes_below(cols - 8 * (kV - 1));
-    for (int i = 0; i < kN; ++i) {
-      const int k = i / (kH * kV), h = i / kV % kH, v = i % kV;
-      const float* yp = a.y + (n * s.K + g * Kg + tile * kK + std::min(k, kk - 1)) * plane +
-                        (oh + h) * s.OW + ow + 8 * v;
-      init[i] = v < kV - 1 || cols >= 8 * kV ? _mm256_loadu_ps(yp) : _mm256_maskload_ps(yp, tail);
-    }
-  }
   __m256 acc[kN];
 #pragma GCC unroll 12
-  for (int i = 0; i < kN; ++i) acc[i] = init[i];
+  for (int i = 0; i < kN; ++i) acc[i] = _mm256_setzero_ps();
   const float* wp = a.packed + ((g * pl.tiles + tile) * taps + tr.t0) * kK;
   const float* xb = xrow + ow;
   const int64_t t1 = tr.t1;
@@ -173,7 +168,7 @@ __attribute__((always_inline)) inline void fwd_rows(const FwdArgs& a, const floa
       for (int k = 0; k < kK; ++k) w[k] = _mm256_broadcast_ss(wp + k);
 #pragma GCC unroll 12
       for (int i = 0; i < kH * kV; ++i) {
-        const __m256 xv = _mm256_loadu_ps(p + (i / kV) * hstride + 8 * (i % kV));
+        const __m256 xv = keep(_mm256_loadu_ps(p + (i / kV) * hstride + 8 * (i % kV)));
 #pragma GCC unroll 12
         for (int k = 0; k < kK; ++k) {
           acc[k * kH * kV + i] = _mm256_fmadd_ps(w[k], xv, acc[k * kH * kV + i]);
@@ -206,7 +201,12 @@ __attribute__((always_inline)) inline void fwd_rows(const FwdArgs& a, const floa
       const int64_t o = (n * s.K + kg) * plane + (oh + h) * s.OW + ow;
       float* yp = a.y + o;
       for (int v = 0; v < kV; ++v) {
-        const __m256 r = _mm256_add_ps(out[(k * kH + h) * kV + v], bias);
+        __m256 r = _mm256_add_ps(out[(k * kH + h) * kV + v], bias);
+        if (!tr.first && cols > 8 * v) {  // the sums of the earlier passes
+          r = _mm256_add_ps(r, cols >= 8 * (v + 1)
+                                   ? _mm256_loadu_ps(yp + 8 * v)
+                                   : _mm256_maskload_ps(yp + 8 * v, lanes_below(cols - 8 * v)));
+        }
         if (plain) {  // the common whole block
           _mm256_storeu_ps(yp + 8 * v, r);
         } else if (cols > 8 * v) {
@@ -328,7 +328,9 @@ template <int kK, int kJ>
 inline void wgrad_tile(const float* const (&go)[kK], const float* xb, const int64_t (&off)[kJ],
                        const ConvShape& s, int64_t row, float* acc_mem) {
   __m256 acc[kK][kJ];
+#pragma GCC unroll 12
   for (int k = 0; k < kK; ++k) {
+#pragma GCC unroll 12
     for (int j = 0; j < kJ; ++j) acc[k][j] = _mm256_loadu_ps(acc_mem + (k * kJ + j) * 8);
   }
   const int64_t full = s.OW / 8 * 8;
@@ -342,16 +344,22 @@ inline void wgrad_tile(const float* const (&go)[kK], const float* xb, const int6
     };
     if constexpr (kK <= kJ) {
       __m256 g[kK];
+#pragma GCC unroll 12
       for (int k = 0; k < kK; ++k) g[k] = load_g(k);
+#pragma GCC unroll 12
       for (int j = 0; j < kJ; ++j) {
-        const __m256 xv = _mm256_loadu_ps(xp + off[j]);
+        const __m256 xv = keep(_mm256_loadu_ps(xp + off[j]));
+#pragma GCC unroll 12
         for (int k = 0; k < kK; ++k) acc[k][j] = _mm256_fmadd_ps(g[k], xv, acc[k][j]);
       }
     } else {
       __m256 xv[kJ];
+#pragma GCC unroll 12
       for (int j = 0; j < kJ; ++j) xv[j] = _mm256_loadu_ps(xp + off[j]);
+#pragma GCC unroll 12
       for (int k = 0; k < kK; ++k) {
         const __m256 g = load_g(k);
+#pragma GCC unroll 12
         for (int j = 0; j < kJ; ++j) acc[k][j] = _mm256_fmadd_ps(g, xv[j], acc[k][j]);
       }
     }
@@ -364,7 +372,9 @@ inline void wgrad_tile(const float* const (&go)[kK], const float* xb, const int6
       step.template operator()<false>(xrow + full, o + full);
     }
   }
+#pragma GCC unroll 12
   for (int k = 0; k < kK; ++k) {
+#pragma GCC unroll 12
     for (int j = 0; j < kJ; ++j) _mm256_storeu_ps(acc_mem + (k * kJ + j) * 8, acc[k][j]);
   }
 }
