@@ -605,32 +605,61 @@ struct WgradClArgs {
 // Accumulates kJ taps (buffer offsets off) x kN channel vectors over one image into acc_mem.
 template <int kJ, int kN>
 inline void wgrad_cl_tile(const float* go, const float* xb, const int64_t (&off)[kJ],
-                          const ConvShape& s, int64_t row, int64_t left, float* acc_mem) {
+                          const ConvShape& s, int64_t row, int64_t left, int64_t oh0, int64_t oh1,
+                          float* acc_mem) {
   __m256 acc[kJ][kN];
+#pragma GCC unroll 12
   for (int j = 0; j < kJ; ++j) {
+#pragma GCC unroll 12
     for (int v = 0; v < kN; ++v) acc[j][v] = _mm256_loadu_ps(acc_mem + (j * kN + v) * 8);
   }
-  __m256i mask[kN];  // the tile's channels inside the group (the last tile may be short)
-  for (int v = 0; v < kN; ++v) mask[v] = lanes_below(std::max<int64_t>(left - 8 * v, 0));
-  const bool full = left >= 8 * kN;
   const int64_t Cg = s.Cg();
-  for (int64_t oh = 0; oh < s.OH; ++oh) {
-    const float* xrow = xb + oh * s.sH * row;
-    const float* grow = go + oh * s.OW * s.K;
-    for (int64_t ow = 0; ow < s.OW; ++ow) {
-      __m256 gv[kN];
-      for (int v = 0; v < kN; ++v) {
-        gv[v] = full ? _mm256_loadu_ps(grow + ow * s.K + 8 * v)
-                     : _mm256_maskload_ps(grow + ow * s.K + 8 * v, mask[v]);
-      }
-      const float* xp = xrow + ow * Cg;
-      for (int j = 0; j < kJ; ++j) {
-        const __m256 xv = _mm256_broadcast_ss(xp + off[j]);
-        for (int v = 0; v < kN; ++v) acc[j][v] = _mm256_fmadd_ps(xv, gv[v], acc[j][v]);
+  // the operand of fewer vectors in registers (kJ broadcast inputs or kN grad_output vectors),
+  // the other loaded where it is used: 16 registers with the kJ x kN accumulators. Channels past
+  // the group's end (a short last tile) are masked, the masks made where they are used.
+  auto rows = [&]<bool kFull>() {
+    auto load_g = [&](const float* gp, int v) {
+      if constexpr (kFull) return _mm256_loadu_ps(gp + 8 * v);
+      return _mm256_maskload_ps(gp + 8 * v, lanes_below(std::max<int64_t>(left - 8 * v, 0)));
+    };
+    for (int64_t oh = oh0; oh < oh1; ++oh) {
+      const float* xrow = xb + oh * s.sH * row;
+      const float* grow = go + oh * s.OW * s.K;
+      for (int64_t ow = 0; ow < s.OW; ++ow) {
+        const float* gp = grow + ow * s.K;
+        const float* xp = xrow + ow * Cg;
+        if constexpr (kJ <= kN) {
+          __m256 xv[kJ];
+#pragma GCC unroll 12
+          for (int j = 0; j < kJ; ++j) xv[j] = _mm256_broadcast_ss(xp + off[j]);
+#pragma GCC unroll 12
+          for (int v = 0; v < kN; ++v) {
+            const __m256 g = keep(load_g(gp, v));
+#pragma GCC unroll 12
+            for (int j = 0; j < kJ; ++j) acc[j][v] = _mm256_fmadd_ps(xv[j], g, acc[j][v]);
+          }
+        } else {
+          __m256 gv[kN];
+#pragma GCC unroll 12
+          for (int v = 0; v < kN; ++v) gv[v] = keep(load_g(gp, v));
+#pragma GCC unroll 12
+          for (int j = 0; j < kJ; ++j) {
+            const __m256 xv = _mm256_broadcast_ss(xp + off[j]);
+#pragma GCC unroll 12
+            for (int v = 0; v < kN; ++v) acc[j][v] = _mm256_fmadd_ps(xv, gv[v], acc[j][v]);
+          }
+        }
       }
     }
+  };
+  if (left >= 8 * kN) {
+    rows.template operator()<true>();
+  } else {
+    rows.template operator()<false>();
   }
+#pragma GCC unroll 12
   for (int j = 0; j < kJ; ++j) {
+#pragma GCC unroll 12
     for (int v = 0; v < kN; ++v) _mm256_storeu_ps(acc_mem + (j * kN + v) * 8, acc[j][v]);
   }
 }
@@ -652,13 +681,19 @@ void wgrad_cl_tasks(const WgradClArgs& a, int64_t t0, int64_t t1) {
     for (int64_t n = slice * per_slice; n < n1; ++n) {
       pad_rows_cl(a.x + n * s.H * s.W * s.C, s, g, -s.pT, rows, Wph, buf.data());
       const float* go = a.go + n * s.OH * s.OW * s.K + g * Kg + k0;
-      for (int64_t ch = 0; ch < chunks; ++ch) {
-        int64_t off[kJ];
-        for (int j = 0; j < kJ; ++j) {  // taps past the end read tap 0 (results dropped)
-          const int64_t tap = ch * kJ + j < taps ? ch * kJ + j : 0;
-          off[j] = tap_offset_cl(s, tap / (s.S * Cg), tap / Cg % s.S, tap % Cg, Wph);
+      // blocks of output rows whose grad_output (the tile's channels) is at most 16 KiB, each
+      // through every chunk of taps: it stays in L1 rather than streaming from L2 once a chunk
+      for (int64_t oh0 = 0; oh0 < s.OH; oh0 += pl.rows) {
+        const int64_t oh1 = std::min(s.OH, oh0 + pl.rows);
+        for (int64_t ch = 0; ch < chunks; ++ch) {
+          int64_t off[kJ];
+          for (int j = 0; j < kJ; ++j) {  // taps past the end read tap 0 (results dropped)
+            const int64_t tap = ch * kJ + j < taps ? ch * kJ + j : 0;
+            off[j] = tap_offset_cl(s, tap / (s.S * Cg), tap / Cg % s.S, tap % Cg, Wph);
+          }
+          wgrad_cl_tile<kJ, kN>(go, buf.data(), off, s, row, left, oh0, oh1,
+                                &acc[ch * kJ * kN * 8]);
         }
-        wgrad_cl_tile<kJ, kN>(go, buf.data(), off, s, row, left, &acc[ch * kJ * kN * 8]);
       }
     }
     float* dst = a.partial + (slice * s.K + g * Kg) * taps;
@@ -850,6 +885,7 @@ DirectPlan direct_wgrad_cl_plan(const ConvShape& s) {
   p.tiles = ceil_div(s.Kg(), 8 * p.kK);
   p.Wph = phase_width(s, s.OW);
   p.slices = std::min<int64_t>(s.N, std::max<int64_t>(1, ceil_div(32, s.G * p.tiles)));
+  p.rows = std::max<int64_t>(1, (16 << 10) / std::max<int64_t>(1, s.OW * 32 * p.kK));
   return p;
 }
 

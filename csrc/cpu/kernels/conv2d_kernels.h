@@ -21,7 +21,7 @@ struct DirectPlan {
   int64_t chunk = 0;   // forward: input channels per pass over the task's output rows
   int64_t tiles = 0;   // channel tiles per group: ceil(Kg / kK)
   int64_t Wph = 0;     // width of one phase of a padded row (a row holds sW phases)
-  int64_t rows = 0;    // forward: output rows per task
+  int64_t rows = 0;    // forward: output rows per task; channels_last weight gradient: a block
   int64_t slices = 0;  // weight gradient: image slices, each summed apart, then in order
 };
 
