@@ -496,28 +496,38 @@ template <int kP, int kN>
 inline void fwd_cl_tile(const float* xb, const float* wp, const int64_t* off, int64_t taps,
                         int64_t Cg, __m256 (&out)[kP][kN]) {
   __m256 acc[kP][kN];
+#pragma GCC unroll 12
   for (int j = 0; j < kP; ++j) {
+#pragma GCC unroll 12
     for (int v = 0; v < kN; ++v) acc[j][v] = _mm256_setzero_ps();
   }
   for (int64_t t = 0; t < taps; ++t, wp += 8 * kN) {
     const float* p = xb + off[t];
     if constexpr (kN <= kP) {  // weight vectors in registers, one pixel at a time
       __m256 w[kN];
+#pragma GCC unroll 12
       for (int v = 0; v < kN; ++v) w[v] = _mm256_loadu_ps(wp + 8 * v);
+#pragma GCC unroll 12
       for (int j = 0; j < kP; ++j) {
         const __m256 xv = _mm256_broadcast_ss(p + j * Cg);
+#pragma GCC unroll 12
         for (int v = 0; v < kN; ++v) acc[j][v] = _mm256_fmadd_ps(xv, w[v], acc[j][v]);
       }
     } else {  // pixels in registers, one weight vector at a time
       __m256 xv[kP];
+#pragma GCC unroll 12
       for (int j = 0; j < kP; ++j) xv[j] = _mm256_broadcast_ss(p + j * Cg);
+#pragma GCC unroll 12
       for (int v = 0; v < kN; ++v) {
         const __m256 w = _mm256_loadu_ps(wp + 8 * v);
+#pragma GCC unroll 12
         for (int j = 0; j < kP; ++j) acc[j][v] = _mm256_fmadd_ps(xv[j], w, acc[j][v]);
       }
     }
   }
+#pragma GCC unroll 12
   for (int j = 0; j < kP; ++j) {
+#pragma GCC unroll 12
     for (int v = 0; v < kN; ++v) out[j][v] = acc[j][v];
   }
 }
