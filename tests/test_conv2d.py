@@ -388,10 +388,12 @@ def test_direct_kernel_channel_passes(monkeypatch, simd, stride):
     # the NCHW direct kernel sums long reductions in passes of input channels (the rows of a pass
     # stay in L1), each pass after the first adding to the outputs stored so far, and the fused
     # epilogue applied once, at the last: many input channels, one to three output channels
-    # (the tall tiles of several output rows), row and column tails, both gradients; and the
+    # (the tall tiles of several output rows, at stride 1 loading each input row once for all
+    # the kernel rows it meets, 3 to 7 of them), row and column tails, both gradients; and the
     # input gradient of layers of 1 to 3 input channels, the same kernel with the channels swapped
     monkeypatch.setenv("PYCONV_CONV_GEMM", "0")
-    for cin, cout, k, h, width in [(48, 1, 5, 31, 29), (40, 2, 3, 20, 45), (64, 3, 3, 11, 70)]:
+    cases = [(48, 1, 5, 31, 29), (40, 2, 3, 20, 45), (64, 3, 3, 11, 70), (24, 1, 7, 17, 23)]
+    for cin, cout, k, h, width in cases:
         x = torch.randn(2, cin, h, width, dtype=torch.float64)
         w = torch.randn(cout, cin, k, k, dtype=torch.float64) / (cin * k) ** 0.5
         b = torch.randn(cout, dtype=torch.float64)

@@ -143,7 +143,7 @@ struct TapRange {
 // residual and relu as it is stored. The accumulators are a local array indexed only in fully
 // unrolled loops, copied out to an array the epilogue's loops index: GCC keeps an array indexed
 // at run time in memory, through the tap loop too.
-template <int kK, int kH, int kV>
+template <int kK, int kH, int kV, int kR = 0>
 __attribute__((always_inline)) inline void fwd_rows(const FwdArgs& a, const float* xrow,
                                                     int64_t hstride, const int64_t* off,
                                                     const TapRange& tr, int64_t n, int64_t g,
@@ -160,32 +160,61 @@ __attribute__((always_inline)) inline void fwd_rows(const FwdArgs& a, const floa
   const float* wp = a.packed + ((g * pl.tiles + tile) * taps + tr.t0) * kK;
   const float* xb = xrow + ow;
   const int64_t t1 = tr.t1;
-  for (int64_t t = tr.t0; t < t1; ++t, wp += kK) {
-    const float* p = xb + off[t];
-    if constexpr (kK <= kV * kH) {  // weights in registers, one input vector at a time
-      __m256 w[kK];
-#pragma GCC unroll 12
-      for (int k = 0; k < kK; ++k) w[k] = _mm256_broadcast_ss(wp + k);
-#pragma GCC unroll 12
-      for (int i = 0; i < kH * kV; ++i) {
-        const __m256 xv = keep(_mm256_loadu_ps(p + (i / kV) * hstride + 8 * (i % kV)));
-#pragma GCC unroll 12
-        for (int k = 0; k < kK; ++k) {
-          acc[k * kH * kV + i] = _mm256_fmadd_ps(w[k], xv, acc[k * kH * kV + i]);
+  if constexpr (kR > 0) {
+    // one output channel, stride and dilation 1 along H, kR kernel rows (see reuse_rows): input
+    // row j of the tile feeds output row h through kernel row j - h, so each input vector is
+    // loaded once for all the kernel rows it meets, with the column's kR weights in registers;
+    // taps in (c, r, q) order, whole channels a pass
+    const int64_t S = s.S;
+    for (int64_t t = tr.t0; t < t1; t += kR * S, wp += kR * S) {  // channel by channel
+      for (int64_t q = 0; q < S; ++q) {
+        __m256 w[kR];
+#pragma GCC unroll 8
+        for (int r = 0; r < kR; ++r) w[r] = _mm256_broadcast_ss(wp + r * S + q);
+        const float* p = xb + off[t + q];  // tap (c, 0, q)
+#pragma GCC unroll 16
+        for (int j = 0; j < kH + kR - 1; ++j) {
+#pragma GCC unroll 4
+          for (int v = 0; v < kV; ++v) {
+            const __m256 xv = keep(_mm256_loadu_ps(p + j * hstride + 8 * v));
+#pragma GCC unroll 8
+            for (int h = 0; h < kH; ++h) {
+              if (j - h >= 0 && j - h < kR) {
+                acc[h * kV + v] = _mm256_fmadd_ps(w[j - h], xv, acc[h * kV + v]);
+              }
+            }
+          }
         }
       }
-    } else {  // input vectors in registers, one weight at a time
-      __m256 xv[kH * kV];
+    }
+  } else {
+    for (int64_t t = tr.t0; t < t1; ++t, wp += kK) {
+      const float* p = xb + off[t];
+      if constexpr (kK <= kV * kH) {  // weights in registers, one input vector at a time
+        __m256 w[kK];
 #pragma GCC unroll 12
-      for (int i = 0; i < kH * kV; ++i) {
-        xv[i] = _mm256_loadu_ps(p + (i / kV) * hstride + 8 * (i % kV));
-      }
-#pragma GCC unroll 12
-      for (int k = 0; k < kK; ++k) {
-        const __m256 w = _mm256_broadcast_ss(wp + k);
+        for (int k = 0; k < kK; ++k) w[k] = _mm256_broadcast_ss(wp + k);
 #pragma GCC unroll 12
         for (int i = 0; i < kH * kV; ++i) {
-          acc[k * kH * kV + i] = _mm256_fmadd_ps(w, xv[i], acc[k * kH * kV + i]);
+          const __m256 xv = keep(_mm256_loadu_ps(p + (i / kV) * hstride + 8 * (i % kV)));
+#pragma GCC unroll 12
+          for (int k = 0; k < kK; ++k) {
+            acc[k * kH * kV + i] = _mm256_fmadd_ps(w[k], xv, acc[k * kH * kV + i]);
+          }
+        }
+      } else {  // input vectors in registers, one weight at a time
+        __m256 xv[kH * kV];
+#pragma GCC unroll 12
+        for (int i = 0; i < kH * kV; ++i) {
+          xv[i] = _mm256_loadu_ps(p + (i / kV) * hstride + 8 * (i % kV));
+        }
+#pragma GCC unroll 12
+        for (int k = 0; k < kK; ++k) {
+          const __m256 w = _mm256_broadcast_ss(wp + k);
+#pragma GCC unroll 12
+          for (int i = 0; i < kH * kV; ++i) {
+            acc[k * kH * kV + i] = _mm256_fmadd_ps(w, xv[i], acc[k * kH * kV + i]);
+          }
         }
       }
     }
@@ -218,6 +247,28 @@ __attribute__((always_inline)) inline void fwd_rows(const FwdArgs& a, const floa
   }
 }
 
+// Kernel rows of the tall one-channel tiles that reuse each loaded input vector across kernel
+// rows (fwd_rows' kR): 3, 5 or 7 rows at stride and dilation 1 along H, where the tile's
+// accumulators, the kR weights and an input vector fit the 16 registers; 0 where not.
+int reuse_rows(const ConvShape& s, int kK, int kH, int kV) {
+  if (kK != 1 || kH < 2 || s.sH != 1 || s.dH != 1) return 0;
+  if (s.R != 3 && s.R != 5 && s.R != 7) return 0;
+  if (kH * kV + s.R + 1 > 16) return 0;
+  return static_cast<int>(s.R);
+}
+
+// fwd_rows reusing input rows across kR kernel rows where its registers allow (kK = 1 only).
+template <int kK, int kH, int kV, int kR>
+inline void fwd_rows_reuse(const FwdArgs& a, const float* xrow, int64_t hstride, const int64_t* off,
+                           const TapRange& tr, int64_t n, int64_t g, int64_t tile, int64_t oh,
+                           int64_t ow) {
+  if constexpr (kK == 1 && kH * kV + kR + 1 <= 16) {
+    fwd_rows<kK, kH, kV, kR>(a, xrow, hstride, off, tr, n, g, tile, oh, ow);
+  } else {
+    fwd_rows<kK, kH, kV>(a, xrow, hstride, off, tr, n, g, tile, oh, ow);
+  }
+}
+
 template <int kK, int kH, int kV>
 void fwd_tasks(const FwdArgs& a, int64_t t0, int64_t t1) {
   const ConvShape& s = *a.s;
@@ -228,6 +279,7 @@ void fwd_tasks(const FwdArgs& a, int64_t t0, int64_t t1) {
   std::vector<float> buf(static_cast<size_t>(pl.chunk * chan_stride(max_rows, row)));
   std::vector<int64_t> off(static_cast<size_t>(taps));
   const int64_t row_blocks = ceil_div(s.OH, pl.rows);
+  const int reuse = reuse_rows(s, kK, kH, kV);
   for (int64_t t = t0; t < t1; ++t) {  // t = (n, g, row block)
     const int64_t rb = t % row_blocks, g = (t / row_blocks) % s.G, n = t / (row_blocks * s.G);
     const int64_t oh0 = rb * pl.rows, oh1 = std::min(s.OH, oh0 + pl.rows);
@@ -254,7 +306,20 @@ void fwd_tasks(const FwdArgs& a, int64_t t0, int64_t t1) {
         for (; oh + kH <= oh1; oh += kH) {
           const float* xrow = buf.data() + (oh - oh0) * hstride;
           for (int64_t b = 0; b < blocks; ++b) {
-            fwd_rows<kK, kH, kV>(a, xrow, hstride, off.data(), tr, n, g, tile, oh, b * 8 * kV);
+            const int64_t ow = b * 8 * kV;
+            switch (reuse) {
+              case 3:
+                fwd_rows_reuse<kK, kH, kV, 3>(a, xrow, hstride, off.data(), tr, n, g, tile, oh, ow);
+                break;
+              case 5:
+                fwd_rows_reuse<kK, kH, kV, 5>(a, xrow, hstride, off.data(), tr, n, g, tile, oh, ow);
+                break;
+              case 7:
+                fwd_rows_reuse<kK, kH, kV, 7>(a, xrow, hstride, off.data(), tr, n, g, tile, oh, ow);
+                break;
+              default:
+                fwd_rows<kK, kH, kV>(a, xrow, hstride, off.data(), tr, n, g, tile, oh, ow);
+            }
           }
         }
         for (; oh < oh1; ++oh) {  // rows left over: one at a time
@@ -751,7 +816,12 @@ DirectPlan direct_fwd_plan(const ConvShape& s, int threads) {
   const int64_t Kg = s.Kg();
   // cycles a tap: FMAs (two a cycle), loads (two a cycle), or the FMA latency (four cycles)
   // when there are too few accumulators to hide it
-  auto per_fma = [](int kK, int kH, int kV) {
+  auto per_fma = [&](int kK, int kH, int kV) {
+    if (const int kR = reuse_rows(s, kK, kH, kV); kR > 0) {  // a kernel column a step
+      // each accumulator takes kR dependent FMAs a step
+      const double fmas = kH * kR * kV, loads = (kH + kR - 1) * kV + kR;
+      return std::max({fmas / 2.0, loads / 2.0, 4.0 * kR}) / fmas;
+    }
     const int n = kK * kH * kV;
     return std::max({n / 2.0, (kK + kH * kV) / 2.0, 5.0}) / n;
   };
