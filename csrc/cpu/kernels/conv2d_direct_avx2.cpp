@@ -528,11 +528,10 @@ void pad_rows_cl(const float* x, const ConvShape& s, int64_t g, int64_t ih0, int
       float* to = dst + (ph * Wph + (iw0 + s.pL) / s.sW) * Cg;
       for (int64_t iw = iw0; iw < s.W; iw += s.sW, to += Cg) {
         const float* from = src + iw * s.C;
-        if (Cg >= 16) {
-          std::memcpy(to, from, sizeof(float) * Cg);
-        } else {  // a few channels (first layers): inline, not a library call per pixel
-          for (int64_t c = 0; c < Cg; ++c) to[c] = from[c];
-        }
+        // inline, not a library call per pixel: whole vectors, then the channels left over
+        int64_t c = 0;
+        for (; c + 8 <= Cg; c += 8) _mm256_storeu_ps(to + c, _mm256_loadu_ps(from + c));
+        for (; c < Cg; ++c) to[c] = from[c];
       }
     }
   }
