@@ -1,6 +1,6 @@
 // Every operator schema of pyconv, in one place. Backends register kernels with
 // TORCH_LIBRARY_IMPL in cpu/<op>.cpp and cuda/<op>.cu; fake kernels and autograd formulas are
-// registered from Python (pyconv/_registry.py).
+// registered from Python (pyconv/_registry.py), except conv2d's autograd (conv2d_autograd.cpp).
 #include <torch/library.h>
 
 TORCH_LIBRARY(pyconv, m) {

@@ -184,8 +184,6 @@ _lib.register_autograd(
 
 
 # --- convolution ---
-# The fused epilogue's ReLU needs the output in backward (where it is positive); nothing else of
-# the forward is kept but the input and the weight, which the gradients need.
 
 
 @_lib.register_fake("pyconv::conv2d")
@@ -216,34 +214,8 @@ def _relu_backward_fake(grad_output, output):
     return _pool_empty(output, output.shape, grad_output.dtype)
 
 
-def _conv2d_setup(ctx, inputs, output):
-    input, weight, bias, stride, padding, dilation, groups, relu, residual = inputs
-    ctx.geometry = (stride, padding, dilation, groups)
-    ctx.relu = relu
-    ctx.has_bias = bias is not None
-    ctx.has_residual = residual is not None
-    ctx.save_for_backward(input, weight, output if relu else None)
-
-
-def _conv2d_backward(ctx, grad):
-    input, weight, output = ctx.saved_tensors
-    ops = torch.ops.pyconv
-    if ctx.relu:
-        grad = ops.relu_backward(grad, output)
-    need = ctx.needs_input_grad
-    gi = gw = gb = gr = None
-    if need[0]:
-        gi = ops.conv2d_backward_input(grad, weight, list(input.shape), *ctx.geometry)
-    if need[1]:
-        gw = ops.conv2d_backward_weight(grad, input, list(weight.shape), *ctx.geometry)
-    if ctx.has_bias and need[2]:
-        gb = ops.conv2d_backward_bias(grad)
-    if ctx.has_residual and need[8]:
-        gr = grad
-    return gi, gw, gb, None, None, None, None, None, gr
-
-
-_lib.register_autograd("pyconv::conv2d", _conv2d_backward, setup_context=_conv2d_setup)
+# conv2d's own autograd formula is C++ (csrc/conv2d_autograd.cpp): it runs once per conv of
+# every training step, where a Python formula's overhead is as long as a small layer.
 
 
 # Double backward: each backward op is linear in each argument, and its adjoints are the other

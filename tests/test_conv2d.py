@@ -130,6 +130,44 @@ def test_fused_epilogue_gradients(device):
     assert torch.autograd.gradcheck(fn, tuple(t.clone().requires_grad_() for t in small))
 
 
+@pytest.mark.parametrize(
+    "bias,wanted",
+    [(True, w) for w in ("x", "w", "b", "r", "xr", "wb", "xwbr")]
+    + [(False, w) for w in ("x", "w", "r", "xr", "xwr")],
+)
+def test_fused_epilogue_gradient_subsets(device, bias, wanted):
+    # Subsets of the differentiable arguments, with and without a bias (which shifts where the
+    # residual sits among them): exactly the wanted gradients, equal to torch's.
+    x, w, b, args = make(CONFIGS[0], device, torch.float64, bias=bias)
+    res = torch.randn(2, 8, 11, 10, dtype=torch.float64, device=device)
+    ts = dict(x=x, w=w, b=b, r=res)
+    for k in wanted:
+        ts[k].requires_grad_()
+    out = PF.conv2d(x, w, b, **args, activation="relu", residual=res)
+    ref = torch.relu(F.conv2d(x, w, b, **args) + res)
+    grad = torch.randn_like(out)
+    inputs = [ts[k] for k in wanted]
+    for a, e in zip(
+        torch.autograd.grad(out, inputs, grad),
+        torch.autograd.grad(ref, inputs, grad),
+        strict=True,
+    ):
+        assert_close_to(a, e, torch.float64)
+    for t in (x, w, b, res):
+        assert t is None or t.grad is None
+
+
+def test_double_backward_through_fused_epilogue(device):
+    # A gradient penalty on a conv + bias + residual + ReLU block: the second derivative runs
+    # through the backward ops' own formulas.
+    x, w, b, args = make(CONFIGS[0], device, torch.float64)
+    x, w, b = x[:1, :, :5, :6], w, b
+    res = torch.randn(1, 8, 5, 6, dtype=torch.float64, device=device)
+    ts = tuple(t.clone().requires_grad_() for t in (x, w, b, res))
+    fn = lambda x, w, b, r: PF.conv2d(x, w, b, **args, activation="relu", residual=r)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, ts)
+
+
 def test_unbatched_and_empty_batch(device):
     x, w, b, args = make(CONFIGS[0], device, torch.float32)
     torch.testing.assert_close(
