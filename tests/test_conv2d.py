@@ -363,9 +363,11 @@ def test_strided_pointwise_layers(simd, fmt, stride, groups):
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 def test_forward_paths_forced(monkeypatch, simd, path, fmt):
     # every configuration on the implicit GEMM and on the direct kernel (PYCONV_CONV_GEMM forces
-    # one), plus a layer whose reduction (40 channels x 3 x 3) spans two packed slices
+    # one), plus a layer whose reduction (40 channels x 3 x 3) spans two packed slices and one
+    # whose weights pack as whole 16-channel panels of 180 taps (not a multiple of 8)
     monkeypatch.setenv("PYCONV_CONV_GEMM", path)
-    for cin, cout, k, s, p, d, g in CONFIGS + [(40, 20, 3, 1, 1, 1, 1), (40, 20, 3, 2, 2, 2, 2)]:
+    extra = [(40, 20, 3, 1, 1, 1, 1), (40, 20, 3, 2, 2, 2, 2), (20, 32, 3, 1, 1, 1, 1)]
+    for cin, cout, k, s, p, d, g in CONFIGS + extra:
         x = torch.randn(2, cin, 13, 27, dtype=torch.float64).contiguous(memory_format=fmt)
         kh, kw = (k, k) if isinstance(k, int) else k
         w = torch.randn(cout, cin // g, kh, kw, dtype=torch.float64)

@@ -160,6 +160,24 @@ ConvShape as_long_rows(const ConvShape& s) {
 template <typename T>
 void run_gemms(const std::vector<GemmDescT<T>>& ds);
 
+// dst[m] = src[m]^T for `count` (rows x cols) matrices: the weights' (K, Cg, R, S) as
+// (K, R, S, Cg) with rows Cg and cols R S, and back with rows R S and cols Cg.
+template <typename T>
+void transpose_each(const T* src, T* dst, int64_t count, int64_t rows, int64_t cols) {
+  if (simd_is_avx2()) {
+    at::parallel_for(0, transpose_tasks(count, rows, cols), 1, [&](int64_t t0, int64_t t1) {
+      transpose_avx2<T>(src, dst, count, rows, cols, t0, t1);
+    });
+    return;
+  }
+  at::parallel_for(0, count, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < cols; ++j)
+          dst[(m * cols + j) * rows + i] = src[(m * rows + i) * cols + j];
+  });
+}
+
 // The weights of a group are one GEMM operand for every sample: packed once, shared by all tasks.
 template <typename T>
 struct SharedPack {
@@ -193,12 +211,7 @@ void implicit_gemm_forward(const T* x, const T* w, const T* bias, const T* res, 
   std::vector<T> wp;
   if (cl) {  // (K, Cg, R, S) -> (K, R, S, Cg)
     wp.resize(static_cast<size_t>(s.K * taps));
-    at::parallel_for(0, s.K, 8, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k)
-        for (int64_t c = 0; c < Cg; ++c)
-          for (int64_t rs = 0; rs < s.R * s.S; ++rs)
-            wp[k * taps + rs * Cg + c] = w[(k * Cg + c) * s.R * s.S + rs];
-    });
+    transpose_each(w, wp.data(), s.K, Cg, s.R * s.S);
   }
   std::vector<GemmDescT<T>> ds;
   ds.reserve(static_cast<size_t>(s.G * (cl ? 1 : s.N)));
@@ -695,9 +708,7 @@ void backward_input_col2im(const T* go, const T* w, T* gi, const ConvShape& s, b
   std::vector<T> wr;  // channels_last: the weights as (K, R, S, Cg)
   if (cl) {
     wr.resize(static_cast<size_t>(s.K * taps));
-    for (int64_t k = 0; k < s.K; ++k)
-      for (int64_t c = 0; c < Cg; ++c)
-        for (int64_t rs = 0; rs < RS; ++rs) wr[k * taps + rs * Cg + c] = w[(k * Cg + c) * RS + rs];
+    transpose_each(w, wr.data(), s.K, Cg, RS);
   }
   for (int64_t n0 = 0; n0 < s.N; n0 += chunk) {
     const int64_t nb = std::min(chunk, s.N - n0);
@@ -1328,13 +1339,7 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
       for (int64_t i = 0; i < per; ++i) partial[i] += partial[sl * per + i];
     }
     at::Tensor gw = at::empty(weight_size, grad_output.options().dtype(ct));
-    float* wp = gw.mutable_data_ptr<float>();
-    for (int64_t k = 0; k < s.K; ++k) {  // (K, R, S, Cg) -> (K, Cg, R, S)
-      for (int64_t rs = 0; rs < RS; ++rs) {
-        for (int64_t c = 0; c < Cg; ++c)
-          wp[(k * Cg + c) * RS + rs] = partial[(k * RS + rs) * Cg + c];
-      }
-    }
+    transpose_each(partial.data(), gw.mutable_data_ptr<float>(), s.K, RS, Cg);  // to (K, Cg, R, S)
     return gw.to(grad_output.scalar_type());
   }
   at::Tensor gw = at::empty(weight_size, grad_output.options().dtype(ct));

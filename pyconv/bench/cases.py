@@ -15,7 +15,8 @@ class Case:
     p: float = 0.5
     quick: bool = False  # part of the --quick subset
     pool: tuple = ()  # (kernel_size, stride, padding) of pooling cases
-    conv: tuple = ()  # (in_channels, out_channels, kernel, stride, padding, groups) of conv cases
+    # conv cases: (in_channels, out_channels, kernel, stride, padding, groups[, dilation])
+    conv: tuple = ()
     tf32: bool | None = None  # CUDA float32 convolutions: TF32 allowed (torch's default) or not
 
     @property
@@ -37,7 +38,9 @@ class Case:
         shape = "x".join(map(str, self.shape))
         extra = " k{}s{}p{}".format(*self.pool) if self.pool else ""
         if self.conv:
-            extra = " {}->{} k{}s{}p{}g{}".format(*self.conv)
+            extra = " {}->{} k{}s{}p{}g{}".format(*self.conv[:6])
+            if len(self.conv) > 6 and self.conv[6] != 1:
+                extra += f"d{self.conv[6]}"
         return f"{self.op}{extra} {self.mode} {shape} {self.dtype_label} {self.layout}"
 
 
@@ -82,8 +85,8 @@ def pool_cases(device):
 
 
 def conv_cases(device):
-    """Issue 4's suite: first layers, 1x1, 3x3 (plain, strided), depthwise, in float32; float64
-    forward + backward on four of them."""
+    """Issue 4's suite: LeNet, AlexNet, VGG and ResNet layers (first layers, 1x1, 3x3 plain,
+    strided and dilated, 5x5, depthwise) in float32; float64 forward + backward on four of them."""
     f32 = torch.float32
     cases = []
     for shape, conv, quick in [
@@ -93,6 +96,13 @@ def conv_cases(device):
         ((8, 64, 56, 56), (64, 64, 3, 1, 1, 1), True),  # ResNet stage 1
         ((8, 64, 56, 56), (64, 128, 3, 2, 1, 1), False),  # strided
         ((8, 64, 56, 56), (64, 64, 3, 1, 1, 64), False),  # depthwise
+        ((32, 6, 14, 14), (6, 16, 5, 1, 0, 1), False),  # LeNet second layer
+        ((8, 3, 224, 224), (3, 64, 11, 4, 2, 1), False),  # AlexNet first layer
+        ((8, 64, 27, 27), (64, 192, 5, 1, 2, 1), False),  # AlexNet second layer
+        ((4, 256, 28, 28), (256, 256, 3, 1, 1, 1), False),  # VGG stage 3
+        ((8, 3, 224, 224), (3, 64, 7, 2, 3, 1), False),  # ResNet stem
+        ((8, 512, 7, 7), (512, 512, 3, 1, 1, 1), False),  # ResNet stage 4
+        ((8, 128, 28, 28), (128, 128, 3, 1, 2, 1, 2), False),  # dilated (DeepLab-style)
     ]:
         for cl in (False, True):
             for mode in ("fwd", "fwd+bwd"):

@@ -10,8 +10,9 @@ UNIT = "GFLOP/s"
 
 def callables(case, device):
     """(torch_fn, pyconv_fn, None, error_fn, flops) for one case; case.conv is
-    (in_channels, out_channels, kernel, stride, padding, groups)."""
-    cin, cout, k, stride, pad, groups = case.conv
+    (in_channels, out_channels, kernel, stride, padding, groups[, dilation])."""
+    cin, cout, k, stride, pad, groups, *rest = case.conv
+    dilation = rest[0] if rest else 1
     n, _, h, w = case.shape
     x = torch.randn(n, cin, h, w, device=device).to(case.dtype)
     wt = (
@@ -22,7 +23,7 @@ def callables(case, device):
         x = x.contiguous(memory_format=torch.channels_last)
     if device == "cuda":  # read by torch (cuDNN) and pyconv alike, at each call
         torch.backends.cudnn.allow_tf32 = case.tf32 is not False
-    args = dict(stride=stride, padding=pad, groups=groups)
+    args = dict(stride=stride, padding=pad, dilation=dilation, groups=groups)
     out = F.conv2d(x, wt, b, **args)
     flops = 2 * out.numel() * (cin // groups) * k * k
     res = torch.randn_like(out)

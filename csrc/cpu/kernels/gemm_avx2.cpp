@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cpu/kernels/gemm.h"
+#include "cpu/kernels/transpose_block.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
@@ -150,6 +151,21 @@ void pack_b(const GemmDescT<T>& d, int64_t k0, int64_t kc, int64_t n0, int64_t n
       for (int64_t p = 0; p < whole; p += NR) copy_row(src + p, dst + p * kc + k * NR);
     }
     dst += whole * kc;
+    n0 += whole;
+    nc -= whole;
+  } else if (d.b_rs == 1 && whole > 0) {  // k contiguous in each column: register transposes
+    constexpr int64_t L = Vec<T>::W;      // block edge
+    for (int64_t p = 0; p < whole; p += NR, dst += NR * kc) {
+      const T* src = d.B + k0 + (n0 + p) * d.b_cs;
+      int64_t k = 0;
+      for (; k + L <= kc; k += L) {
+        for (int64_t h = 0; h < NR; h += L)
+          avx2::block(src + h * d.b_cs + k, d.b_cs, dst + k * NR + h, NR);
+      }
+      for (; k < kc; ++k) {
+        for (int64_t j = 0; j < NR; ++j) dst[k * NR + j] = src[j * d.b_cs + k];
+      }
+    }
     n0 += whole;
     nc -= whole;
   }
