@@ -283,6 +283,27 @@ def check_float32_layer(x, w, b, args, fmt=torch.contiguous_format):
     return got, grad
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_default_routing_of_first_and_mid_layers(simd, fmt):
+    # the shapes each default choice is made for, unforced: RGB stems (NCHW forward on the NCHW
+    # direct kernel; weight gradients of 100+ taps on the channels_last direct kernel, on copies
+    # in NCHW), 5x5 layers of few channels, 8 -> 64 3x3 (the NCHW direct weight gradient), 32 ->
+    # 64 3x3 (the GEMM's weight gradient in NCHW only) and a 4-channel 5x5 layer (no NCHW GEMM)
+    for cin, cout, k, s, p, h in [
+        (3, 16, 7, 2, 3, 30),
+        (3, 8, 11, 4, 2, 41),
+        (6, 16, 5, 1, 0, 14),
+        (8, 64, 3, 1, 1, 9),
+        (32, 64, 3, 1, 1, 7),
+        (4, 32, 5, 1, 2, 12),
+        (16, 8, 3, 2, 1, 13),
+    ]:
+        x = torch.randn(2, cin, h, h + 3, dtype=torch.float64).contiguous(memory_format=fmt)
+        w = torch.randn(cout, cin, k, k, dtype=torch.float64)
+        b = torch.randn(cout, dtype=torch.float64)
+        check_float32_layer(x, w, b, dict(stride=s, padding=p), fmt)
+
+
 @pytest.mark.parametrize("width", [9, 21, 37, 64])
 def test_wide_rows_every_kernel_path(simd, width):  # simd: each CPU path this machine has
     # rows wider than every register tile, with partial last blocks, at strides 1, 2 and 3, with
