@@ -475,13 +475,15 @@ def test_winograd(monkeypatch, simd, fmt):
     # channel counts with and without vector tails, odd and even outputs (partial 2x2 tiles),
     # padding 0 to 2, the fused epilogue, and the input gradient (a stride-1 3x3 forward, on the
     # same kernel). Its error against float64 is of the order of the direct kernel's (the
-    # transforms only add, subtract and halve).
+    # transforms only add, subtract and halve). NCHW layers of at most 64 channels each way run
+    # it on channels_last copies; the last layer (70 channels) keeps the NCHW transforms.
     monkeypatch.setenv("PYCONV_CONV_WINOGRAD", "1")
     for cin, cout, h, w, p in [
         (16, 16, 8, 8, 1),
         (5, 19, 9, 7, 1),
         (33, 8, 6, 11, 0),
         (8, 40, 7, 6, 2),
+        (70, 20, 7, 9, 1),
     ]:
         x = torch.randn(2, cin, h, w, dtype=torch.float64).contiguous(memory_format=fmt)
         wt = torch.randn(cout, cin, 3, 3, dtype=torch.float64)
