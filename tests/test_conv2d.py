@@ -492,6 +492,30 @@ def test_winograd(monkeypatch, simd, fmt):
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_winograd_chunked(monkeypatch, simd, fmt):
+    # the Winograd forward's chunked schedule (the default past 256 x 256 channels), forced on
+    # small layers: 480 tiles in three chunks of 162 (the last one short), channel counts off the
+    # vector widths; the input gradient packs the layer's own filters flipped
+    monkeypatch.setenv("PYCONV_CONV_WINOGRAD", "1")
+    monkeypatch.setenv("PYCONV_WINOGRAD_CHUNKED", "1")
+    for cin, cout, h, w in [(21, 37, 29, 31), (40, 16, 7, 5)]:
+        x = torch.randn(2, cin, h, w, dtype=torch.float64).contiguous(memory_format=fmt)
+        wt = torch.randn(cout, cin, 3, 3, dtype=torch.float64)
+        b = torch.randn(cout, dtype=torch.float64)
+        check_float32_layer(x, wt, b, dict(padding=1), fmt)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_winograd_512_channels(simd, fmt):
+    # ResNet's last stage, unforced: 512 -> 512 3x3 on 7x7 runs Winograd's chunked forward and
+    # input gradient (and its weight gradient); float32 against float64 at the usual tolerance
+    x = torch.randn(2, 512, 7, 7, dtype=torch.float64).contiguous(memory_format=fmt)
+    wt = torch.randn(512, 512, 3, 3, dtype=torch.float64) / 48
+    b = torch.randn(512, dtype=torch.float64)
+    check_float32_layer(x, wt, b, dict(padding=1), fmt)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 @pytest.mark.parametrize(
     "cin, cout, k, groups",
     [(16, 16, 3, 16), (16, 32, 1, 1), (16, 32, 3, 1), (3, 8, 3, 1), (40, 20, 5, 1)],

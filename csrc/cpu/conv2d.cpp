@@ -397,7 +397,7 @@ ConvShape input_grad_as_forward(const ConvShape& s) {
   return t;
 }
 
-bool use_winograd(const ConvShape& s, int64_t max_channels = 384);
+bool use_winograd(const ConvShape& s);
 
 // NCHW Winograd layers of at most 64 channels each way run channels_last on copies, in every
 // direction: the NCHW transforms (patches and tiles transposed in registers) cost more than the
@@ -447,36 +447,73 @@ bool input_grad_col2im(const ConvShape& s, bool cl) {
   const bool strided = s.sH > 1 || s.sW > 1;
   // no stride phases for these (depthwise ones keep the scatter kernel)
   if (strided && (s.dH > 1 || s.dW > 1)) return s.Cg() > 1 || s.Kg() > 1;
+  if (!strided) {  // not where the forward formulation runs on Winograd
+    const ConvShape t = input_grad_as_forward(s);
+    if (t.pT >= 0 && t.pB >= 0 && t.pL >= 0 && t.pR >= 0 && use_winograd(t)) return false;
+  }
   return strided ? s.Kg() >= (cl ? 256 : 64) : s.Kg() >= 512 && s.OH * s.OW <= 64;
 }
 
-// Winograd F(2x2, 3x3) for 3x3 stride-1 layers of one group. PYCONV_CONV_WINOGRAD=0 turns it off,
-// =1 forces it wherever it applies; forcing the GEMM or the direct kernel (PYCONV_CONV_GEMM) turns
-// it off too.
-// max_channels: in the forward, once the transformed filters (16 C K floats, made at each call)
-// pass about 9 MiB (C K > 384 x 384) they no longer stay in cache across the tile blocks and the
-// implicit GEMM is faster (measured: Winograd 1.2-2.2x faster at 384 x 384 channels, 0.6-0.9x
-// at 512 x 512); the weight gradient, whose transformed sums stay put while the tiles stream,
-// wins up to 512 x 512.
-bool use_winograd(const ConvShape& s, int64_t max_channels) {
+// Winograd F(2x2, 3x3) for 3x3 stride-1 layers of one group, 16 to 512 channels each way.
+// PYCONV_CONV_WINOGRAD=0 turns it off, =1 forces it wherever it applies; forcing the GEMM or the
+// direct kernel (PYCONV_CONV_GEMM) turns it off too. Against the implicit GEMM: 1.7-2.2x at 128
+// and 256 channels, 1.5-2.4x at 384 and 512 (the forward's chunked schedule); measured.
+bool use_winograd(const ConvShape& s) {
   const bool applies = s.R == 3 && s.S == 3 && s.sH == 1 && s.sW == 1 && s.dH == 1 && s.dW == 1 &&
                        s.G == 1 && s.OH > 0 && s.OW > 0 && s.N > 0;
   if (!applies) return false;
   if (const char* e = std::getenv("PYCONV_CONV_WINOGRAD")) return e[0] == '1';
   if (std::getenv("PYCONV_CONV_GEMM") != nullptr) return false;
-  return s.C >= 16 && s.K >= 16 && s.C <= 512 && s.K <= 512 &&
-         s.C * s.K <= max_channels * max_channels;
+  return s.C >= 16 && s.K >= 16 && s.C <= 512 && s.K <= 512;
 }
 
+// The forward's schedule: blocks of a few tiles taking every transformed filter in turn while those
+// (16 C K floats, made at each call) stay in cache across the blocks, up to 4 MiB (256 x 256
+// channels); past that, chunks of up to 192 tiles each reading them once (1.3x faster at 384 x 384
+// channels, 1.3-2.3x at 512 x 512; 0.85-0.9x at 256 x 256; measured).
+// PYCONV_WINOGRAD_CHUNKED=0/1 forces either.
+bool winograd_chunked(const ConvShape& s) {
+  if (const char* e = std::getenv("PYCONV_WINOGRAD_CHUNKED")) return e[0] == '1';
+  return winograd_packed_size(s) * static_cast<int64_t>(sizeof(float)) > (4 << 20);
+}
+
+// flipped: w is (C, K, 3, 3), the layer's weights when s is its input gradient's forward
+// formulation.
 void winograd_forward(const float* x, const float* w, const float* bias, const float* residual,
-                      bool relu, float* y, const ConvShape& s, bool cl) {
-  std::vector<float> u(static_cast<size_t>(winograd_packed_size(s)));
-  at::parallel_for(0, winograd_k16(s), 16,
-                   [&](int64_t k0, int64_t k1) { winograd_pack_weights(w, u.data(), s, k0, k1); });
+                      bool relu, float* y, const ConvShape& s, bool cl, bool flipped = false) {
+  // from the buffer cache: no page faults, no zeroing (every element is written before it is read)
+  const auto scratch = [](int64_t n) {
+    return empty_cached({n}, at::TensorOptions().dtype(at::kFloat), at::MemoryFormat::Contiguous);
+  };
+  const at::Tensor ut = scratch(winograd_packed_size(s));
+  float* const u = ut.mutable_data_ptr<float>();
+  at::parallel_for(0, winograd_k16(s) / 16, 1, [&](int64_t p0, int64_t p1) {
+    winograd_pack_weights(w, u, s, p0, p1, flipped);
+  });
+  if (winograd_chunked(s)) {
+    const int64_t T = winograd_tiles(s), Tc = winograd_chunk_tiles(s);
+    const at::Tensor vt = scratch(16 * Tc * winograd_c8(s)),
+                     mt = scratch(16 * Tc * winograd_k16(s));
+    float* const v = vt.mutable_data_ptr<float>();
+    float* const m = mt.mutable_data_ptr<float>();
+    for (int64_t first = 0; first < T; first += Tc) {
+      const int64_t count = std::min(Tc, T - first);
+      at::parallel_for(0, Tc, 6, [&](int64_t i0, int64_t i1) {
+        winograd_fwd_input(x, s, cl, first, count, Tc, v, i0, i1);
+      });
+      at::parallel_for(0, winograd_fwd_product_tasks(s), 1, [&](int64_t j0, int64_t j1) {
+        winograd_fwd_products(v, u, m, s, Tc, j0, j1);
+      });
+      at::parallel_for(0, count, 6, [&](int64_t i0, int64_t i1) {
+        winograd_fwd_output(m, bias, residual, relu, y, s, cl, first, Tc, i0, i1);
+      });
+    }
+    return;
+  }
   const int64_t blocks =
       (winograd_tiles(s) + winograd_block_tiles(s) - 1) / winograd_block_tiles(s);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    conv2d_fwd_winograd_avx2(x, u.data(), bias, residual, relu, y, s, cl, b0, b1);
+    conv2d_fwd_winograd_avx2(x, u, bias, residual, relu, y, s, cl, b0, b1);
   });
 }
 
@@ -573,6 +610,12 @@ bool backward_input_as_forward(const T* go, const T* w, T* gi, const ConvShape& 
   if (s.sH != 1 || s.sW != 1) return false;
   const ConvShape t = input_grad_as_forward(s);
   if (t.pT < 0 || t.pB < 0 || t.pL < 0 || t.pR < 0) return false;
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_winograd(t)) {  // the filters flipped as Winograd transforms them
+      winograd_forward(go, w, nullptr, nullptr, false, gi, t, cl, true);
+      return true;
+    }
+  }
   const int64_t Cg = s.Cg(), Kg = s.Kg(), RS = s.R * s.S;
   std::vector<T> wt(static_cast<size_t>(s.C * Kg * RS));  // (C, K / G, R, S)
   at::parallel_for(0, s.C, 8, [&](int64_t c0, int64_t c1) {
@@ -1323,7 +1366,7 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
     }
     return gw.to(grad_output.scalar_type());
   }
-  if (ct == at::kFloat && simd_is_avx2() && use_winograd(s, 512)) {  // either layout as it comes
+  if (ct == at::kFloat && simd_is_avx2() && use_winograd(s)) {  // either layout as it comes
     const at::MemoryFormat fmt =
         winograd_nchw_as_cl(s) ? at::MemoryFormat::ChannelsLast : format_of(grad_output);
     const at::Tensor go = in_format(grad_output.to(ct), fmt), x = in_format(input.to(ct), fmt);

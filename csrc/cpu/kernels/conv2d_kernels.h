@@ -70,17 +70,39 @@ void conv2d_bwd_weight_cl_direct_avx2(const float* grad_out, const float* x, flo
                                       int64_t t1);
 
 // Winograd F(2x2, 3x3) on channels_last (cl) or NCHW tensors (winograd_avx2.cpp): 3x3, stride 1,
-// dilation 1, one group. Filters transformed once into winograd_packed_size(s) floats, output
-// channels [k0, k1) of winograd_k16(s) at a time; the forward in blocks [b0, b1) of
+// dilation 1, one group. Filters transformed once into winograd_packed_size(s) floats, panels
+// [p0, p1) of winograd_k16(s) / 16 (16 output channels each) at a time; the forward in blocks
+// [b0, b1) of
 // winograd_block_tiles(s) 2x2 output tiles each, ceil(winograd_tiles(s) / block) in all.
 int64_t winograd_packed_size(const ConvShape& s);
-void winograd_pack_weights(const float* w, float* u, const ConvShape& s, int64_t k0, int64_t k1);
+// flipped: w is (C, K, 3, 3), the weights of the layer whose input gradient s
+// is the forward formulation of; the filters used are those turned by 180 degrees, K and C swapped.
+void winograd_pack_weights(const float* w, float* u, const ConvShape& s, int64_t p0, int64_t p1,
+                           bool flipped = false);
 int64_t winograd_k16(const ConvShape& s);
 int64_t winograd_tiles(const ConvShape& s);
 int64_t winograd_block_tiles(const ConvShape& s);
 void conv2d_fwd_winograd_avx2(const float* x, const float* u, const float* bias,
                               const float* residual, bool relu, float* y, const ConvShape& s,
                               bool cl, int64_t b0, int64_t b1);
+
+// The forward for large filter sets (U past what stays in cache across a block of tiles): tiles in
+// chunks of winograd_chunk_tiles(s) (at most kWinogradChunkTiles, a multiple of six), each chunk
+// in three phases split among the threads: the input transform of chunk tiles [i0, i1) of the
+// chunk from tile `first` (count of them) into v ([16][Tc][C8]); the products, tasks [j0, j1) of
+// winograd_fwd_product_tasks(s), each one panel of U read once for all the chunk's tiles, into m
+// ([16][Tc][K16]); the output transform of chunk tiles [i0, i1) (< count).
+constexpr int64_t kWinogradChunkTiles = 192;
+int64_t winograd_chunk_tiles(const ConvShape& s);
+void winograd_fwd_input(const float* x, const ConvShape& s, bool cl, int64_t first, int64_t count,
+                        int64_t Tc, float* v, int64_t i0, int64_t i1);
+int64_t winograd_fwd_product_tasks(const ConvShape& s);
+void winograd_fwd_products(const float* v, const float* u, float* m, const ConvShape& s, int64_t Tc,
+                           int64_t j0, int64_t j1);
+void winograd_fwd_output(const float* m, const float* bias, const float* residual, bool relu,
+                         float* y, const ConvShape& s, bool cl, int64_t first, int64_t Tc,
+                         int64_t i0, int64_t i1);
+int64_t winograd_c8(const ConvShape& s);
 
 // Winograd weight gradient, in chunks of `count` tiles from tile `first`: transform tiles [i0, i1)
 // of the chunk into v ([16][count][winograd_c16]) and pg ([16][count][winograd_k6]); add the

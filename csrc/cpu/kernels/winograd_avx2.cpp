@@ -4,7 +4,9 @@
 // filters), Y = A^T M A. The sum is 16 independent matrix products, one per position xi of the
 // 4x4 transform, (tiles x C) by (C x K): 36 multiplies per tile and channel pair instead of the
 // 16 x 9 = 144 of direct convolution, 2.25x fewer. Tiles are processed in blocks small enough for
-// the transformed inputs and products to stay in L2; every step is vectorised along channels
+// the transformed inputs and products to stay in L2 or, where the transformed filters are too
+// large to stay in cache across such blocks, in chunks of up to 192 tiles whose products each
+// read a panel of them once for all the chunk's tiles; every step is vectorised along channels
 // (contiguous in channels_last; NCHW patches and output tiles are transposed in registers). This
 // file alone is compiled for AVX2.
 #include <immintrin.h>
@@ -126,14 +128,24 @@ inline void load_patch(const float* x, const ConvShape& s, int64_t n, int64_t h0
   }
 }
 
-// M[rows 0..5] (16 columns) = A[rows] (C8 long, row stride lda) x B (C8 x 16, packed).
-inline void gemm_6x16(const float* a, int64_t lda, const float* b, int64_t C8, float* m,
-                      int64_t ldm) {
+// M[rows 0..5] (16 columns) (+)= A[rows] (C8 long, row stride lda) x B (C8 x 16, packed).
+template <bool kAccumulate>
+__attribute__((always_inline)) inline void gemm_6x16(const float* a, int64_t lda, const float* b,
+                                                     int64_t C8, float* m, int64_t ldm) {
   __m256 acc[6][2];
-  for (int r = 0; r < 6; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+#pragma GCC unroll 6
+  for (int r = 0; r < 6; ++r) {
+    if constexpr (kAccumulate) {
+      acc[r][0] = _mm256_loadu_ps(m + r * ldm);
+      acc[r][1] = _mm256_loadu_ps(m + r * ldm + 8);
+    } else {
+      acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    }
+  }
 #pragma GCC unroll 4
   for (int64_t c = 0; c < C8; ++c, b += 16) {
     const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+#pragma GCC unroll 6
     for (int r = 0; r < 6; ++r) {
       const __m256 av = _mm256_broadcast_ss(a + r * lda + c);
       acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
@@ -154,30 +166,62 @@ int64_t winograd_k16(const ConvShape& s) { return ceil_div(s.K, 16) * 16; }
 int64_t winograd_packed_size(const ConvShape& s) { return 16 * winograd_c8(s) * winograd_k16(s); }
 
 // U = G g G^T with G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1], packed as
-// [xi][K16 / 16][C8][16], zero past C and K: output channels [k0, k1) of K16.
-void winograd_pack_weights(const float* w, float* u, const ConvShape& s, int64_t k0, int64_t k1) {
+// [xi][K16 / 16][C8][16], zero past C and K: panels [p0, p1) of 16 output channels. Eight output
+// channels a vector (their filters gathered), so that each (xi, c) row of a panel is two stores.
+// flipped: the filters of the input gradient's forward formulation, read from the layer's own.
+void winograd_pack_weights(const float* w, float* u, const ConvShape& s, int64_t p0, int64_t p1,
+                           bool flipped) {
   const int64_t C8 = winograd_c8(s), KP = winograd_k16(s) / 16;
-  for (int64_t k = k0; k < k1; ++k) {
-    for (int64_t c = 0; c < C8; ++c) {
-      float r[4][4] = {};
-      if (k < s.K && c < s.C) {
-        const float* g = w + (k * s.C + c) * 9;
-        float t[4][3];  // G g
-        for (int j = 0; j < 3; ++j) {
-          t[0][j] = g[j];
-          t[1][j] = 0.5f * (g[j] + g[3 + j] + g[6 + j]);
-          t[2][j] = 0.5f * (g[j] - g[3 + j] + g[6 + j]);
-          t[3][j] = g[6 + j];
-        }
-        for (int i = 0; i < 4; ++i) {  // (G g) G^T
-          r[i][0] = t[i][0];
-          r[i][1] = 0.5f * (t[i][0] + t[i][1] + t[i][2]);
-          r[i][2] = 0.5f * (t[i][0] - t[i][1] + t[i][2]);
-          r[i][3] = t[i][2];
-        }
+  const __m256 half = _mm256_set1_ps(0.5f);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  // tap (k, c, j) at w[k * kstep + c * cstep + tap(j)] (int32 offsets: use_winograd keeps C and K
+  // <= 512); flipped: w is (C, K, 3, 3), each filter turned by 180 degrees
+  const int64_t kstep = flipped ? 9 : s.C * 9, cstep = flipped ? s.K * 9 : 9;
+  const __m256i step = _mm256_mullo_epi32(lane, _mm256_set1_epi32(static_cast<int>(kstep)));
+  const int64_t xstride = KP * C8 * 16;  // between the xi
+  // eight filters (k0 ..) at input channel c
+  const auto pack8 = [&](int64_t k0, int64_t c) {
+    float* dst = u + (k0 / 16 * C8 + c) * 16 + k0 % 16;
+    if (c >= s.C || k0 >= s.K) {
+      for (int xi = 0; xi < 16; ++xi) _mm256_storeu_ps(dst + xi * xstride, _mm256_setzero_ps());
+      return;
+    }
+    const __m256 kmask = _mm256_castsi256_ps(lanes_below(s.K - k0));
+    const float* wk = w + k0 * kstep + c * cstep;
+    __m256 g[9];
+    for (int j = 0; j < 9; ++j) {
+      g[j] =
+          _mm256_mask_i32gather_ps(_mm256_setzero_ps(), wk + (flipped ? 8 - j : j), step, kmask, 4);
+    }
+    __m256 t[4][3];  // G g
+    for (int j = 0; j < 3; ++j) {
+      t[0][j] = g[j];
+      t[1][j] = _mm256_mul_ps(half, _mm256_add_ps(_mm256_add_ps(g[j], g[3 + j]), g[6 + j]));
+      t[2][j] = _mm256_mul_ps(half, _mm256_add_ps(_mm256_sub_ps(g[j], g[3 + j]), g[6 + j]));
+      t[3][j] = g[6 + j];
+    }
+    for (int i = 0; i < 4; ++i) {  // (G g) G^T
+      const __m256 r1 =
+          _mm256_mul_ps(half, _mm256_add_ps(_mm256_add_ps(t[i][0], t[i][1]), t[i][2]));
+      const __m256 r2 =
+          _mm256_mul_ps(half, _mm256_add_ps(_mm256_sub_ps(t[i][0], t[i][1]), t[i][2]));
+      _mm256_storeu_ps(dst + (i * 4 + 0) * xstride, t[i][0]);
+      _mm256_storeu_ps(dst + (i * 4 + 1) * xstride, r1);
+      _mm256_storeu_ps(dst + (i * 4 + 2) * xstride, r2);
+      _mm256_storeu_ps(dst + (i * 4 + 3) * xstride, t[i][2]);
+    }
+  };
+  // reads along eight filters' channels; flipped, 576 consecutive bytes (16 filters) a channel
+  // (the faster order for each, measured)
+  for (int64_t kp = p0; kp < p1; ++kp) {
+    if (flipped) {
+      for (int64_t c = 0; c < C8; ++c) {
+        pack8(kp * 16, c);
+        pack8(kp * 16 + 8, c);
       }
-      for (int xi = 0; xi < 16; ++xi)
-        u[((xi * KP + k / 16) * C8 + c) * 16 + k % 16] = r[xi / 4][xi % 4];
+    } else {
+      for (int64_t c = 0; c < C8; ++c) pack8(kp * 16, c);
+      for (int64_t c = 0; c < C8; ++c) pack8(kp * 16 + 8, c);
     }
   }
 }
@@ -254,76 +298,93 @@ inline void store_tile_nchw(const __m256 (&out)[2][2], float* y, const float* re
   }
 }
 
-}  // namespace
+// Input transform of tiles [i0, i1) of the block of tiles from t0 (nt of them, the rest zeros)
+// into v ([16][Tb][C8]).
+template <bool kCL>
+void fwd_input_tiles(const float* x, const ConvShape& s, int64_t t0, int64_t nt, int64_t Tb,
+                     int64_t i0, int64_t i1, float* v) {
+  const int64_t C8 = winograd_c8(s);
+  const int64_t TH = ceil_div(s.OH, 2), TW = ceil_div(s.OW, 2);
+  for (int64_t i = i0; i < i1; ++i) {
+    float* vt = v + i * C8;
+    if (i >= nt) {
+      for (int xi = 0; xi < 16; ++xi) std::fill_n(vt + xi * Tb * C8, C8, 0.0f);
+      continue;
+    }
+    const int64_t t = t0 + i, n = t / (TH * TW), ty = t / TW % TH, tx = t % TW;
+    const int64_t h0 = 2 * ty - s.pT, w0 = 2 * tx - s.pL;
+    const bool inside = h0 >= 0 && w0 >= 0 && h0 + 4 <= s.H && w0 + 4 <= s.W;
+    for (int64_t c = 0; c < C8; c += 8) {
+      __m256 d[4][4];
+      load_patch<kCL>(x, s, n, h0, w0, c, inside, d);
+      transform_input(d, vt + c, Tb * C8);
+    }
+  }
+}
+
+// Output transform (A^T = [1 1 1 0; 0 1 -1 -1]) of tiles [i0, i1) of the block from t0, from m
+// ([16][Tb][K16]): bias, residual and ReLU applied as each tile is stored.
+template <bool kCL>
+void fwd_output_tiles(const float* m, const float* bias, const float* residual, bool relu, float* y,
+                      const ConvShape& s, int64_t t0, int64_t Tb, int64_t i0, int64_t i1) {
+  const int64_t K16 = winograd_k16(s);
+  const int64_t TH = ceil_div(s.OH, 2), TW = ceil_div(s.OW, 2);
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t t = t0 + i, n = t / (TH * TW), ty = t / TW % TH, tx = t % TW;
+    const int64_t oh = 2 * ty, ow = 2 * tx;
+    for (int64_t k = 0; k < s.K; k += 8) {
+      const float* mt = m + i * K16 + k;
+      __m256 mm[4][4];
+      for (int a = 0; a < 4; ++a) {
+        for (int b = 0; b < 4; ++b) mm[a][b] = _mm256_loadu_ps(mt + (a * 4 + b) * Tb * K16);
+      }
+      __m256 p[2][4];  // A^T M
+      for (int b = 0; b < 4; ++b) {
+        p[0][b] = _mm256_add_ps(_mm256_add_ps(mm[0][b], mm[1][b]), mm[2][b]);
+        p[1][b] = _mm256_sub_ps(_mm256_sub_ps(mm[1][b], mm[2][b]), mm[3][b]);
+      }
+      const __m256 bv = bias == nullptr ? _mm256_setzero_ps()
+                        : k + 8 <= s.K  ? _mm256_loadu_ps(bias + k)
+                                        : _mm256_maskload_ps(bias + k, lanes_below(s.K - k));
+      __m256 out[2][2];
+      for (int a = 0; a < 2; ++a) {
+        out[a][0] = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(p[a][0], p[a][1]), p[a][2]), bv);
+        out[a][1] = _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(p[a][1], p[a][2]), p[a][3]), bv);
+      }
+      if constexpr (kCL) {
+        store_tile_cl(out, y, residual, relu, s, n, oh, ow, k);
+      } else {
+        store_tile_nchw(out, y, residual, relu, s, n, oh, ow, k);
+      }
+    }
+  }
+}
 
 template <bool kCL>
 void winograd_fwd(const float* x, const float* u, const float* bias, const float* residual,
                   bool relu, float* y, const ConvShape& s, int64_t b0, int64_t b1) {
   const int64_t C8 = winograd_c8(s), K16 = winograd_k16(s), KP = K16 / 16;
-  const int64_t TH = ceil_div(s.OH, 2), TW = ceil_div(s.OW, 2), T = s.N * TH * TW;
+  const int64_t T = winograd_tiles(s);
   const int64_t Tb = winograd_block_tiles(s);
   std::vector<float> v(static_cast<size_t>(16 * Tb * C8));   // [xi][tile][C8]
   std::vector<float> m(static_cast<size_t>(16 * Tb * K16));  // [xi][tile][K16]
   for (int64_t blk = b0; blk < b1; ++blk) {
     const int64_t t0 = blk * Tb, nt = std::min(Tb, T - t0);
-    // input transform (tiles past the end: zeros)
-    for (int64_t i = 0; i < Tb; ++i) {
-      float* vt = v.data() + i * C8;
-      if (i >= nt) {
-        for (int xi = 0; xi < 16; ++xi) std::fill_n(vt + xi * Tb * C8, C8, 0.0f);
-        continue;
-      }
-      const int64_t t = t0 + i, n = t / (TH * TW), ty = t / TW % TH, tx = t % TW;
-      const int64_t h0 = 2 * ty - s.pT, w0 = 2 * tx - s.pL;
-      const bool inside = h0 >= 0 && w0 >= 0 && h0 + 4 <= s.H && w0 + 4 <= s.W;
-      for (int64_t c = 0; c < C8; c += 8) {
-        __m256 d[4][4];
-        load_patch<kCL>(x, s, n, h0, w0, c, inside, d);
-        transform_input(d, vt + c, Tb * C8);
-      }
-    }
-    // the 16 products
-    for (int xi = 0; xi < 16; ++xi) {
+    fwd_input_tiles<kCL>(x, s, t0, nt, Tb, 0, Tb, v.data());
+    for (int xi = 0; xi < 16; ++xi) {  // the 16 products
       for (int64_t kp = 0; kp < KP; ++kp) {
         const float* b = u + (xi * KP + kp) * C8 * 16;
         for (int64_t r = 0; r < Tb; r += 6) {
-          gemm_6x16(v.data() + (xi * Tb + r) * C8, C8, b, C8,
-                    m.data() + (xi * Tb + r) * K16 + kp * 16, K16);
+          gemm_6x16<false>(v.data() + (xi * Tb + r) * C8, C8, b, C8,
+                           m.data() + (xi * Tb + r) * K16 + kp * 16, K16);
         }
       }
     }
-    // output transform: A^T = [1 1 1 0; 0 1 -1 -1]
-    for (int64_t i = 0; i < nt; ++i) {
-      const int64_t t = t0 + i, n = t / (TH * TW), ty = t / TW % TH, tx = t % TW;
-      const int64_t oh = 2 * ty, ow = 2 * tx;
-      for (int64_t k = 0; k < s.K; k += 8) {
-        const float* mt = m.data() + i * K16 + k;
-        __m256 mm[4][4];
-        for (int a = 0; a < 4; ++a) {
-          for (int b = 0; b < 4; ++b) mm[a][b] = _mm256_loadu_ps(mt + (a * 4 + b) * Tb * K16);
-        }
-        __m256 p[2][4];  // A^T M
-        for (int b = 0; b < 4; ++b) {
-          p[0][b] = _mm256_add_ps(_mm256_add_ps(mm[0][b], mm[1][b]), mm[2][b]);
-          p[1][b] = _mm256_sub_ps(_mm256_sub_ps(mm[1][b], mm[2][b]), mm[3][b]);
-        }
-        const __m256 bv = bias == nullptr ? _mm256_setzero_ps()
-                          : k + 8 <= s.K  ? _mm256_loadu_ps(bias + k)
-                                          : _mm256_maskload_ps(bias + k, lanes_below(s.K - k));
-        __m256 out[2][2];
-        for (int a = 0; a < 2; ++a) {
-          out[a][0] = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(p[a][0], p[a][1]), p[a][2]), bv);
-          out[a][1] = _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(p[a][1], p[a][2]), p[a][3]), bv);
-        }
-        if constexpr (kCL) {
-          store_tile_cl(out, y, residual, relu, s, n, oh, ow, k);
-        } else {
-          store_tile_nchw(out, y, residual, relu, s, n, oh, ow, k);
-        }
-      }
-    }
+    fwd_output_tiles<kCL>(m.data(), bias, residual, relu, y, s, t0, Tb, 0, nt);
   }
 }
+
+}  // namespace
 
 void conv2d_fwd_winograd_avx2(const float* x, const float* u, const float* bias,
                               const float* residual, bool relu, float* y, const ConvShape& s,
@@ -332,6 +393,56 @@ void conv2d_fwd_winograd_avx2(const float* x, const float* u, const float* bias,
     winograd_fwd<true>(x, u, bias, residual, relu, y, s, b0, b1);
   } else {
     winograd_fwd<false>(x, u, bias, residual, relu, y, s, b0, b1);
+  }
+}
+
+int64_t winograd_chunk_tiles(const ConvShape& s) {
+  const int64_t T = winograd_tiles(s), chunks = ceil_div(T, kWinogradChunkTiles);
+  return ceil_div(ceil_div(T, chunks), 6) * 6;
+}
+
+void winograd_fwd_input(const float* x, const ConvShape& s, bool cl, int64_t first, int64_t count,
+                        int64_t Tc, float* v, int64_t i0, int64_t i1) {
+  if (cl) {
+    fwd_input_tiles<true>(x, s, first, count, Tc, i0, i1, v);
+  } else {
+    fwd_input_tiles<false>(x, s, first, count, Tc, i0, i1, v);
+  }
+}
+
+int64_t winograd_fwd_product_tasks(const ConvShape& s) { return 16 * (winograd_k16(s) / 16); }
+
+// Task j = (xi, panel of 16 output channels): that panel of U[xi] (C8 x 16) times every tile's
+// V[xi] row, the reduction in slices of 256 channels (16 KiB of the panel, kept in L1).
+void winograd_fwd_products(const float* v, const float* u, float* m, const ConvShape& s, int64_t Tc,
+                           int64_t j0, int64_t j1) {
+  const int64_t C8 = winograd_c8(s), K16 = winograd_k16(s), KP = K16 / 16;
+  constexpr int64_t kSlice = 256;
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t xi = j / KP, kp = j % KP;
+    const float* b = u + (xi * KP + kp) * C8 * 16;
+    for (int64_t c0 = 0; c0 < C8; c0 += kSlice) {
+      const int64_t len = std::min(kSlice, C8 - c0);
+      for (int64_t r = 0; r < Tc; r += 6) {
+        const float* a = v + (xi * Tc + r) * C8 + c0;
+        float* mr = m + (xi * Tc + r) * K16 + kp * 16;
+        if (c0 > 0) {
+          gemm_6x16<true>(a, C8, b + c0 * 16, len, mr, K16);
+        } else {
+          gemm_6x16<false>(a, C8, b + c0 * 16, len, mr, K16);
+        }
+      }
+    }
+  }
+}
+
+void winograd_fwd_output(const float* m, const float* bias, const float* residual, bool relu,
+                         float* y, const ConvShape& s, bool cl, int64_t first, int64_t Tc,
+                         int64_t i0, int64_t i1) {
+  if (cl) {
+    fwd_output_tiles<true>(m, bias, residual, relu, y, s, first, Tc, i0, i1);
+  } else {
+    fwd_output_tiles<false>(m, bias, residual, relu, y, s, first, Tc, i0, i1);
   }
 }
 
