@@ -537,27 +537,34 @@ void forward_avx2(const float* x, const float* w, const float* bias, const float
   });
 }
 
-// Weight gradient by Winograd: tiles in chunks of about 4 MiB of transforms (the chunk size fixed
+// Weight gradient by Winograd: tiles in chunks of about 8 MiB of transforms (the chunk size fixed
 // by the shape, so that the order of the sums is too), each chunk transformed in parallel, then
-// its 16 products added into dU in parallel over (xi, output-channel panel, input-channel panel).
+// its 16 products added into dU in parallel over (xi, output-channel panel, input-channel panel)
+// (the first chunk's written, not added); finally dU back to 3x3 filters in parallel.
 void winograd_backward_weight(const float* go, const float* x, float* gw, const ConvShape& s,
                               bool cl) {
   const int64_t C16 = winograd_c16(s), K6 = winograd_k6(s), T = winograd_tiles(s);
   const int64_t per_tile = 16 * (C16 + K6) * static_cast<int64_t>(sizeof(float));
-  const int64_t chunk = std::min(T, std::max<int64_t>(64, (4 << 20) / per_tile));
-  std::vector<float> v(static_cast<size_t>(16 * chunk * C16));
-  std::vector<float> pg(static_cast<size_t>(16 * chunk * K6));
-  std::vector<float> du(static_cast<size_t>(16 * K6 * C16), 0.0f);
+  const int64_t chunk = std::min(T, std::max<int64_t>(64, (8 << 20) / per_tile));
+  const auto scratch = [](int64_t n) {  // the buffer cache: no page faults, no zeroing
+    return empty_cached({n}, at::TensorOptions().dtype(at::kFloat), at::MemoryFormat::Contiguous);
+  };
+  const at::Tensor vt = scratch(16 * chunk * C16), pgt = scratch(16 * chunk * K6);
+  const at::Tensor dut = scratch(16 * K6 * C16);
+  float* const v = vt.mutable_data_ptr<float>();
+  float* const pg = pgt.mutable_data_ptr<float>();
+  float* const du = dut.mutable_data_ptr<float>();
   for (int64_t first = 0; first < T; first += chunk) {
     const int64_t count = std::min(chunk, T - first);
     at::parallel_for(0, count, 8, [&](int64_t i0, int64_t i1) {
-      winograd_wgrad_transform(go, x, s, cl, first, count, v.data(), pg.data(), i0, i1);
+      winograd_wgrad_transform(go, x, s, cl, first, count, v, pg, i0, i1);
     });
     at::parallel_for(0, winograd_wgrad_tasks(s), 1, [&](int64_t j0, int64_t j1) {
-      winograd_wgrad_products(v.data(), pg.data(), du.data(), s, count, j0, j1);
+      winograd_wgrad_products(v, pg, du, s, count, j0, j1, first == 0);
     });
   }
-  winograd_wgrad_finish(du.data(), gw, s);
+  at::parallel_for(0, s.K, 1,
+                   [&](int64_t k0, int64_t k1) { winograd_wgrad_finish(du, gw, s, k0, k1); });
 }
 
 // float32 channels_last forward: Winograd, the implicit GEMM or the direct kernel.

@@ -106,8 +106,8 @@ int64_t winograd_c8(const ConvShape& s);
 
 // Winograd weight gradient, in chunks of `count` tiles from tile `first`: transform tiles [i0, i1)
 // of the chunk into v ([16][count][winograd_c16]) and pg ([16][count][winograd_k6]); add the
-// chunk's products into du ([16][winograd_k6][winograd_c16], zeroed by the caller before the first
-// chunk), tasks [j0, j1) of winograd_wgrad_tasks(s); finally gw (K, C, 3, 3) from du.
+// chunk's products into du ([16][winograd_k6][winograd_c16]; the first chunk writes them), tasks
+// [j0, j1) of winograd_wgrad_tasks(s); finally gw (K, C, 3, 3) from du, output channels [k0, k1).
 int64_t winograd_k6(const ConvShape& s);
 int64_t winograd_c16(const ConvShape& s);
 void winograd_wgrad_transform(const float* go, const float* x, const ConvShape& s, bool cl,
@@ -115,7 +115,7 @@ void winograd_wgrad_transform(const float* go, const float* x, const ConvShape& 
                               int64_t i1);
 int64_t winograd_wgrad_tasks(const ConvShape& s);
 void winograd_wgrad_products(const float* v, const float* pg, float* du, const ConvShape& s,
-                             int64_t count, int64_t j0, int64_t j1);
-void winograd_wgrad_finish(const float* du, float* gw, const ConvShape& s);
+                             int64_t count, int64_t j0, int64_t j1, bool first_chunk);
+void winograd_wgrad_finish(const float* du, float* gw, const ConvShape& s, int64_t k0, int64_t k1);
 
 }  // namespace pyconv::cpu

@@ -579,7 +579,7 @@ int64_t winograd_wgrad_tasks(const ConvShape& s) {
 // Task (xi, k panel, c panel): du[xi][k .. k + 5][c .. c + 15] += sum over the `count` tiles of
 // pg[xi][t][k + r] v[xi][t][c ..], the tiles in order (deterministic).
 void winograd_wgrad_products(const float* v, const float* pg, float* du, const ConvShape& s,
-                             int64_t count, int64_t j0, int64_t j1) {
+                             int64_t count, int64_t j0, int64_t j1, bool first_chunk) {
   const int64_t C16 = winograd_c16(s), K6 = winograd_k6(s), CP = C16 / 16, KP = K6 / 6;
   for (int64_t j = j0; j < j1; ++j) {
     const int64_t cp = j % CP, kp = j / CP % KP, xi = j / (CP * KP);
@@ -587,9 +587,10 @@ void winograd_wgrad_products(const float* v, const float* pg, float* du, const C
     const float* b = v + xi * count * C16 + cp * 16;
     float* d = du + (xi * K6 + kp * 6) * C16 + cp * 16;
     __m256 acc[6][2];
+#pragma GCC unroll 6
     for (int r = 0; r < 6; ++r) {
-      acc[r][0] = _mm256_loadu_ps(d + r * C16);
-      acc[r][1] = _mm256_loadu_ps(d + r * C16 + 8);
+      acc[r][0] = first_chunk ? _mm256_setzero_ps() : _mm256_loadu_ps(d + r * C16);
+      acc[r][1] = first_chunk ? _mm256_setzero_ps() : _mm256_loadu_ps(d + r * C16 + 8);
     }
 #pragma GCC unroll 4
     for (int64_t t = 0; t < count; ++t, a += K6, b += C16) {
@@ -607,26 +608,34 @@ void winograd_wgrad_products(const float* v, const float* pg, float* du, const C
   }
 }
 
-// gw (K, C, 3, 3) = G^T dU G per (k, c), G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1].
-void winograd_wgrad_finish(const float* du, float* gw, const ConvShape& s) {
+// gw (K, C, 3, 3) = G^T dU G per (k, c), G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]: output
+// channels [k0, k1), eight input channels a vector, their 3x3 filters written out together.
+void winograd_wgrad_finish(const float* du, float* gw, const ConvShape& s, int64_t k0, int64_t k1) {
   const int64_t C16 = winograd_c16(s), K6 = winograd_k6(s);
-  static constexpr float G[4][3] = {{1, 0, 0}, {0.5f, 0.5f, 0.5f}, {0.5f, -0.5f, 0.5f}, {0, 0, 1}};
-  for (int64_t k = 0; k < s.K; ++k) {
-    for (int64_t c = 0; c < s.C; ++c) {
-      float m[4][4];
-      for (int xi = 0; xi < 16; ++xi) m[xi / 4][xi % 4] = du[(xi * K6 + k) * C16 + c];
-      float t[3][4];  // G^T dU
+  const __m256 half = _mm256_set1_ps(0.5f);
+  for (int64_t k = k0; k < k1; ++k) {
+    for (int64_t c = 0; c < s.C; c += 8) {
+      __m256 m[4][4];
+      for (int xi = 0; xi < 16; ++xi)
+        m[xi / 4][xi % 4] = _mm256_loadu_ps(du + (xi * K6 + k) * C16 + c);
+      __m256 t[3][4];  // G^T dU: rows m0, (m0 + m1 + m2) / 2 ... as G's columns
+      for (int j = 0; j < 4; ++j) {
+        const __m256 p = _mm256_add_ps(m[1][j], m[2][j]), q = _mm256_sub_ps(m[1][j], m[2][j]);
+        t[0][j] = _mm256_add_ps(m[0][j], _mm256_mul_ps(half, p));
+        t[1][j] = _mm256_mul_ps(half, q);
+        t[2][j] = _mm256_add_ps(_mm256_mul_ps(half, p), m[3][j]);
+      }
+      alignas(32) float o[9][8];  // (G^T dU) G, tap-major
       for (int r = 0; r < 3; ++r) {
-        for (int j = 0; j < 4; ++j) {
-          t[r][j] = G[0][r] * m[0][j] + G[1][r] * m[1][j] + G[2][r] * m[2][j] + G[3][r] * m[3][j];
-        }
+        const __m256 p = _mm256_add_ps(t[r][1], t[r][2]), q = _mm256_sub_ps(t[r][1], t[r][2]);
+        _mm256_store_ps(o[r * 3 + 0], _mm256_add_ps(t[r][0], _mm256_mul_ps(half, p)));
+        _mm256_store_ps(o[r * 3 + 1], _mm256_mul_ps(half, q));
+        _mm256_store_ps(o[r * 3 + 2], _mm256_add_ps(_mm256_mul_ps(half, p), t[r][3]));
       }
       float* out = gw + (k * s.C + c) * 9;
-      for (int r = 0; r < 3; ++r) {
-        for (int q = 0; q < 3; ++q) {
-          out[r * 3 + q] =
-              t[r][0] * G[0][q] + t[r][1] * G[1][q] + t[r][2] * G[2][q] + t[r][3] * G[3][q];
-        }
+      const int64_t n = std::min<int64_t>(8, s.C - c);
+      for (int64_t l = 0; l < n; ++l) {
+        for (int tap = 0; tap < 9; ++tap) out[l * 9 + tap] = o[tap][l];
       }
     }
   }
