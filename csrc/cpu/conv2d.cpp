@@ -28,6 +28,19 @@
 namespace pyconv::cpu {
 namespace {
 
+// n elements of scratch memory for buffers written whole before they are read (packed or reordered
+// weights): from the buffer cache when large, so that a call does not pay a page fault per 4 KiB
+// (nor zeroing, as a std::vector would) each time; the tensor keeps it alive.
+template <typename T>
+struct Scratch {
+  at::Tensor t;
+  explicit Scratch(int64_t n = 0)
+      : t(empty_cached({std::max<int64_t>(n, 1)},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value),
+                       at::MemoryFormat::Contiguous)) {}
+  T* data() const { return t.mutable_data_ptr<T>(); }
+};
+
 // Output columns ow with ow * stride + offset inside [0, width): [lo, hi).
 struct Cols {
   int64_t lo, hi;
@@ -181,9 +194,9 @@ void transpose_each(const T* src, T* dst, int64_t count, int64_t rows, int64_t c
 // The weights of a group are one GEMM operand for every sample: packed once, shared by all tasks.
 template <typename T>
 struct SharedPack {
-  std::vector<std::vector<T>> bufs;
+  std::vector<Scratch<T>> bufs;
   void a(std::vector<GemmDescT<T>>& ds, size_t first) {  // A of ds[first:] (all the same A)
-    bufs.emplace_back(static_cast<size_t>(gemm_packed_a_size(ds[first])));
+    bufs.emplace_back(gemm_packed_a_size(ds[first]));
     T* dst = bufs.back().data();
     const GemmDescT<T>& d = ds[first];
     at::parallel_for(0, gemm_pack_a_tasks(d), 1,
@@ -191,7 +204,7 @@ struct SharedPack {
     for (size_t i = first; i < ds.size(); ++i) ds[i].a_packed = dst;
   }
   void b(std::vector<GemmDescT<T>>& ds, size_t first) {
-    bufs.emplace_back(static_cast<size_t>(gemm_packed_b_size(ds[first])));
+    bufs.emplace_back(gemm_packed_b_size(ds[first]));
     T* dst = bufs.back().data();
     const GemmDescT<T>& d = ds[first];
     at::parallel_for(0, gemm_pack_b_tasks(d), 1,
@@ -208,11 +221,8 @@ template <typename T>
 void implicit_gemm_forward(const T* x, const T* w, const T* bias, const T* res, bool relu, T* y,
                            const ConvShape& s, bool cl) {
   const int64_t Cg = s.Cg(), Kg = s.Kg(), taps = Cg * s.R * s.S, P = s.OH * s.OW;
-  std::vector<T> wp;
-  if (cl) {  // (K, Cg, R, S) -> (K, R, S, Cg)
-    wp.resize(static_cast<size_t>(s.K * taps));
-    transpose_each(w, wp.data(), s.K, Cg, s.R * s.S);
-  }
+  const Scratch<T> wp(cl ? s.K * taps : 0);
+  if (cl) transpose_each(w, wp.data(), s.K, Cg, s.R * s.S);  // (K, Cg, R, S) -> (K, R, S, Cg)
   std::vector<GemmDescT<T>> ds;
   ds.reserve(static_cast<size_t>(s.G * (cl ? 1 : s.N)));
   SharedPack<T> packs;
@@ -530,7 +540,7 @@ void forward_avx2(const float* x, const float* w, const float* bias, const float
   }
   const ConvShape s = as_long_rows(s_);
   const DirectPlan p = direct_fwd_plan(s, at::get_num_threads());
-  std::vector<float> packed(static_cast<size_t>(direct_packed_size(s, p)));
+  const Scratch<float> packed(direct_packed_size(s, p));
   direct_pack_weights(w, packed.data(), s, p);
   at::parallel_for(0, direct_fwd_tasks(s, p), 1, [&](int64_t t0, int64_t t1) {
     conv2d_fwd_nchw_direct_avx2(x, packed.data(), bias, residual, relu, y, s, p, t0, t1);
@@ -585,7 +595,7 @@ void forward_cl_avx2(const float* x, const float* w, const float* bias, const fl
     return;
   }
   const DirectPlan p = direct_fwd_cl_plan(s, at::get_num_threads());
-  std::vector<float> packed(static_cast<size_t>(direct_cl_packed_size(s, p)));
+  const Scratch<float> packed(direct_cl_packed_size(s, p));
   std::vector<float> packed_bias(static_cast<size_t>(s.G * p.tiles * 8 * p.kK));
   direct_cl_pack(w, bias, packed.data(), packed_bias.data(), s, p);
   at::parallel_for(0, direct_fwd_tasks(s, p), 1, [&](int64_t t0, int64_t t1) {
@@ -626,7 +636,7 @@ bool backward_input_as_forward(const T* go, const T* w, T* gi, const ConvShape& 
     }
   }
   const int64_t Cg = s.Cg(), Kg = s.Kg(), RS = s.R * s.S;
-  std::vector<T> wt(static_cast<size_t>(s.C * Kg * RS));  // (C, K / G, R, S)
+  const Scratch<T> wt(s.C * Kg * RS);  // (C, K / G, R, S)
   at::parallel_for(0, s.C, 8, [&](int64_t c0, int64_t c1) {
     for (int64_t gc = c0; gc < c1; ++gc) {  // gc = g * Cg + c
       const int64_t g = gc / Cg, c = gc % Cg;
@@ -776,11 +786,8 @@ void backward_input_col2im(const T* go, const T* w, T* gi, const ConvShape& s, b
                    at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value),
                    at::MemoryFormat::Contiguous);
   T* const cols = buf.mutable_data_ptr<T>();
-  std::vector<T> wr;  // channels_last: the weights as (K, R, S, Cg)
-  if (cl) {
-    wr.resize(static_cast<size_t>(s.K * taps));
-    transpose_each(w, wr.data(), s.K, Cg, RS);
-  }
+  const Scratch<T> wr(cl ? s.K * taps : 0);  // channels_last: the weights as (K, R, S, Cg)
+  if (cl) transpose_each(w, wr.data(), s.K, Cg, RS);
   for (int64_t n0 = 0; n0 < s.N; n0 += chunk) {
     const int64_t nb = std::min(chunk, s.N - n0);
     std::vector<GemmDescT<T>> ds;
