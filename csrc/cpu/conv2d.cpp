@@ -278,18 +278,21 @@ void implicit_gemm_backward_weight(const T* go, const T* x, T* gw, const ConvSha
   const int64_t NP = s.N * P;
   const int64_t slices =
       cl ? std::clamp<int64_t>((NP + 2047) / 2048, 1, 16) : std::max<int64_t>(s.N, 1);
-  std::vector<T> part(static_cast<size_t>(slices * s.G * Kg * taps), T(0));
+  const Scratch<T> part_buf(slices * s.G * Kg * taps);  // each slice's product written whole
+  T* const part = part_buf.data();
   std::vector<GemmDescT<T>> ds;
   for (int64_t g = 0; g < s.G; ++g) {
     for (int64_t sl = 0; sl < slices; ++sl) {
       const int64_t p0 = cl ? sl * NP / slices : 0;
       const int64_t np = cl ? (sl + 1) * NP / slices - p0 : P;
-      if (np == 0) continue;  // its partial stays zero
+      if (np == 0) {  // no pixels: a zero partial
+        std::fill_n(part + (sl * s.G + g) * Kg * taps, Kg * taps, T(0));
+        continue;
+      }
       Im2colT<T> img{nullptr, 0,   0,   0,    0,    Cg,   s.H,  s.W,  s.OH,
                      s.OW,    s.R, s.S, s.sH, s.sW, s.pT, s.pL, s.dH, s.dW};
       img.taps_rsc = cl;
-      GemmDescT<T> d{Kg,  taps,    np, nullptr, 0,
-                     0,   nullptr, 0,  0,       part.data() + (sl * s.G + g) * Kg * taps,
+      GemmDescT<T> d{Kg,  taps, np, nullptr, 0, 0, nullptr, 0, 0, part + (sl * s.G + g) * Kg * taps,
                      taps};
       if (cl) {
         img.x = x + g * Cg;
@@ -333,7 +336,7 @@ void implicit_gemm_backward_weight(const T* go, const T* x, T* gw, const ConvSha
     for (int64_t row = r0; row < r1; ++row) {  // row = g * Kg + k
       const int64_t g = row / Kg, k = row % Kg;
       T* dst = gw + row * taps;
-      const T* src = part.data() + (g * Kg + k) * taps;  // slice 0; slice sl at + sl * stride
+      const T* src = part + (g * Kg + k) * taps;  // slice 0; slice sl at + sl * stride
       const int64_t stride = s.G * Kg * taps;
       // j = rs * Cg + c (channels_last, taps (r, s, c)) goes to c * RS + rs; NCHW: j to j
       for (int64_t rs = 0; rs < (cl ? RS : 1); ++rs) {
