@@ -452,8 +452,8 @@ bool wgrad_nchw_as_cl(const ConvShape& s) { return s.Cg() * s.R * s.S >= 100; }
 // place) rather than as forward convolutions, where the products' reduction (Kg output channels
 // per group) is long enough to pay for that pass: strided layers (one product instead of one per
 // stride phase) from 64 channels in NCHW and 256 in channels_last, stride-1 layers from 512
-// (beyond Winograd's range) on images of at most 64 pixels; measured. PYCONV_CONV_COL2IM=0/1
-// turns it off or forces it.
+// channels on images of at most 64 pixels where Winograd does not run; measured.
+// PYCONV_CONV_COL2IM=0/1 turns it off or forces it.
 bool input_grad_col2im(const ConvShape& s, bool cl) {
   if (const char* e = std::getenv("PYCONV_CONV_COL2IM")) return e[0] == '1';
   if (s.R * s.S == 1) return false;  // 1x1 layers are products as they are
