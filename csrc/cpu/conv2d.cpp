@@ -494,21 +494,16 @@ bool winograd_chunked(const ConvShape& s) {
 // formulation.
 void winograd_forward(const float* x, const float* w, const float* bias, const float* residual,
                       bool relu, float* y, const ConvShape& s, bool cl, bool flipped = false) {
-  // from the buffer cache: no page faults, no zeroing (every element is written before it is read)
-  const auto scratch = [](int64_t n) {
-    return empty_cached({n}, at::TensorOptions().dtype(at::kFloat), at::MemoryFormat::Contiguous);
-  };
-  const at::Tensor ut = scratch(winograd_packed_size(s));
-  float* const u = ut.mutable_data_ptr<float>();
+  const Scratch<float> ut(winograd_packed_size(s));  // every element written before it is read
+  float* const u = ut.data();
   at::parallel_for(0, winograd_k16(s) / 16, 1, [&](int64_t p0, int64_t p1) {
     winograd_pack_weights(w, u, s, p0, p1, flipped);
   });
   if (winograd_chunked(s)) {
     const int64_t T = winograd_tiles(s), Tc = winograd_chunk_tiles(s);
-    const at::Tensor vt = scratch(16 * Tc * winograd_c8(s)),
-                     mt = scratch(16 * Tc * winograd_k16(s));
-    float* const v = vt.mutable_data_ptr<float>();
-    float* const m = mt.mutable_data_ptr<float>();
+    const Scratch<float> vt(16 * Tc * winograd_c8(s)), mt(16 * Tc * winograd_k16(s));
+    float* const v = vt.data();
+    float* const m = mt.data();
     for (int64_t first = 0; first < T; first += Tc) {
       const int64_t count = std::min(Tc, T - first);
       at::parallel_for(0, Tc, 6, [&](int64_t i0, int64_t i1) {
@@ -561,14 +556,10 @@ void winograd_backward_weight(const float* go, const float* x, float* gw, const 
                               bool cl) {
   const int64_t C16 = winograd_c16(s), K6 = winograd_k6(s), T = winograd_tiles(s);
   const int64_t chunk = std::min<int64_t>(T, kWinogradWgradChunk);
-  const auto scratch = [](int64_t n) {  // the buffer cache: no page faults, no zeroing
-    return empty_cached({n}, at::TensorOptions().dtype(at::kFloat), at::MemoryFormat::Contiguous);
-  };
-  const at::Tensor vt = scratch(16 * chunk * C16), pgt = scratch(16 * chunk * K6);
-  const at::Tensor dut = scratch(16 * K6 * C16);
-  float* const v = vt.mutable_data_ptr<float>();
-  float* const pg = pgt.mutable_data_ptr<float>();
-  float* const du = dut.mutable_data_ptr<float>();
+  const Scratch<float> vt(16 * chunk * C16), pgt(16 * chunk * K6), dut(16 * K6 * C16);
+  float* const v = vt.data();
+  float* const pg = pgt.data();
+  float* const du = dut.data();
   for (int64_t first = 0; first < T; first += chunk) {
     const int64_t count = std::min(chunk, T - first);
     at::parallel_for(0, count, 8, [&](int64_t i0, int64_t i1) {

@@ -72,11 +72,11 @@ void conv2d_bwd_weight_cl_direct_avx2(const float* grad_out, const float* x, flo
 // Winograd F(2x2, 3x3) on channels_last (cl) or NCHW tensors (winograd_avx2.cpp): 3x3, stride 1,
 // dilation 1, one group. Filters transformed once into winograd_packed_size(s) floats, panels
 // [p0, p1) of winograd_k16(s) / 16 (16 output channels each) at a time; the forward in blocks
-// [b0, b1) of
-// winograd_block_tiles(s) 2x2 output tiles each, ceil(winograd_tiles(s) / block) in all.
+// [b0, b1) of winograd_block_tiles(s) 2x2 output tiles each, ceil(winograd_tiles(s) / block) in
+// all.
 int64_t winograd_packed_size(const ConvShape& s);
-// flipped: w is (C, K, 3, 3), the weights of the layer whose input gradient s
-// is the forward formulation of; the filters used are those turned by 180 degrees, K and C swapped.
+// flipped: w is (C, K, 3, 3), the weights of the layer whose input gradient s is the forward
+// formulation of; the filters used are those turned by 180 degrees, K and C swapped.
 void winograd_pack_weights(const float* w, float* u, const ConvShape& s, int64_t p0, int64_t p1,
                            bool flipped = false);
 int64_t winograd_k16(const ConvShape& s);
