@@ -331,24 +331,18 @@ void implicit_gemm_backward_weight(const T* go, const T* x, T* gw, const ConvSha
     }
   }
   run_gemms(ds);
-  const int64_t RS = s.R * s.S;
-  at::parallel_for(0, s.G * Kg, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t row = r0; row < r1; ++row) {  // row = g * Kg + k
-      const int64_t g = row / Kg, k = row % Kg;
-      T* dst = gw + row * taps;
-      const T* src = part + (g * Kg + k) * taps;  // slice 0; slice sl at + sl * stride
-      const int64_t stride = s.G * Kg * taps;
-      // j = rs * Cg + c (channels_last, taps (r, s, c)) goes to c * RS + rs; NCHW: j to j
-      for (int64_t rs = 0; rs < (cl ? RS : 1); ++rs) {
-        for (int64_t c = 0; c < (cl ? Cg : taps); ++c) {
-          const int64_t j = rs * Cg + c;
-          T acc = T(0);
-          for (int64_t sl = 0; sl < slices; ++sl) acc += src[sl * stride + j];
-          dst[cl ? c * RS + rs : j] = acc;
-        }
-      }
+  // the slices added in order into slice 0 (the same sums for any thread count), then channels_last
+  // taps (r, s, c) transposed to the weight's (c, r, s)
+  const int64_t per = s.G * Kg * taps;
+  T* const out = cl ? part : gw;
+  at::parallel_for(0, per, 2048, [&](int64_t i0, int64_t i1) {
+    if (out != part) std::copy(part + i0, part + i1, out + i0);
+    for (int64_t sl = 1; sl < slices; ++sl) {
+      const T* src = part + sl * per;
+      for (int64_t i = i0; i < i1; ++i) out[i] += src[i];
     }
   });
+  if (cl) transpose_each(part, gw, s.G * Kg, s.R * s.S, Cg);
 }
 
 // Kernel choice for float32 (PYCONV_CONV_GEMM=1 forces the implicit GEMM wherever it applies,
