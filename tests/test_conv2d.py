@@ -469,6 +469,18 @@ def test_direct_kernel_channel_passes(monkeypatch, simd, stride):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=3e-4)
 
 
+def test_direct_kernel_row_major(simd):
+    # RGB stems on wide images, whose channels would take a pass each (their rows do not fit L1
+    # together for a tile's consecutive output rows), run one pass with the output rows outermost
+    # and every channel tile of a row in turn: 7x7 stride 2 on rows of 230 and 5x5 stride 1 on
+    # rows of 300, channel tails (13 and 7 output channels), the fused epilogue, both gradients
+    for cin, cout, k, stride, h, width in [(3, 13, 7, 2, 11, 230), (3, 7, 5, 1, 6, 300)]:
+        x = torch.randn(2, cin, h, width, dtype=torch.float64)
+        w = torch.randn(cout, cin, k, k, dtype=torch.float64) / (cin * k) ** 0.5
+        b = torch.randn(cout, dtype=torch.float64)
+        check_float32_layer(x, w, b, dict(stride=stride, padding=k // 2))
+
+
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 def test_winograd(monkeypatch, simd, fmt):
     # Winograd F(2x2, 3x3), forced wherever it applies (3x3, stride 1, no dilation, one group):

@@ -299,6 +299,17 @@ void fwd_tasks(const FwdArgs& a, int64_t t0, int64_t t1) {
       pad_rows(a.x + (n * s.C + g * Cg + c0) * s.H * s.W, s, c1 - c0, oh0 * s.sH - s.pT, rows, Wph,
                buf.data());
       const TapRange tr{c0 * RS, c1 * RS, c0 == 0, c1 >= Cg};
+      if (pl.row_major) {  // see direct_fwd_plan
+        for (int64_t oh = oh0; oh < oh1; ++oh) {
+          const float* xrow = buf.data() + (oh - oh0) * hstride;
+          for (int64_t tile = 0; tile < pl.tiles; ++tile) {
+            for (int64_t b = 0; b < blocks; ++b) {
+              fwd_rows<kK, 1, kV>(a, xrow, hstride, off.data(), tr, n, g, tile, oh, b * 8 * kV);
+            }
+          }
+        }
+        continue;
+      }
       // channel tile outermost: the output planes being written at once are the tile's kK
       // (planes of 4 KiB multiples share cache sets; all of a group's would thrash them)
       for (int64_t tile = 0; tile < pl.tiles; ++tile) {
@@ -852,6 +863,16 @@ DirectPlan direct_fwd_plan(const ConvShape& s, int threads) {
   rows = std::max<int64_t>(1, std::min(rows, (192 << 10) / std::max<int64_t>(per_row, 1)));
   best.rows = rows;
   best.chunk = direct_fwd_chunk(s, best);
+  // Where the channels would need several passes (each reloading the outputs) but one output
+  // row's input rows of every channel fit in 24 KiB of L1: one pass, output rows outermost, so
+  // that those input rows serve every channel tile from L1 (ResNet's 7x7 stride-2 stem: 3 passes
+  // of one channel before, 1.15-1.2x faster; measured).
+  const int64_t reach =
+      ((s.R - 1) * s.dH + 1) * s.sW * best.Wph * static_cast<int64_t>(sizeof(float));
+  if (best.kH == 1 && best.chunk < s.Cg() && s.Cg() * reach <= (24 << 10)) {
+    best.chunk = s.Cg();
+    best.row_major = true;
+  }
   return best;
 }
 

@@ -17,12 +17,13 @@ void conv2d_bwd_input_nchw_avx2(const float* grad_out, const float* w, float* gr
 // x a few taps (weight gradient), chosen per shape.
 struct DirectPlan {
   int kK = 0, kV = 0;
-  int kH = 1;          // forward: output rows of the register tile
-  int64_t chunk = 0;   // forward: input channels per pass over the task's output rows
-  int64_t tiles = 0;   // channel tiles per group: ceil(Kg / kK)
-  int64_t Wph = 0;     // width of one phase of a padded row (a row holds sW phases)
-  int64_t rows = 0;    // forward: output rows per task; channels_last weight gradient: a block
-  int64_t slices = 0;  // weight gradient: image slices, each summed apart, then in order
+  int kH = 1;              // forward: output rows of the register tile
+  int64_t chunk = 0;       // forward: input channels per pass over the task's output rows
+  bool row_major = false;  // forward: output rows outermost (every channel tile of a row in turn)
+  int64_t tiles = 0;       // channel tiles per group: ceil(Kg / kK)
+  int64_t Wph = 0;         // width of one phase of a padded row (a row holds sW phases)
+  int64_t rows = 0;        // forward: output rows per task; channels_last weight gradient: a block
+  int64_t slices = 0;      // weight gradient: image slices, each summed apart, then in order
 };
 
 DirectPlan direct_fwd_plan(const ConvShape& s, int threads);
