@@ -5,6 +5,7 @@ The CPU path tested here is the portable direct one; faster kernels will be held
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from conftest import TOLERANCES, assert_close_to
 
@@ -85,6 +86,29 @@ def test_only_needed_gradients_are_computed(device):
     out = PF.conv2d(x, w, b, **args)
     (gw,) = torch.autograd.grad(out.sum(), w)
     assert gw.shape == w.shape and x.grad is None
+
+
+def test_graph_only_where_a_gradient_is_tracked(device):
+    # without a tensor to differentiate (or under no_grad) the op skips its autograd node; any
+    # tensor that needs a gradient, the residual included, gets one; forward-mode tangents are
+    # refused as before rather than dropped
+    x, w, b, args = make(CONFIGS[0], device, torch.float64)
+    res = torch.randn_like(F.conv2d(x, w, b, **args))
+    ref = torch.relu(F.conv2d(x, w, b, **args) + res)
+    out = PF.conv2d(x, w, b, **args, activation="relu", residual=res)
+    assert out.grad_fn is None and not out.requires_grad
+    assert_close_to(out, ref, torch.float64)
+    for t in (x, w, b, res):
+        t.requires_grad_()
+        with torch.no_grad():
+            assert not PF.conv2d(x, w, b, **args, residual=res).requires_grad
+        out = PF.conv2d(x, w, b, **args, activation="relu", residual=res)
+        (g,) = torch.autograd.grad(out.sum(), t)
+        (e,) = torch.autograd.grad(torch.relu(F.conv2d(x, w, b, **args) + res).sum(), t)
+        assert_close_to(g, e, torch.float64)
+        t.requires_grad_(False)
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="jvp"):
+        PF.conv2d(fwAD.make_dual(x, torch.randn_like(x)), w, b, **args)
 
 
 @pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[1], CONFIGS[3]], ids=ids)
