@@ -493,6 +493,25 @@ def test_direct_kernel_channel_passes(monkeypatch, simd, stride):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=3e-4)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_direct_kernel_padding_rows(monkeypatch, simd, stride):
+    # the NCHW direct kernel skips the kernel rows that meet only padding rows above or below the
+    # image: padding up to twice the kernel's reach (output rows that see no image row at all,
+    # bias and residual only), dilation 1 and 2, tall tiles (one output channel) and wide ones,
+    # both gradients (the input gradient of stride 1 runs on this kernel with padding k - 1 - p)
+    monkeypatch.setenv("PYCONV_CONV_GEMM", "0")
+    for cout, k, pad, dil, h in [
+        (1, 3, 3, 1, 5),
+        (5, 3, 4, 2, 7),
+        (2, 5, 6, 1, 4),
+        (7, 5, 2, 1, 3),
+    ]:
+        x = torch.randn(2, 3, h, 11, dtype=torch.float64)
+        w = torch.randn(cout, 3, k, k, dtype=torch.float64)
+        b = torch.randn(cout, dtype=torch.float64)
+        check_float32_layer(x, w, b, dict(stride=stride, padding=pad, dilation=dil))
+
+
 def test_direct_kernel_row_major(simd):
     # RGB stems on wide images, whose channels would take a pass each (their rows do not fit L1
     # together for a tile's consecutive output rows), run one pass with the output rows outermost

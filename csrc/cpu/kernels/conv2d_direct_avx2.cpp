@@ -188,32 +188,45 @@ __attribute__((always_inline)) inline void fwd_rows(const FwdArgs& a, const floa
       }
     }
   } else {
-    for (int64_t t = tr.t0; t < t1; ++t, wp += kK) {
-      const float* p = xb + off[t];
-      if constexpr (kK <= kV * kH) {  // weights in registers, one input vector at a time
-        __m256 w[kK];
+    // kernel rows [r0, r1) of each channel: those that meet an image row for some output row of
+    // the tile (the others read only the zero padding above or below the image)
+    const int64_t RS = s.R * s.S;
+    const int64_t lo = std::max<int64_t>(0, s.pT - (oh + kH - 1) * s.sH);
+    const int64_t hi = s.H - 1 + s.pT - oh * s.sH;
+    const int64_t r0 = lo <= 0 ? 0 : (lo + s.dH - 1) / s.dH;
+    const int64_t r1 = hi < 0 ? 0 : std::min<int64_t>(s.R, hi / s.dH + 1);
+    const bool rows_cut = r0 > 0 || r1 < s.R;
+    const int64_t seg = rows_cut ? std::max<int64_t>(r1 - r0, 0) * s.S : t1 - tr.t0;
+    const int64_t step = rows_cut ? RS : t1 - tr.t0;  // segments [ta, ta + seg) every step taps
+    for (int64_t ta = tr.t0 + (rows_cut ? r0 * s.S : 0); ta < t1; ta += step) {
+      wp = a.packed + ((g * pl.tiles + tile) * taps + ta) * kK;
+      for (int64_t t = ta; t < ta + seg; ++t, wp += kK) {
+        const float* p = xb + off[t];
+        if constexpr (kK <= kV * kH) {  // weights in registers, one input vector at a time
+          __m256 w[kK];
 #pragma GCC unroll 12
-        for (int k = 0; k < kK; ++k) w[k] = _mm256_broadcast_ss(wp + k);
-#pragma GCC unroll 12
-        for (int i = 0; i < kH * kV; ++i) {
-          const __m256 xv = keep(_mm256_loadu_ps(p + (i / kV) * hstride + 8 * (i % kV)));
-#pragma GCC unroll 12
-          for (int k = 0; k < kK; ++k) {
-            acc[k * kH * kV + i] = _mm256_fmadd_ps(w[k], xv, acc[k * kH * kV + i]);
-          }
-        }
-      } else {  // input vectors in registers, one weight at a time
-        __m256 xv[kH * kV];
-#pragma GCC unroll 12
-        for (int i = 0; i < kH * kV; ++i) {
-          xv[i] = _mm256_loadu_ps(p + (i / kV) * hstride + 8 * (i % kV));
-        }
-#pragma GCC unroll 12
-        for (int k = 0; k < kK; ++k) {
-          const __m256 w = _mm256_broadcast_ss(wp + k);
+          for (int k = 0; k < kK; ++k) w[k] = _mm256_broadcast_ss(wp + k);
 #pragma GCC unroll 12
           for (int i = 0; i < kH * kV; ++i) {
-            acc[k * kH * kV + i] = _mm256_fmadd_ps(w, xv[i], acc[k * kH * kV + i]);
+            const __m256 xv = keep(_mm256_loadu_ps(p + (i / kV) * hstride + 8 * (i % kV)));
+#pragma GCC unroll 12
+            for (int k = 0; k < kK; ++k) {
+              acc[k * kH * kV + i] = _mm256_fmadd_ps(w[k], xv, acc[k * kH * kV + i]);
+            }
+          }
+        } else {  // input vectors in registers, one weight at a time
+          __m256 xv[kH * kV];
+#pragma GCC unroll 12
+          for (int i = 0; i < kH * kV; ++i) {
+            xv[i] = _mm256_loadu_ps(p + (i / kV) * hstride + 8 * (i % kV));
+          }
+#pragma GCC unroll 12
+          for (int k = 0; k < kK; ++k) {
+            const __m256 w = _mm256_broadcast_ss(wp + k);
+#pragma GCC unroll 12
+            for (int i = 0; i < kH * kV; ++i) {
+              acc[k * kH * kV + i] = _mm256_fmadd_ps(w, xv[i], acc[k * kH * kV + i]);
+            }
           }
         }
       }
