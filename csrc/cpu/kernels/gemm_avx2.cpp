@@ -347,7 +347,7 @@ void pack_b_im2col_pixels(const Im2colT<T>& g, int64_t N, int64_t k0, int64_t kc
 // unless accumulate), `last`: the epilogue applies.
 template <typename T>
 void micro_kernel(const GemmDescT<T>& d, int64_t kc, const T* a, const T* b, int64_t m, int64_t n,
-                  bool first, bool last) {
+                  bool first, bool last, T* c0, int64_t ldc) {
   using V = Vec<T>;
   using R = typename V::R;
   constexpr int64_t NR = kGemmNR<T>, W = V::W;
@@ -378,7 +378,7 @@ void micro_kernel(const GemmDescT<T>& d, int64_t kc, const T* a, const T* b, int
     // whole tile: each row's two accumulators passed by value (constant indices), straight from
     // registers to C
     auto row = [&](int i, R v0, R v1) {
-      T* cp = d.C + (m + i) * d.ldc + n;
+      T* cp = c0 + i * ldc;
       if (add_c) {
         v0 = V::add(v0, V::load(cp));
         v1 = V::add(v1, V::load(cp + W));
@@ -428,7 +428,7 @@ void micro_kernel(const GemmDescT<T>& d, int64_t kc, const T* a, const T* b, int
   PYCONV_STORE(5);
 #undef PYCONV_STORE
   for (int64_t i = 0; i < rows; ++i) {
-    T* cp = d.C + (m + i) * d.ldc + n;
+    T* cp = c0 + i * ldc;
     for (int64_t j = 0; j < cols; ++j) {
       T v = t[i][j] + (add_c ? cp[j] : T(0));
       if (last) {
@@ -439,6 +439,58 @@ void micro_kernel(const GemmDescT<T>& d, int64_t kc, const T* a, const T* b, int
       }
       cp[j] = v;
     }
+  }
+}
+
+// Rows [m0, m0 + mc) x columns [n0, n0 + nc) of C, from the tile t (row stride ld), to NCHW
+// planes (see GemmDescT::nchw): eight (float) or four (double) pixels of one image by as many
+// channels transposed in registers, then the residual and ReLU as they are stored.
+template <typename T>
+void store_nchw(const GemmDescT<T>& d, const T* t, int64_t ld, int64_t m0, int64_t mc, int64_t n0,
+                int64_t nc) {
+  using V = Vec<T>;
+  constexpr int64_t L = V::W;
+  const int64_t P = d.plane;
+  alignas(32) T blk[L * L];
+  for (int64_t m = m0; m < m0 + mc;) {  // runs of pixels of one image
+    const int64_t img = m / P, p0 = m % P, len = std::min(P - p0, m0 + mc - m);
+    const T* src = t + (m - m0) * ld;
+    T* y = d.nchw + (img * d.channels + n0) * P + p0;
+    const T* res = d.nchw_residual ? d.nchw_residual + (img * d.channels + n0) * P + p0 : nullptr;
+    auto put = [&](T* dst, const T* rp, typename V::R v) {
+      if (rp) v = V::add(v, V::load(rp));
+      if (d.relu) v = V::relu(v);
+      V::store(dst, v);
+    };
+    int64_t j = 0;
+    for (; j + L <= nc; j += L) {
+      int64_t i = 0;
+      for (; i + L <= len; i += L) {
+        if (!res && !d.relu) {
+          avx2::block(src + i * ld + j, ld, y + j * P + i, P);
+          continue;
+        }
+        avx2::block(src + i * ld + j, ld, blk, L);
+        for (int64_t r = 0; r < L; ++r) {
+          put(y + (j + r) * P + i, res ? res + (j + r) * P + i : nullptr, V::load(blk + r * L));
+        }
+      }
+      for (; i < len; ++i) {
+        for (int64_t r = 0; r < L; ++r) {
+          T v = src[i * ld + j + r] + (res ? res[(j + r) * P + i] : T(0));
+          if (d.relu) v = v > T(0) || v != v ? v : T(0);
+          y[(j + r) * P + i] = v;
+        }
+      }
+    }
+    for (; j < nc; ++j) {
+      for (int64_t i = 0; i < len; ++i) {
+        T v = src[i * ld + j] + (res ? res[j * P + i] : T(0));
+        if (d.relu) v = v > T(0) || v != v ? v : T(0);
+        y[j * P + i] = v;
+      }
+    }
+    m += len;
   }
 }
 
@@ -498,6 +550,18 @@ void gemm_avx2(const GemmDescT<T>& d, int64_t t0, int64_t t1) {  // d.K > 0
   // (fastest, measured on 256 x 2304 x 2048 products).
   int64_t max_run = 1;
   if (!d.b_packed) max_run = d.K <= KC ? mblocks : 4;
+  // NCHW output: C's block in a scratch tile (the residual and ReLU applied as it is written out)
+  thread_local std::vector<T> pc;
+  const int64_t ldt = gemm_round(NC, NR);
+  GemmDescT<T> dn;
+  const GemmDescT<T>* dk = &d;
+  if (d.nchw) {
+    pc.resize(static_cast<size_t>(MC * ldt));
+    dn = d;
+    dn.residual = nullptr;
+    dn.relu = false;
+    dk = &dn;
+  }
   for (int64_t run = t0; run < t1;) {
     const int64_t nb = run / mblocks;
     const int64_t end = std::min({t1, (nb + 1) * mblocks, run + max_run});
@@ -528,10 +592,12 @@ void gemm_avx2(const GemmDescT<T>& d, int64_t t0, int64_t t1) {  // d.K > 0
         for (int64_t jn = 0; jn < nc; jn += NR) {
           const T* bp = bq + (jn / NR) * kc * NR;
           for (int64_t im = 0; im < mc; im += kGemmMR) {
-            micro_kernel(d, kc, ap + (im / kGemmMR) * kc * kGemmMR, bp, m0 + im, n0 + jn, first,
-                         last);
+            T* c0 = d.nchw ? pc.data() + im * ldt + jn : d.C + (m0 + im) * d.ldc + n0 + jn;
+            micro_kernel(*dk, kc, ap + (im / kGemmMR) * kc * kGemmMR, bp, m0 + im, n0 + jn, first,
+                         last, c0, d.nchw ? ldt : d.ldc);
           }
         }
+        if (d.nchw && last) store_nchw(d, pc.data(), ldt, m0, mc, n0, nc);
       }
     }
     run = end;
