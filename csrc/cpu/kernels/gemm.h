@@ -50,9 +50,9 @@ struct GemmDescT {
   int64_t nc = 0;                // columns per task (0: kGemmNC), a multiple of the tile's
   Im2colT<T> a_img{}, b_img{};
   // C(m, n) written transposed, as NCHW planes: nchw[((m / plane) * channels + n) * plane +
-  // m % plane], the residual (same layout) added and ReLU applied there, not through C, ldc,
-  // residual and relu; with b_packed only (each task then finishes its block of C in a scratch
-  // tile before the next, and writes it out whole).
+  // m % plane] (C, ldc and residual unused), nchw_residual (same layout) added and ReLU (relu)
+  // applied as it is written. Each task finishes its block of C in a scratch tile before the next
+  // and writes it out whole (B is best packed beforehand: b_packed).
   T* nchw = nullptr;
   const T* nchw_residual = nullptr;
   int64_t plane = 0, channels = 0;

@@ -548,8 +548,8 @@ void gemm_avx2(const GemmDescT<T>& d, int64_t t0, int64_t t1) {  // d.K > 0
   // once for the run, then every row block of the run over it (the sums of each C element in the
   // same order). Over several slices the run's block of C is revisited: four row blocks at most
   // (fastest, measured on 256 x 2304 x 2048 products).
-  int64_t max_run = 1;
-  if (!d.b_packed) max_run = d.K <= KC ? mblocks : 4;
+  int64_t max_run = 1;  // one task at a time for NCHW output (its scratch tile holds one block)
+  if (!d.b_packed && !d.nchw) max_run = d.K <= KC ? mblocks : 4;
   // NCHW output: C's block in a scratch tile (the residual and ReLU applied as it is written out)
   thread_local std::vector<T> pc;
   const int64_t ldt = gemm_round(NC, NR);
