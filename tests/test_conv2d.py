@@ -420,13 +420,17 @@ def test_forward_paths_forced(monkeypatch, simd, path, fmt):
         check_float32_layer(x, w, b, dict(stride=s, padding=p, dilation=d, groups=g), fmt)
 
 
-@pytest.mark.parametrize("path", ["0", "1"])
+@pytest.mark.parametrize("path", ["0", "1", "phase"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 def test_input_gradient_paths_forced(monkeypatch, simd, path, fmt):
-    # the input gradient by col2im (products with the weights, then the columns added into place)
-    # and as forward convolutions (per stride phase), each forced on every configuration, in
-    # float32 and float64, with groups, dilation and strides up to 3
-    monkeypatch.setenv("PYCONV_CONV_COL2IM", path)
+    # the input gradient by col2im (products with the weights, then the columns added into place),
+    # as forward convolutions (per stride phase) and as one product over every stride phase
+    # (float32, dilation 1), each forced on every configuration, in float32 and float64, with
+    # groups, dilation and strides up to 3
+    if path == "phase":
+        monkeypatch.setenv("PYCONV_CONV_PHASE", "1")
+    else:
+        monkeypatch.setenv("PYCONV_CONV_COL2IM", path)
     extra = [(40, 20, 3, 2, 1, 1, 1), (16, 24, 3, 3, 2, 2, 2), (12, 8, (3, 5), (2, 3), 2, 1, 4)]
     for cin, cout, k, st, p, d, g in CONFIGS + extra:
         kh, kw = (k, k) if isinstance(k, int) else k
@@ -445,6 +449,36 @@ def test_input_gradient_paths_forced(monkeypatch, simd, path, fmt):
             if cin > 1:
                 assert got.is_contiguous(memory_format=fmt)
             torch.testing.assert_close(got.double(), want, **(tol or dict(rtol=1e-12, atol=1e-12)))
+
+
+@pytest.mark.parametrize(
+    "cin, cout, k, stride, pad, groups",
+    [
+        (80, 40, 3, 2, 1, 1),  # ResNet's 3x3 stride 2; columns past a block, reduction past a slice
+        (24, 36, 3, 2, 0, 2),  # groups, no padding, channels not a multiple of the register tile
+        (16, 20, 5, 2, 2, 1),  # nine neighbours (A's order not searched)
+        (16, 16, (3, 2), (2, 3), (1, 0), 1),  # a kernel narrower than its stride: empty phases
+        (48, 24, 4, 3, 1, 3),
+    ],
+)
+def test_input_gradient_over_all_phases(monkeypatch, cin, cout, k, stride, pad, groups):
+    # channels_last input gradients of strided layers as one product over every stride phase:
+    # odd image sizes (phases of different sizes), against float64 torch
+    monkeypatch.setenv("PYCONV_CONV_PHASE", "1")
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = torch.randn(3, cin, 15, 13, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last
+    )
+    w = torch.randn(cout, cin // groups, kh, kw, dtype=torch.float64)
+    args = dict(stride=stride, padding=pad, groups=groups)
+    xr = x.clone().requires_grad_()
+    ref = F.conv2d(xr, w, None, **args)
+    grad = torch.randn_like(ref).contiguous(memory_format=torch.channels_last)
+    (want,) = torch.autograd.grad(ref, xr, grad)
+    xf = x.float().requires_grad_()
+    (got,) = torch.autograd.grad(PF.conv2d(xf, w.float(), None, **args), xf, grad.float())
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=3e-4)
 
 
 @pytest.mark.parametrize("stride", [1, 2, 3])

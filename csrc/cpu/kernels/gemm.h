@@ -4,6 +4,7 @@
 // among threads.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 namespace pyconv::cpu {
@@ -21,8 +22,25 @@ struct Im2colT {
   int64_t C, H, W, OH, OW, R, S, sH, sW, pT, pL, dH, dW;
   int64_t p0 = 0;         // first pixel (pixel-major B)
   bool taps_rsc = false;  // pixel-major B: taps in (r, s, c) order
+  // pixel-major A: the taps (r S + s, each with its C channels) in this order, R S of them;
+  // null: r-major
+  const int64_t* tap_order = nullptr;
 };
 using Im2col = Im2colT<float>;
+
+// C written to the stride phases of a channels_last image (the input gradient of a strided layer,
+// see conv2d.cpp): row m = (img, i, j) of Hp x Wp per image; column n = p * cols + c belongs to
+// phase p = a * sW + b, pixel (sH i + a, sW j + b) of the H x W image, written at
+// y + ((img H + sH i + a) W + sW j + b) * pixel + c where inside the image and c < used. Phase p's
+// columns sum only k in [k0[p], k1[p]) (nothing where empty: zeros written); cols a multiple of
+// the register tile's columns.
+template <typename T>
+struct PhaseOutT {
+  T* y = nullptr;
+  int64_t H = 0, W = 0, sH = 1, sW = 1, Hp = 0, Wp = 0, pixel = 0, cols = 0, used = 0;
+  const int64_t* k0 = nullptr;
+  const int64_t* k1 = nullptr;
+};
 
 // C(m, n) = A(m, :) . B(:, n) [+ C(m, n) when accumulate] + bias_m[m] + bias_n[n] + residual(m, n),
 // then ReLU when relu; A(m, k) = A[m * a_rs + k * a_cs], B(k, n) = B[k * b_rs + n * b_cs],
@@ -56,6 +74,8 @@ struct GemmDescT {
   T* nchw = nullptr;
   const T* nchw_residual = nullptr;
   int64_t plane = 0, channels = 0;
+  // C (and C, ldc, the epilogue unused) to stride phases, through the same scratch tile
+  PhaseOutT<T> phases{};
 };
 using GemmDesc = GemmDescT<float>;
 
@@ -103,6 +123,16 @@ inline int64_t gemm_packed_b_size(const GemmDescT<T>& d) {
   return gemm_round(d.N, kGemmNR<T>) * d.K +
          kGemmNR<T> * d.K * ((d.N + gemm_nc(d) - 1) / gemm_nc(d));
 }
+// Index of B(k, n) in gemm_pack_b's order (see gemm_packed_b_size): runs of kGemmNR<T> columns
+// from a multiple of it are contiguous.
+template <typename T>
+inline int64_t gemm_packed_b_index(const GemmDescT<T>& d, int64_t k, int64_t n) {
+  constexpr int64_t NR = kGemmNR<T>, KC = kGemmKC<T>;
+  const int64_t NC = gemm_nc(d), n0 = n / NC * NC, k0 = k / KC * KC;
+  const int64_t nc = std::min(NC, d.N - n0), kc = std::min(KC, d.K - k0);
+  return n0 * d.K + gemm_round(nc, NR) * k0 + (n - n0) / NR * kc * NR + (k - k0) * NR + n % NR;
+}
+
 // Packing in independent tasks [t0, t1) of (row or column block, KC slice).
 // Defined for float and double.
 template <typename T>

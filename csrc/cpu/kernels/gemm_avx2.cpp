@@ -201,8 +201,14 @@ void pack_a_im2col(const Im2colT<T>& g, int64_t M, int64_t m0, int64_t mc, int64
       ih0[i] = oh * g.sH - g.pT;
       iw0[i] = ow * g.sW - g.pL;
     }
-    int64_t c = k0 % g.C, rs = k0 / g.C;
-    int64_t r = rs / g.S, q = rs % g.S;
+    int64_t c = k0 % g.C, ti = k0 / g.C;  // channel, tap (in g.tap_order where given)
+    int64_t r = 0, q = 0;
+    auto tap = [&] {
+      const int64_t rs = g.tap_order ? g.tap_order[ti] : ti;
+      r = rs / g.S;
+      q = rs % g.S;
+    };
+    tap();
     const T* src[kGemmMR];
     auto locate = [&] {
       for (int64_t i = 0; i < kGemmMR; ++i) {
@@ -228,11 +234,11 @@ void pack_a_im2col(const Im2colT<T>& g, int64_t M, int64_t m0, int64_t mc, int64
       k += step;
       if ((c += step) == g.C) {
         c = 0;
-        if (++q == g.S) {
-          q = 0;
-          ++r;
+        ++ti;
+        if (k < kc) {  // (the tap past the last one is not looked up)
+          tap();
+          locate();
         }
-        locate();
       }
     }
   }
@@ -494,6 +500,37 @@ void store_nchw(const GemmDescT<T>& d, const T* t, int64_t ld, int64_t m0, int64
   }
 }
 
+// Rows [m0, m0 + mc) x columns [n0, n0 + nc) of C, from the tile t (row stride ld), to the
+// stride phases (see PhaseOutT): runs of a phase's channels copied to their pixels.
+template <typename T>
+void store_phases(const GemmDescT<T>& d, const T* t, int64_t ld, int64_t m0, int64_t mc, int64_t n0,
+                  int64_t nc) {
+  const PhaseOutT<T>& o = d.phases;
+  for (int64_t m = m0; m < m0 + mc; ++m) {
+    const int64_t j = m % o.Wp, i = m / o.Wp % o.Hp, img = m / (o.Wp * o.Hp);
+    const T* row = t + (m - m0) * ld;
+    for (int64_t n = n0; n < n0 + nc;) {
+      const int64_t p = n / o.cols, c0 = n % o.cols;
+      const int64_t end = std::min(n0 + nc, (p + 1) * o.cols);  // this phase's columns
+      const int64_t h = o.sH * i + p / o.sW, w = o.sW * j + p % o.sW;
+      const int64_t c1 = std::min(o.used, c0 + end - n);
+      if (h < o.H && w < o.W && c0 < c1) {
+        T* dst = o.y + ((img * o.H + h) * o.W + w) * o.pixel;
+        const T* src = row + (n - n0);
+        if (o.k0[p] == o.k1[p]) {  // a phase no tap reaches
+          std::fill(dst + c0, dst + c1, T(0));
+        } else {
+          int64_t c = c0;
+          for (; c + Vec<T>::W <= c1; c += Vec<T>::W)
+            Vec<T>::store(dst + c, Vec<T>::load(src + c - c0));
+          for (; c < c1; ++c) dst[c] = src[c - c0];
+        }
+      }
+      n = end;
+    }
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -548,14 +585,16 @@ void gemm_avx2(const GemmDescT<T>& d, int64_t t0, int64_t t1) {  // d.K > 0
   // once for the run, then every row block of the run over it (the sums of each C element in the
   // same order). Over several slices the run's block of C is revisited: four row blocks at most
   // (fastest, measured on 256 x 2304 x 2048 products).
-  int64_t max_run = 1;  // one task at a time for NCHW output (its scratch tile holds one block)
-  if (!d.b_packed && !d.nchw) max_run = d.K <= KC ? mblocks : 4;
+  // one task at a time where C goes through the scratch tile (it holds one block)
+  const bool tiled = d.nchw || d.phases.y;
+  int64_t max_run = 1;
+  if (!d.b_packed && !tiled) max_run = d.K <= KC ? mblocks : 4;
   // NCHW output: C's block in a scratch tile (the residual and ReLU applied as it is written out)
   thread_local std::vector<T> pc;
   const int64_t ldt = gemm_round(NC, NR);
   GemmDescT<T> dn;
   const GemmDescT<T>* dk = &d;
-  if (d.nchw) {
+  if (tiled) {
     pc.resize(static_cast<size_t>(MC * ldt));
     dn = d;
     dn.residual = nullptr;
@@ -591,13 +630,26 @@ void gemm_avx2(const GemmDescT<T>& d, int64_t t0, int64_t t1) {  // d.K > 0
         }
         for (int64_t jn = 0; jn < nc; jn += NR) {
           const T* bp = bq + (jn / NR) * kc * NR;
+          // the panel's reduction in this slice: [lo, hi) of [k0, k0 + kc)
+          int64_t lo = k0, hi = k0 + kc;
+          bool pfirst = first, plast = last;
+          if (d.phases.y) {
+            const int64_t p = (n0 + jn) / d.phases.cols;
+            lo = std::max(lo, d.phases.k0[p]);
+            hi = std::min(hi, d.phases.k1[p]);
+            if (lo >= hi) continue;
+            pfirst = lo == d.phases.k0[p];
+            plast = hi == d.phases.k1[p];
+          }
           for (int64_t im = 0; im < mc; im += kGemmMR) {
-            T* c0 = d.nchw ? pc.data() + im * ldt + jn : d.C + (m0 + im) * d.ldc + n0 + jn;
-            micro_kernel(*dk, kc, ap + (im / kGemmMR) * kc * kGemmMR, bp, m0 + im, n0 + jn, first,
-                         last, c0, d.nchw ? ldt : d.ldc);
+            T* c0 = tiled ? pc.data() + im * ldt + jn : d.C + (m0 + im) * d.ldc + n0 + jn;
+            micro_kernel(*dk, hi - lo, ap + (im / kGemmMR) * kc * kGemmMR + (lo - k0) * kGemmMR,
+                         bp + (lo - k0) * NR, m0 + im, n0 + jn, pfirst, plast, c0,
+                         tiled ? ldt : d.ldc);
           }
         }
         if (d.nchw && last) store_nchw(d, pc.data(), ldt, m0, mc, n0, nc);
+        if (d.phases.y && last) store_phases(d, pc.data(), ldt, m0, mc, n0, nc);
       }
     }
     run = end;
