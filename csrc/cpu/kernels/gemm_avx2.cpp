@@ -628,7 +628,22 @@ void gemm_avx2(const GemmDescT<T>& d, int64_t t0, int64_t t1) {  // d.K > 0
         } else {
           pack_a(d, m0, mc, k0, kc, pa.data());
         }
+        // A plain A read in one slice: the next task's rows prefetched into L1 during this
+        // task's micro-kernels, a share at each column panel, whose first reads would otherwise
+        // wait on memory (1x1 channels_last layers: forward 1.06-1.1x, input gradient 1.1-1.15x
+        // faster; measured)
+        const int64_t m1 = (t + 1) % mblocks * MC;
+        const int64_t row_lines = (d.K * static_cast<int64_t>(sizeof(T)) + 63) / 64;
+        const int64_t ahead = !d.a_packed && !d.a_im2col && d.a_cs == 1 && d.K <= KC && t + 1 < t1
+                                  ? std::min(MC, d.M - m1) * row_lines
+                                  : 0;
+        const int64_t panels = (nc + NR - 1) / NR;
         for (int64_t jn = 0; jn < nc; jn += NR) {
+          for (int64_t l = ahead * (jn / NR) / panels; l < ahead * (jn / NR + 1) / panels; ++l) {
+            _mm_prefetch(reinterpret_cast<const char*>(d.A + (m1 + l / row_lines) * d.a_rs) +
+                             l % row_lines * 64,
+                         _MM_HINT_T0);
+          }
           const T* bp = bq + (jn / NR) * kc * NR;
           // the panel's reduction in this slice: [lo, hi) of [k0, k0 + kc)
           int64_t lo = k0, hi = k0 + kc;
