@@ -461,7 +461,8 @@ def test_input_gradient_paths_forced(monkeypatch, simd, path, fmt):
         (48, 24, 4, 3, 1, 3),
     ],
 )
-def test_input_gradient_over_all_phases(monkeypatch, cin, cout, k, stride, pad, groups):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_input_gradient_over_all_phases(monkeypatch, cin, cout, k, stride, pad, groups, dtype):
     # channels_last input gradients of strided layers as one product over every stride phase:
     # odd image sizes (phases of different sizes), against float64 torch
     monkeypatch.setenv("PYCONV_CONV_PHASE", "1")
@@ -475,10 +476,11 @@ def test_input_gradient_over_all_phases(monkeypatch, cin, cout, k, stride, pad, 
     ref = F.conv2d(xr, w, None, **args)
     grad = torch.randn_like(ref).contiguous(memory_format=torch.channels_last)
     (want,) = torch.autograd.grad(ref, xr, grad)
-    xf = x.float().requires_grad_()
-    (got,) = torch.autograd.grad(PF.conv2d(xf, w.float(), None, **args), xf, grad.float())
+    xf = x.to(dtype).requires_grad_()
+    (got,) = torch.autograd.grad(PF.conv2d(xf, w.to(dtype), None, **args), xf, grad.to(dtype))
     assert got.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=3e-4)
+    tol = dict(rtol=1e-5, atol=3e-4) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.double(), want, **tol)
 
 
 @pytest.mark.parametrize("stride", [1, 2, 3])

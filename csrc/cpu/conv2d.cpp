@@ -476,7 +476,8 @@ bool input_grad_col2im(const ConvShape& s, bool cl) {
 // group: 1.2-1.35x faster than per-phase forward convolutions at 16 -> 32 to 64 -> 128 3x3 stride
 // 2, 1.05-1.2x than col2im at 128 -> 256 and 256 -> 256; 0.95x at 256 -> 512 (col2im's products
 // there are few pixels against the weights) and 0.6x on the 3-channel stem; NCHW layers (on
-// copies) no faster than col2im; measured. PYCONV_CONV_PHASE=0/1 turns it off or forces it;
+// copies) no faster than col2im; measured. float64 likewise (1.15-1.27x at 64 -> 128 and
+// 128 -> 256). PYCONV_CONV_PHASE=0/1 turns it off or forces it;
 // forcing col2im (PYCONV_CONV_COL2IM) or the direct kernels (PYCONV_CONV_GEMM=0) turns it off.
 bool input_grad_phase_gemm(const ConvShape& s, bool cl) {
   if (const char* e = std::getenv("PYCONV_CONV_PHASE")) return e[0] == '1';
@@ -1445,6 +1446,16 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
                                   fmt == at::MemoryFormat::ChannelsLast);
     });
     return gi.to(grad_output.scalar_type());
+  }
+  if (gemm_f64(ct, s) && s.N * s.OH * s.OW > 0 &&
+      input_grad_phase_gemm(s, format_of(grad_output) == at::MemoryFormat::ChannelsLast)) {
+    const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
+    const at::Tensor go = in_format(grad_output, cl), w = weight.contiguous();
+    at::Tensor gi = empty_cached(input_size, grad_output.options(), cl);
+    if (backward_input_phase_gemm<double>(go.const_data_ptr<double>(), w.const_data_ptr<double>(),
+                                          gi.mutable_data_ptr<double>(), s)) {
+      return in_format(gi, format_of(grad_output));
+    }
   }
   if (gemm_f64(ct, s) && s.N * s.OH * s.OW > 0 &&
       (s.Cg() <= 4 ||
