@@ -393,6 +393,25 @@ def test_pointwise_layers_as_matrix_products(simd, fmt, groups):
 
 
 @pytest.mark.parametrize("groups", [1, 2])
+def test_pointwise_weight_gradient_in_pixel_slices(simd, groups):
+    # channels_last 1x1 weight gradients with too few output blocks to share among threads: the
+    # product over slices of pixels (three here, the last one short), added in order
+    x = torch.randn(3, 40, 29, 31, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last
+    )
+    w = torch.randn(24, 40 // groups, 1, 1, dtype=torch.float64)
+    grad = torch.randn(3, 24, 29, 31, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last
+    )
+    wr = w.clone().requires_grad_()
+    (want,) = torch.autograd.grad(F.conv2d(x, wr, groups=groups), wr, grad)
+    for dtype, tol in [(torch.float32, dict(rtol=1e-5, atol=3e-4)), (torch.float64, {})]:
+        wp = w.to(dtype).requires_grad_()
+        (got,) = torch.autograd.grad(PF.conv2d(x.to(dtype), wp, groups=groups), wp, grad.to(dtype))
+        torch.testing.assert_close(got.double(), want, **(tol or dict(rtol=1e-12, atol=1e-12)))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("stride", [2, (3, 2)])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 def test_strided_pointwise_layers(simd, fmt, stride, groups):
