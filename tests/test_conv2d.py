@@ -221,6 +221,17 @@ def test_opcheck(device):
     torch.library.opcheck(ops.relu_backward, (g, out))
 
 
+def test_opcheck_channels_last_strided(device):
+    # channels_last stride-2 gradients (on the CPU: the input gradient's stride-phase GEMM)
+    x = torch.randn(2, 32, 9, 9, device=device).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(16, 32, 3, 3, device=device)
+    geometry = ([2, 2], [1, 1, 1, 1], [1, 1], 1)
+    out = ops.conv2d(x, w, None, *geometry, False, None)
+    g = torch.randn_like(out)
+    torch.library.opcheck(ops.conv2d_backward_input, (g, w, list(x.shape), *geometry))
+    torch.library.opcheck(ops.conv2d_backward_weight, (g, x, list(w.shape), *geometry))
+
+
 def test_compile_fullgraph(device):
     torch._dynamo.reset()
     x, w, b, args = make(CONFIGS[0], device, torch.float32)
