@@ -670,6 +670,27 @@ def test_weight_gradient_in_slices(simd, fmt):
     assert torch.equal(got, again)
 
 
+@pytest.mark.parametrize(
+    "cin, cout, k, stride, pad, groups, size",
+    [
+        (3, 20, 7, 2, 3, 1, (40, 122)),  # a stem: several row blocks, a pixel and a channel tail
+        (12, 20, 5, 1, 2, 2, (13, 17)),  # groups of 6 input channels
+    ],
+)
+def test_weight_gradient_of_nchw_operands(simd, cin, cout, k, stride, pad, groups, size):
+    # NCHW weight gradients of few input channels per group on the channels_last direct kernel,
+    # reading both operands as NCHW (rows and grad_output blocks reordered in the kernel)
+    x = torch.randn(2, cin, *size, dtype=torch.float64)
+    w = torch.randn(cout, cin // groups, k, k, dtype=torch.float64)
+    args = dict(stride=stride, padding=pad, groups=groups)
+    ref = F.conv2d(x, w, None, **args)
+    grad = torch.randn_like(ref)
+    want = torch.nn.grad.conv2d_weight(x, w.shape, grad, **args)
+    wp = w.float().requires_grad_()
+    (got,) = torch.autograd.grad(PF.conv2d(x.float(), wp, None, **args), wp, grad.float())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
+
+
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 def test_float64_paths(simd, fmt):
     # float64 runs on the implicit GEMM (AVX2) or the portable loops (generic): forward with the

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cpu/kernels/conv2d_kernels.h"
+#include "cpu/kernels/transpose_block.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
@@ -562,6 +563,26 @@ void pad_rows_cl(const float* x, const ConvShape& s, int64_t g, int64_t ih0, int
 }
 
 // Buffer offset of tap (r, q, c) from the first output pixel's position.
+// pad_rows_cl from an NCHW image x (planes H W apart): each pixel's channels gathered.
+void pad_rows_cl_from_nchw(const float* x, const ConvShape& s, int64_t g, int64_t ih0, int64_t rows,
+                           int64_t Wph, float* buf) {
+  const int64_t Cg = s.Cg(), row = s.sW * Wph * Cg, plane = s.H * s.W;
+  for (int64_t i = 0; i < rows; ++i) {
+    float* dst = buf + i * row;
+    std::memset(dst, 0, sizeof(float) * row);
+    const int64_t ih = ih0 + i;
+    if (ih < 0 || ih >= s.H) continue;
+    const float* src = x + g * Cg * plane + ih * s.W;
+    for (int64_t ph = 0; ph < s.sW; ++ph) {
+      const int64_t iw0 = ((ph - s.pL) % s.sW + s.sW) % s.sW;
+      float* to = dst + (ph * Wph + (iw0 + s.pL) / s.sW) * Cg;
+      for (int64_t iw = iw0; iw < s.W; iw += s.sW, to += Cg) {
+        for (int64_t c = 0; c < Cg; ++c) to[c] = src[c * plane + iw];
+      }
+    }
+  }
+}
+
 inline int64_t tap_offset_cl(const ConvShape& s, int64_t r, int64_t q, int64_t c, int64_t Wph) {
   const int64_t j = q * s.dW;
   return ((r * s.dH * s.sW + j % s.sW) * Wph + j / s.sW) * s.Cg() + c;
@@ -693,16 +714,17 @@ FwdClFn fwd_cl_fn(int kN) {
 }
 
 struct WgradClArgs {
-  const float* go;  // channels_last
-  const float* x;   // channels_last
+  const float* go;  // channels_last, or NCHW where nchw
+  const float* x;   // channels_last, or NCHW where nchw
   float* partial;   // [slices][K][R * S * Cg], taps in (r, q, c) order
   const ConvShape* s;
   const DirectPlan* plan;  // kK: vectors of 8 output channels (kN)
+  bool nchw = false;
 };
 
 // Accumulates kJ taps (buffer offsets off) x kN channel vectors over one image into acc_mem.
 template <int kJ, int kN>
-inline void wgrad_cl_tile(const float* go, const float* xb, const int64_t (&off)[kJ],
+inline void wgrad_cl_tile(const float* go, int64_t pix, const float* xb, const int64_t (&off)[kJ],
                           const ConvShape& s, int64_t row, int64_t left, int64_t oh0, int64_t oh1,
                           float* acc_mem) {
   __m256 acc[kJ][kN];
@@ -722,9 +744,9 @@ inline void wgrad_cl_tile(const float* go, const float* xb, const int64_t (&off)
     };
     for (int64_t oh = oh0; oh < oh1; ++oh) {
       const float* xrow = xb + oh * s.sH * row;
-      const float* grow = go + oh * s.OW * s.K;
+      const float* grow = go + oh * s.OW * pix;
       for (int64_t ow = 0; ow < s.OW; ++ow) {
-        const float* gp = grow + ow * s.K;
+        const float* gp = grow + ow * pix;
         const float* xp = xrow + ow * Cg;
         if constexpr (kJ <= kN) {
           __m256 xv[kJ];
@@ -771,25 +793,55 @@ void wgrad_cl_tasks(const WgradClArgs& a, int64_t t0, int64_t t1) {
   const int64_t chunks = ceil_div(taps, kJ), per_slice = ceil_div(s.N, pl.slices);
   std::vector<float> buf(static_cast<size_t>(rows * row));
   std::vector<float> acc(static_cast<size_t>(chunks * kJ * kN * 8));
+  // NCHW grad_output: each block of output rows of the tile's channels transposed here into
+  // (pixel, 8 kN channels), zeros past the group's channels
+  constexpr int64_t L = 8 * kN;
+  const int64_t OHW = s.OH * s.OW, block_px = ceil_div(pl.rows * s.OW, 8) * 8;
+  std::vector<float> gl(a.nchw ? static_cast<size_t>(block_px * L) : 0);
   for (int64_t t = t0; t < t1; ++t) {  // t = (slice, g, tile)
     const int64_t tile = t % pl.tiles, g = (t / pl.tiles) % s.G, slice = t / (pl.tiles * s.G);
     const int64_t k0 = tile * 8 * kN, left = Kg - k0;
     std::fill(acc.begin(), acc.end(), 0.0f);
     const int64_t n1 = std::min(s.N, (slice + 1) * per_slice);
     for (int64_t n = slice * per_slice; n < n1; ++n) {
-      pad_rows_cl(a.x + n * s.H * s.W * s.C, s, g, -s.pT, rows, Wph, buf.data());
+      if (a.nchw) {
+        pad_rows_cl_from_nchw(a.x + n * s.H * s.W * s.C, s, g, -s.pT, rows, Wph, buf.data());
+      } else {
+        pad_rows_cl(a.x + n * s.H * s.W * s.C, s, g, -s.pT, rows, Wph, buf.data());
+      }
       const float* go = a.go + n * s.OH * s.OW * s.K + g * Kg + k0;
+      const float* gplanes = a.go + (n * s.K + g * Kg + k0) * OHW;  // NCHW: the tile's planes
       // blocks of output rows whose grad_output (the tile's channels) is at most 16 KiB, each
       // through every chunk of taps: it stays in L1 rather than streaming from L2 once a chunk
       for (int64_t oh0 = 0; oh0 < s.OH; oh0 += pl.rows) {
         const int64_t oh1 = std::min(s.OH, oh0 + pl.rows);
+        const float* gb = go;
+        int64_t pix = s.K;
+        if (a.nchw) {
+          const int64_t p0 = oh0 * s.OW, np = (oh1 - oh0) * s.OW, kc = std::min(L, left);
+          for (int64_t c0 = 0; c0 < L; c0 += 8) {  // 8 channels x 8 pixels at a time
+            int64_t i = 0;
+            if (c0 + 8 <= kc) {
+              for (; i + 8 <= np; i += 8) {
+                avx2::block(gplanes + c0 * OHW + p0 + i, OHW, gl.data() + i * L + c0, L);
+              }
+            }
+            for (; i < np; ++i) {
+              for (int64_t c = c0; c < c0 + 8; ++c) {
+                gl[static_cast<size_t>(i * L + c)] = c < kc ? gplanes[c * OHW + p0 + i] : 0.0f;
+              }
+            }
+          }
+          gb = gl.data() - p0 * L;  // indexed from pixel 0 of the image, as go
+          pix = L;
+        }
         for (int64_t ch = 0; ch < chunks; ++ch) {
           int64_t off[kJ];
           for (int j = 0; j < kJ; ++j) {  // taps past the end read tap 0 (results dropped)
             const int64_t tap = ch * kJ + j < taps ? ch * kJ + j : 0;
             off[j] = tap_offset_cl(s, tap / (s.S * Cg), tap / Cg % s.S, tap % Cg, Wph);
           }
-          wgrad_cl_tile<kJ, kN>(go, buf.data(), off, s, row, left, oh0, oh1,
+          wgrad_cl_tile<kJ, kN>(gb, pix, buf.data(), off, s, row, left, oh0, oh1,
                                 &acc[ch * kJ * kN * 8]);
         }
       }
@@ -1004,8 +1056,8 @@ DirectPlan direct_wgrad_cl_plan(const ConvShape& s) {
 
 void conv2d_bwd_weight_cl_direct_avx2(const float* grad_out, const float* x, float* partial,
                                       const ConvShape& s, const DirectPlan& p, int64_t t0,
-                                      int64_t t1) {
-  const WgradClArgs a{grad_out, x, partial, &s, &p};
+                                      int64_t t1, bool nchw) {
+  const WgradClArgs a{grad_out, x, partial, &s, &p, nchw};
   wgrad_cl_fn(p.kK)(a, t0, t1);
 }
 

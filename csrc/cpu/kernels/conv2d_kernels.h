@@ -66,9 +66,11 @@ void conv2d_fwd_cl_direct_avx2(const float* x, const float* packed, const float*
                                const OutGeometry* out = nullptr);
 DirectPlan direct_wgrad_cl_plan(const ConvShape& s);
 // Tasks [t0, t1) of (slice, g, tile), direct_wgrad_tasks(s, p) in all: partial[slice] (K x R S Cg).
+// nchw: grad_out and x are NCHW, each image's rows and grad_output blocks reordered as they are
+// read (no channels_last copies).
 void conv2d_bwd_weight_cl_direct_avx2(const float* grad_out, const float* x, float* partial,
                                       const ConvShape& s, const DirectPlan& p, int64_t t0,
-                                      int64_t t1);
+                                      int64_t t1, bool nchw = false);
 
 // Winograd F(2x2, 3x3) on channels_last (cl) or NCHW tensors (winograd_avx2.cpp): 3x3, stride 1,
 // dilation 1, one group. Filters transformed once into winograd_packed_size(s) floats, panels
