@@ -13,9 +13,9 @@
 #include <array>
 #include <cstring>
 #include <utility>
-#include <vector>
 
 #include "cpu/kernels/conv2d_kernels.h"
+#include "cpu/kernels/thread_scratch.h"
 #include "cpu/kernels/transpose_block.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -290,8 +290,9 @@ void fwd_tasks(const FwdArgs& a, int64_t t0, int64_t t1) {
   const int64_t Cg = s.Cg(), RS = s.R * s.S, taps = Cg * RS;
   const int64_t Wph = pl.Wph, row = s.sW * Wph, blocks = ceil_div(s.OW, 8 * kV);
   const int64_t max_rows = (pl.rows - 1) * s.sH + (s.R - 1) * s.dH + 1;
-  std::vector<float> buf(static_cast<size_t>(pl.chunk * chan_stride(max_rows, row)));
-  std::vector<int64_t> off(static_cast<size_t>(taps));
+  float* const buf =
+      thread_scratch<float, 0>(static_cast<size_t>(pl.chunk * chan_stride(max_rows, row)));
+  int64_t* const off = thread_scratch<int64_t, 0>(static_cast<size_t>(taps));
   const int64_t row_blocks = ceil_div(s.OH, pl.rows);
   const int reuse = reuse_rows(s, kK, kH, kV);
   for (int64_t t = t0; t < t1; ++t) {  // t = (n, g, row block)
@@ -311,14 +312,14 @@ void fwd_tasks(const FwdArgs& a, int64_t t0, int64_t t1) {
     for (int64_t c0 = 0; c0 < Cg; c0 += pl.chunk) {
       const int64_t c1 = std::min(Cg, c0 + pl.chunk);
       pad_rows(a.x + (n * s.C + g * Cg + c0) * s.H * s.W, s, c1 - c0, oh0 * s.sH - s.pT, rows, Wph,
-               buf.data());
+               buf);
       const TapRange tr{c0 * RS, c1 * RS, c0 == 0, c1 >= Cg};
       if (pl.row_major) {  // see direct_fwd_plan
         for (int64_t oh = oh0; oh < oh1; ++oh) {
-          const float* xrow = buf.data() + (oh - oh0) * hstride;
+          const float* xrow = buf + (oh - oh0) * hstride;
           for (int64_t tile = 0; tile < pl.tiles; ++tile) {
             for (int64_t b = 0; b < blocks; ++b) {
-              fwd_rows<kK, 1, kV>(a, xrow, hstride, off.data(), tr, n, g, tile, oh, b * 8 * kV);
+              fwd_rows<kK, 1, kV>(a, xrow, hstride, off, tr, n, g, tile, oh, b * 8 * kV);
             }
           }
         }
@@ -329,28 +330,28 @@ void fwd_tasks(const FwdArgs& a, int64_t t0, int64_t t1) {
       for (int64_t tile = 0; tile < pl.tiles; ++tile) {
         int64_t oh = oh0;
         for (; oh + kH <= oh1; oh += kH) {
-          const float* xrow = buf.data() + (oh - oh0) * hstride;
+          const float* xrow = buf + (oh - oh0) * hstride;
           for (int64_t b = 0; b < blocks; ++b) {
             const int64_t ow = b * 8 * kV;
             switch (reuse) {
               case 3:
-                fwd_rows_reuse<kK, kH, kV, 3>(a, xrow, hstride, off.data(), tr, n, g, tile, oh, ow);
+                fwd_rows_reuse<kK, kH, kV, 3>(a, xrow, hstride, off, tr, n, g, tile, oh, ow);
                 break;
               case 5:
-                fwd_rows_reuse<kK, kH, kV, 5>(a, xrow, hstride, off.data(), tr, n, g, tile, oh, ow);
+                fwd_rows_reuse<kK, kH, kV, 5>(a, xrow, hstride, off, tr, n, g, tile, oh, ow);
                 break;
               case 7:
-                fwd_rows_reuse<kK, kH, kV, 7>(a, xrow, hstride, off.data(), tr, n, g, tile, oh, ow);
+                fwd_rows_reuse<kK, kH, kV, 7>(a, xrow, hstride, off, tr, n, g, tile, oh, ow);
                 break;
               default:
-                fwd_rows<kK, kH, kV>(a, xrow, hstride, off.data(), tr, n, g, tile, oh, ow);
+                fwd_rows<kK, kH, kV>(a, xrow, hstride, off, tr, n, g, tile, oh, ow);
             }
           }
         }
         for (; oh < oh1; ++oh) {  // rows left over: one at a time
-          const float* xrow = buf.data() + (oh - oh0) * hstride;
+          const float* xrow = buf + (oh - oh0) * hstride;
           for (int64_t b = 0; b < blocks; ++b) {
-            fwd_rows<kK, 1, kV>(a, xrow, hstride, off.data(), tr, n, g, tile, oh, b * 8 * kV);
+            fwd_rows<kK, 1, kV>(a, xrow, hstride, off, tr, n, g, tile, oh, b * 8 * kV);
           }
         }
       }
@@ -482,14 +483,15 @@ void wgrad_tasks(const WgradArgs& a, int64_t t0, int64_t t1) {
   const int64_t Cg = s.Cg(), Kg = s.Kg(), RS = s.R * s.S, taps = Cg * RS;
   const int64_t Wph = pl.Wph, row = s.sW * Wph, rows = (s.OH - 1) * s.sH + (s.R - 1) * s.dH + 1;
   const int64_t chunks = ceil_div(taps, kJ), per_slice = ceil_div(s.N, pl.slices);
-  std::vector<float> buf(static_cast<size_t>(Cg * chan_stride(rows, row)));
-  std::vector<float> acc(static_cast<size_t>(chunks * kK * kJ * 8));
+  float* const buf = thread_scratch<float, 0>(static_cast<size_t>(Cg * chan_stride(rows, row)));
+  const size_t acc_size = static_cast<size_t>(chunks * kK * kJ * 8);
+  float* const acc = thread_scratch<float, 1>(acc_size);
   for (int64_t t = t0; t < t1; ++t) {  // t = (slice, g, tile)
     const int64_t tile = t % pl.tiles, g = (t / pl.tiles) % s.G, slice = t / (pl.tiles * s.G);
-    std::fill(acc.begin(), acc.end(), 0.0f);
+    std::fill(acc, acc + acc_size, 0.0f);
     const int64_t n1 = std::min(s.N, (slice + 1) * per_slice);
     for (int64_t n = slice * per_slice; n < n1; ++n) {
-      pad_rows(a.x + (n * s.C + g * Cg) * s.H * s.W, s, Cg, -s.pT, rows, Wph, buf.data());
+      pad_rows(a.x + (n * s.C + g * Cg) * s.H * s.W, s, Cg, -s.pT, rows, Wph, buf);
       const float* go[kK];
       for (int k = 0; k < kK; ++k) {  // channels past Kg read the tile's first (results dropped)
         const int64_t kl = tile * kK + k < Kg ? tile * kK + k : tile * kK;
@@ -502,7 +504,7 @@ void wgrad_tasks(const WgradArgs& a, int64_t t0, int64_t t1) {
           const int64_t c = tap / RS, r = tap % RS / s.S, q = tap % s.S;
           off[j] = tap_offset(s, c, r, q, rows, Wph);
         }
-        wgrad_tile<kK, kJ>(go, buf.data(), off, s, row, &acc[ch * kK * kJ * 8]);
+        wgrad_tile<kK, kJ>(go, buf, off, s, row, acc + ch * kK * kJ * 8);
       }
     }
     float* dst = a.partial + (slice * s.K + g * Kg) * taps;
@@ -510,7 +512,7 @@ void wgrad_tasks(const WgradArgs& a, int64_t t0, int64_t t1) {
       for (int64_t tap = 0; tap < taps; ++tap) {
         const int64_t ch = tap / kJ, j = tap % kJ;
         dst[(tile * kK + k) * taps + tap] =
-            hsum(_mm256_loadu_ps(&acc[((ch * kK + k) * kJ + j) * 8]));
+            hsum(_mm256_loadu_ps(acc + ((ch * kK + k) * kJ + j) * 8));
       }
     }
   }
@@ -648,8 +650,8 @@ void fwd_cl_tasks(const FwdClArgs& a, int64_t t0, int64_t t1) {
   const int64_t Cg = s.Cg(), Kg = s.Kg(), taps = Cg * s.R * s.S, Wph = pl.Wph;
   const int64_t row = s.sW * Wph * Cg, blocks = ceil_div(s.OW, kP);
   const int64_t max_rows = (pl.rows - 1) * s.sH + (s.R - 1) * s.dH + 1;
-  std::vector<float> buf(static_cast<size_t>(max_rows * row));
-  std::vector<int64_t> off(static_cast<size_t>(taps));
+  float* const buf = thread_scratch<float, 0>(static_cast<size_t>(max_rows * row));
+  int64_t* const off = thread_scratch<int64_t, 0>(static_cast<size_t>(taps));
   for (int64_t tap = 0; tap < taps; ++tap) {
     off[tap] = tap_offset_cl(s, tap / (s.S * Cg), tap / Cg % s.S, tap % Cg, Wph);
   }
@@ -658,15 +660,15 @@ void fwd_cl_tasks(const FwdClArgs& a, int64_t t0, int64_t t1) {
     const int64_t rb = t % row_blocks, g = (t / row_blocks) % s.G, n = t / (row_blocks * s.G);
     const int64_t oh0 = rb * pl.rows, oh1 = std::min(s.OH, oh0 + pl.rows);
     const int64_t rows = (oh1 - oh0 - 1) * s.sH + (s.R - 1) * s.dH + 1;
-    pad_rows_cl(a.x + n * s.H * s.W * s.C, s, g, oh0 * s.sH - s.pT, rows, Wph, buf.data());
+    pad_rows_cl(a.x + n * s.H * s.W * s.C, s, g, oh0 * s.sH - s.pT, rows, Wph, buf);
     for (int64_t oh = oh0; oh < oh1; ++oh) {
-      const float* xrow = buf.data() + (oh - oh0) * s.sH * row;
+      const float* xrow = buf + (oh - oh0) * s.sH * row;
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t ow = b * kP, pixels = std::min<int64_t>(kP, s.OW - ow);
         for (int64_t tile = 0; tile < pl.tiles; ++tile) {
           __m256 acc[kP][kN];
-          fwd_cl_tile<kP, kN>(xrow + ow * Cg, a.packed + (g * pl.tiles + tile) * taps * 8 * kN,
-                              off.data(), taps, Cg, acc);
+          fwd_cl_tile<kP, kN>(xrow + ow * Cg, a.packed + (g * pl.tiles + tile) * taps * 8 * kN, off,
+                              taps, Cg, acc);
           const int64_t k0 = tile * 8 * kN;  // first channel of the tile inside the group
           const float* bias = a.bias + (g * pl.tiles + tile) * 8 * kN;
           // pixel by pixel, its channel vectors in order: each output line is written by
@@ -791,23 +793,24 @@ void wgrad_cl_tasks(const WgradClArgs& a, int64_t t0, int64_t t1) {
   const int64_t Cg = s.Cg(), Kg = s.Kg(), taps = s.R * s.S * Cg, Wph = pl.Wph;
   const int64_t row = s.sW * Wph * Cg, rows = (s.OH - 1) * s.sH + (s.R - 1) * s.dH + 1;
   const int64_t chunks = ceil_div(taps, kJ), per_slice = ceil_div(s.N, pl.slices);
-  std::vector<float> buf(static_cast<size_t>(rows * row));
-  std::vector<float> acc(static_cast<size_t>(chunks * kJ * kN * 8));
+  float* const buf = thread_scratch<float, 0>(static_cast<size_t>(rows * row));
+  const size_t acc_size = static_cast<size_t>(chunks * kJ * kN * 8);
+  float* const acc = thread_scratch<float, 1>(acc_size);
   // NCHW grad_output: each block of output rows of the tile's channels transposed here into
   // (pixel, 8 kN channels), zeros past the group's channels
   constexpr int64_t L = 8 * kN;
   const int64_t OHW = s.OH * s.OW, block_px = ceil_div(pl.rows * s.OW, 8) * 8;
-  std::vector<float> gl(a.nchw ? static_cast<size_t>(block_px * L) : 0);
+  float* const gl = thread_scratch<float, 2>(a.nchw ? static_cast<size_t>(block_px * L) : 0);
   for (int64_t t = t0; t < t1; ++t) {  // t = (slice, g, tile)
     const int64_t tile = t % pl.tiles, g = (t / pl.tiles) % s.G, slice = t / (pl.tiles * s.G);
     const int64_t k0 = tile * 8 * kN, left = Kg - k0;
-    std::fill(acc.begin(), acc.end(), 0.0f);
+    std::fill(acc, acc + acc_size, 0.0f);
     const int64_t n1 = std::min(s.N, (slice + 1) * per_slice);
     for (int64_t n = slice * per_slice; n < n1; ++n) {
       if (a.nchw) {
-        pad_rows_cl_from_nchw(a.x + n * s.H * s.W * s.C, s, g, -s.pT, rows, Wph, buf.data());
+        pad_rows_cl_from_nchw(a.x + n * s.H * s.W * s.C, s, g, -s.pT, rows, Wph, buf);
       } else {
-        pad_rows_cl(a.x + n * s.H * s.W * s.C, s, g, -s.pT, rows, Wph, buf.data());
+        pad_rows_cl(a.x + n * s.H * s.W * s.C, s, g, -s.pT, rows, Wph, buf);
       }
       const float* go = a.go + n * s.OH * s.OW * s.K + g * Kg + k0;
       const float* gplanes = a.go + (n * s.K + g * Kg + k0) * OHW;  // NCHW: the tile's planes
@@ -823,16 +826,16 @@ void wgrad_cl_tasks(const WgradClArgs& a, int64_t t0, int64_t t1) {
             int64_t i = 0;
             if (c0 + 8 <= kc) {
               for (; i + 8 <= np; i += 8) {
-                avx2::block(gplanes + c0 * OHW + p0 + i, OHW, gl.data() + i * L + c0, L);
+                avx2::block(gplanes + c0 * OHW + p0 + i, OHW, gl + i * L + c0, L);
               }
             }
             for (; i < np; ++i) {
               for (int64_t c = c0; c < c0 + 8; ++c) {
-                gl[static_cast<size_t>(i * L + c)] = c < kc ? gplanes[c * OHW + p0 + i] : 0.0f;
+                gl[i * L + c] = c < kc ? gplanes[c * OHW + p0 + i] : 0.0f;
               }
             }
           }
-          gb = gl.data() - p0 * L;  // indexed from pixel 0 of the image, as go
+          gb = gl - p0 * L;  // indexed from pixel 0 of the image, as go
           pix = L;
         }
         for (int64_t ch = 0; ch < chunks; ++ch) {
@@ -841,8 +844,7 @@ void wgrad_cl_tasks(const WgradClArgs& a, int64_t t0, int64_t t1) {
             const int64_t tap = ch * kJ + j < taps ? ch * kJ + j : 0;
             off[j] = tap_offset_cl(s, tap / (s.S * Cg), tap / Cg % s.S, tap % Cg, Wph);
           }
-          wgrad_cl_tile<kJ, kN>(gb, pix, buf.data(), off, s, row, left, oh0, oh1,
-                                &acc[ch * kJ * kN * 8]);
+          wgrad_cl_tile<kJ, kN>(gb, pix, buf, off, s, row, left, oh0, oh1, acc + ch * kJ * kN * 8);
         }
       }
     }

@@ -12,9 +12,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <vector>
 
 #include "cpu/kernels/conv2d_kernels.h"
+#include "cpu/kernels/thread_scratch.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
@@ -366,21 +366,21 @@ void winograd_fwd(const float* x, const float* u, const float* bias, const float
   const int64_t C8 = winograd_c8(s), K16 = winograd_k16(s), KP = K16 / 16;
   const int64_t T = winograd_tiles(s);
   const int64_t Tb = winograd_block_tiles(s);
-  std::vector<float> v(static_cast<size_t>(16 * Tb * C8));   // [xi][tile][C8]
-  std::vector<float> m(static_cast<size_t>(16 * Tb * K16));  // [xi][tile][K16]
+  float* const v = thread_scratch<float, 0>(static_cast<size_t>(16 * Tb * C8));   // [xi][tile][C8]
+  float* const m = thread_scratch<float, 1>(static_cast<size_t>(16 * Tb * K16));  // [xi][tile][K16]
   for (int64_t blk = b0; blk < b1; ++blk) {
     const int64_t t0 = blk * Tb, nt = std::min(Tb, T - t0);
-    fwd_input_tiles<kCL>(x, s, t0, nt, Tb, 0, Tb, v.data());
+    fwd_input_tiles<kCL>(x, s, t0, nt, Tb, 0, Tb, v);
     for (int xi = 0; xi < 16; ++xi) {  // the 16 products
       for (int64_t kp = 0; kp < KP; ++kp) {
         const float* b = u + (xi * KP + kp) * C8 * 16;
         for (int64_t r = 0; r < Tb; r += 6) {
-          gemm_6x16<false>(v.data() + (xi * Tb + r) * C8, C8, b, C8,
-                           m.data() + (xi * Tb + r) * K16 + kp * 16, K16);
+          gemm_6x16<false>(v + (xi * Tb + r) * C8, C8, b, C8, m + (xi * Tb + r) * K16 + kp * 16,
+                           K16);
         }
       }
     }
-    fwd_output_tiles<kCL>(m.data(), bias, residual, relu, y, s, t0, Tb, 0, nt);
+    fwd_output_tiles<kCL>(m, bias, residual, relu, y, s, t0, Tb, 0, nt);
   }
 }
 
