@@ -449,6 +449,8 @@ void winograd_fwd_output(const float* m, const float* bias, const float* residua
 // ---------------------------------------------------------------- weight gradient
 // dL/dg = G^T [sum over tiles of (A dY A^T) * (B^T d B)] G: the 16 products dU[xi] (K x C) =
 // sum over tiles of P[xi]^T V[xi], P = A dY A^T the transformed 2x2 output-gradient tiles.
+// A chunk's transforms are stored in the products' panels, each read front to back by a task:
+// V as [xi][C16 / 16][tile][16], P as [xi][K6 / 6][tile][6].
 
 int64_t winograd_k6(const ConvShape& s) { return ceil_div(s.K, 6) * 6; }
 int64_t winograd_c16(const ConvShape& s) { return ceil_div(s.C, 16) * 16; }
@@ -521,16 +523,29 @@ inline void transform_grad(const __m256 (&y)[2][2], float* p, int64_t stride) {
   }
 }
 
+// A tile's P from buf ([xi][K8]) into its panels at pg (tile t's rows: pg + t * 6).
+inline void grad_panels(const float* buf, int64_t K6, int64_t K8, int64_t count, float* pg) {
+  for (int xi = 0; xi < 16; ++xi) {
+    const float* src = buf + xi * K8;
+    float* dst = pg + xi * count * K6;
+    for (int64_t k = 0; k < K6; k += 6, src += 6, dst += count * 6) {
+      _mm_storeu_ps(dst, _mm_loadu_ps(src));
+      _mm_storel_pi(reinterpret_cast<__m64*>(dst + 4),
+                    _mm_loadl_pi(_mm_setzero_ps(), reinterpret_cast<const __m64*>(src + 4)));
+    }
+  }
+}
+
 template <bool kCL>
 void wgrad_transform(const float* go, const float* x, const ConvShape& s, int64_t first,
                      int64_t count, float* v, float* pg, int64_t i0, int64_t i1) {
-  const int64_t C16 = winograd_c16(s), K6 = winograd_k6(s);
+  const int64_t C16 = winograd_c16(s), K6 = winograd_k6(s), K8 = ceil_div(K6, 8) * 8;
   const int64_t TH = ceil_div(s.OH, 2), TW = ceil_div(s.OW, 2);
+  float* const tmp = thread_scratch<float, 0>(static_cast<size_t>(2 * 16 * K8));
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t t = first + i, n = t / (TH * TW), ty = t / TW % TH, tx = t % TW;
     const int64_t h0 = 2 * ty - s.pT, w0 = 2 * tx - s.pL;
     const bool inside = h0 >= 0 && w0 >= 0 && h0 + 4 <= s.H && w0 + 4 <= s.W;
-    float* vt = v + i * C16;
     for (int64_t c = 0; c < C16; c += 8) {
       __m256 d[4][4];
       if (c >= s.C) {
@@ -540,24 +555,19 @@ void wgrad_transform(const float* go, const float* x, const ConvShape& s, int64_
       } else {
         load_patch<kCL>(x, s, n, h0, w0, c, inside, d);
       }
-      transform_input(d, vt, count * C16);
-      vt += 8;
+      transform_input(d, v + (c / 16 * count + i) * 16 + c % 16, count * C16);
     }
-    float* pt = pg + i * K6;
+    // P through a buffer of whole vectors ([xi][K8]), then in runs of six into its panels, a tile
+    // later (the buffer's stores long done: its loads across two of them would wait on them)
+    float* const buf = tmp + (i & 1) * 16 * K8;
     for (int64_t k = 0; k < K6; k += 8) {
       __m256 y[2][2];
       load_grad_tile<kCL>(go, s, n, 2 * ty, 2 * tx, k, y);
-      if (k + 8 <= K6) {
-        transform_grad(y, pt + k, count * K6);
-      } else {  // the last K6 columns hold fewer than eight: through a bounce buffer
-        alignas(32) float tmp[16 * 8];
-        transform_grad(y, tmp, 8);
-        for (int xi = 0; xi < 16; ++xi) {
-          for (int64_t q = 0; q < K6 - k; ++q) pt[xi * count * K6 + k + q] = tmp[xi * 8 + q];
-        }
-      }
+      transform_grad(y, buf + k, K8);
     }
+    if (i > i0) grad_panels(tmp + ((i - 1) & 1) * 16 * K8, K6, K8, count, pg + (i - 1) * 6);
   }
+  if (i1 > i0) grad_panels(tmp + ((i1 - 1) & 1) * 16 * K8, K6, K8, count, pg + (i1 - 1) * 6);
 }
 
 }  // namespace
@@ -576,15 +586,16 @@ int64_t winograd_wgrad_tasks(const ConvShape& s) {
   return 16 * (winograd_k6(s) / 6) * (winograd_c16(s) / 16);
 }
 
-// Task (xi, k panel, c panel): du[xi][k .. k + 5][c .. c + 15] += sum over the `count` tiles of
-// pg[xi][t][k + r] v[xi][t][c ..], the tiles in order (deterministic).
+// Task (xi, c panel, k panel): du[xi][k .. k + 5][c .. c + 15] += sum over the `count` tiles of
+// P[xi][t][k + r] V[xi][t][c ..], the tiles in order (deterministic). Consecutive tasks share
+// the c panel of V, which stays in L1 for them.
 void winograd_wgrad_products(const float* v, const float* pg, float* du, const ConvShape& s,
                              int64_t count, int64_t j0, int64_t j1, bool first_chunk) {
   const int64_t C16 = winograd_c16(s), K6 = winograd_k6(s), CP = C16 / 16, KP = K6 / 6;
   for (int64_t j = j0; j < j1; ++j) {
-    const int64_t cp = j % CP, kp = j / CP % KP, xi = j / (CP * KP);
-    const float* a = pg + xi * count * K6 + kp * 6;
-    const float* b = v + xi * count * C16 + cp * 16;
+    const int64_t kp = j % KP, cp = j / KP % CP, xi = j / (CP * KP);
+    const float* a = pg + (xi * KP + kp) * count * 6;
+    const float* b = v + (xi * CP + cp) * count * 16;
     float* d = du + (xi * K6 + kp * 6) * C16 + cp * 16;
     __m256 acc[6][2];
 #pragma GCC unroll 6
@@ -593,7 +604,7 @@ void winograd_wgrad_products(const float* v, const float* pg, float* du, const C
       acc[r][1] = first_chunk ? _mm256_setzero_ps() : _mm256_loadu_ps(d + r * C16 + 8);
     }
 #pragma GCC unroll 4
-    for (int64_t t = 0; t < count; ++t, a += K6, b += C16) {
+    for (int64_t t = 0; t < count; ++t, a += 6, b += 16) {
       const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
       for (int r = 0; r < 6; ++r) {
         const __m256 av = _mm256_broadcast_ss(a + r);
