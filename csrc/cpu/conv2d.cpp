@@ -570,15 +570,17 @@ void forward_avx2(const float* x, const float* w, const float* bias, const float
 // (xi, output-channel panel, input-channel panel) (the first chunk's written, not added); finally
 // dU back to 3x3 filters in parallel. A thread's consecutive tasks share xi, whose transforms of
 // the chunk stay in L2 (up to 130 KiB at 128 channels each way): 1.15-1.3x faster than chunks of
-// 8 MiB of transforms at 64 to 256 channels, the same at 512 (measured). The transforms are
-// stored as the products' panels, each read front to back (1.05-1.3x faster than rows of every
-// channel read at a stride, 64 to 512 channels; measured).
+// 8 MiB of transforms at 64 to 256 channels, the same at 512; chunks of 64 tiles as fast as 128,
+// of 32 or 16 slower (measured). The transforms are stored as the products' panels, each read
+// front to back (1.05-1.3x faster than rows of every channel read at a stride, 64 to 512
+// channels; measured), an odd number of cache lines apart (1.05-1.13x at 64 to 256 channels).
 constexpr int64_t kWinogradWgradChunk = 128;
 void winograd_backward_weight(const float* go, const float* x, float* gw, const ConvShape& s,
                               bool cl) {
   const int64_t C16 = winograd_c16(s), K6 = winograd_k6(s), T = winograd_tiles(s);
   const int64_t chunk = std::min<int64_t>(T, kWinogradWgradChunk);
-  const Scratch<float> vt(16 * chunk * C16), pgt(16 * chunk * K6), dut(16 * K6 * C16);
+  const Scratch<float> vt(16 * C16 / 16 * winograd_wgrad_panel(chunk * 16)),
+      pgt(16 * K6 / 6 * winograd_wgrad_panel(chunk * 6)), dut(16 * K6 * C16);
   float* const v = vt.data();
   float* const pg = pgt.data();
   float* const du = dut.data();

@@ -108,10 +108,12 @@ void winograd_fwd_output(const float* m, const float* bias, const float* residua
 int64_t winograd_c8(const ConvShape& s);
 
 // Winograd weight gradient, in chunks of `count` tiles from tile `first`: transform tiles [i0, i1)
-// of the chunk into v ([16][count][winograd_c16]) and pg ([16][count][winograd_k6]); add the
-// chunk's products into du ([16][winograd_k6][winograd_c16]; the first chunk writes them), tasks
-// [j0, j1) of winograd_wgrad_tasks(s); finally gw (K, C, 3, 3) from du, output channels [k0, k1).
+// of the chunk into v (16 x winograd_c16 / 16 panels of [count][16]) and pg (16 x winograd_k6 / 6
+// panels of [count][6]), each panel winograd_wgrad_panel(its floats) apart; add the chunk's
+// products into du ([16][winograd_k6][winograd_c16]; the first chunk writes them), tasks [j0, j1)
+// of winograd_wgrad_tasks(s); finally gw (K, C, 3, 3) from du, output channels [k0, k1).
 int64_t winograd_k6(const ConvShape& s);
+int64_t winograd_wgrad_panel(int64_t floats);  // an odd number of 64-byte lines
 int64_t winograd_c16(const ConvShape& s);
 void winograd_wgrad_transform(const float* go, const float* x, const ConvShape& s, bool cl,
                               int64_t first, int64_t count, float* v, float* pg, int64_t i0,

@@ -450,9 +450,12 @@ void winograd_fwd_output(const float* m, const float* bias, const float* residua
 // dL/dg = G^T [sum over tiles of (A dY A^T) * (B^T d B)] G: the 16 products dU[xi] (K x C) =
 // sum over tiles of P[xi]^T V[xi], P = A dY A^T the transformed 2x2 output-gradient tiles.
 // A chunk's transforms are stored in the products' panels, each read front to back by a task:
-// V as [xi][C16 / 16][tile][16], P as [xi][K6 / 6][tile][6].
+// V as [xi][C16 / 16] panels of [tile][16], P as [xi][K6 / 6] panels of [tile][6], the panels an
+// odd number of 64-byte lines apart (winograd_wgrad_panel): a tile's rows, one in every panel,
+// then fall in different cache sets (at 128 tiles, panels of 8 or 3 KiB put them in one or four).
 
 int64_t winograd_k6(const ConvShape& s) { return ceil_div(s.K, 6) * 6; }
+int64_t winograd_wgrad_panel(int64_t floats) { return ceil_div(floats, 16) * 16 | 16; }
 int64_t winograd_c16(const ConvShape& s) { return ceil_div(s.C, 16) * 16; }
 
 namespace {
@@ -523,12 +526,21 @@ inline void transform_grad(const __m256 (&y)[2][2], float* p, int64_t stride) {
   }
 }
 
-// A tile's P from buf ([xi][K8]) into its panels at pg (tile t's rows: pg + t * 6).
-inline void grad_panels(const float* buf, int64_t K6, int64_t K8, int64_t count, float* pg) {
+// A tile's P from buf ([xi][K8], K8 >= K6 + 2) into its panels at pg (tile t's rows: pg + t * 6).
+// Unless `exact`, each run of six is stored as eight floats, the last two landing on the next
+// tile's row of the panel, which the caller stores later (one store a run, not two).
+inline void grad_panels(const float* buf, int64_t K6, int64_t K8, int64_t panel, float* pg,
+                        bool exact) {
   for (int xi = 0; xi < 16; ++xi) {
     const float* src = buf + xi * K8;
-    float* dst = pg + xi * count * K6;
-    for (int64_t k = 0; k < K6; k += 6, src += 6, dst += count * 6) {
+    float* dst = pg + xi * (K6 / 6) * panel;
+    if (!exact) {
+      for (int64_t k = 0; k < K6; k += 6, src += 6, dst += panel) {
+        _mm256_storeu_ps(dst, _mm256_loadu_ps(src));
+      }
+      continue;
+    }
+    for (int64_t k = 0; k < K6; k += 6, src += 6, dst += panel) {
       _mm_storeu_ps(dst, _mm_loadu_ps(src));
       _mm_storel_pi(reinterpret_cast<__m64*>(dst + 4),
                     _mm_loadl_pi(_mm_setzero_ps(), reinterpret_cast<const __m64*>(src + 4)));
@@ -539,7 +551,8 @@ inline void grad_panels(const float* buf, int64_t K6, int64_t K8, int64_t count,
 template <bool kCL>
 void wgrad_transform(const float* go, const float* x, const ConvShape& s, int64_t first,
                      int64_t count, float* v, float* pg, int64_t i0, int64_t i1) {
-  const int64_t C16 = winograd_c16(s), K6 = winograd_k6(s), K8 = ceil_div(K6, 8) * 8;
+  const int64_t C16 = winograd_c16(s), K6 = winograd_k6(s), K8 = ceil_div(K6 + 2, 8) * 8;
+  const int64_t vp = winograd_wgrad_panel(count * 16), pp = winograd_wgrad_panel(count * 6);
   const int64_t TH = ceil_div(s.OH, 2), TW = ceil_div(s.OW, 2);
   float* const tmp = thread_scratch<float, 0>(static_cast<size_t>(2 * 16 * K8));
   for (int64_t i = i0; i < i1; ++i) {
@@ -555,7 +568,7 @@ void wgrad_transform(const float* go, const float* x, const ConvShape& s, int64_
       } else {
         load_patch<kCL>(x, s, n, h0, w0, c, inside, d);
       }
-      transform_input(d, v + (c / 16 * count + i) * 16 + c % 16, count * C16);
+      transform_input(d, v + c / 16 * vp + i * 16 + c % 16, C16 / 16 * vp);
     }
     // P through a buffer of whole vectors ([xi][K8]), then in runs of six into its panels, a tile
     // later (the buffer's stores long done: its loads across two of them would wait on them)
@@ -565,9 +578,9 @@ void wgrad_transform(const float* go, const float* x, const ConvShape& s, int64_
       load_grad_tile<kCL>(go, s, n, 2 * ty, 2 * tx, k, y);
       transform_grad(y, buf + k, K8);
     }
-    if (i > i0) grad_panels(tmp + ((i - 1) & 1) * 16 * K8, K6, K8, count, pg + (i - 1) * 6);
+    if (i > i0) grad_panels(tmp + ((i - 1) & 1) * 16 * K8, K6, K8, pp, pg + (i - 1) * 6, false);
   }
-  if (i1 > i0) grad_panels(tmp + ((i1 - 1) & 1) * 16 * K8, K6, K8, count, pg + (i1 - 1) * 6);
+  if (i1 > i0) grad_panels(tmp + ((i1 - 1) & 1) * 16 * K8, K6, K8, pp, pg + (i1 - 1) * 6, true);
 }
 
 }  // namespace
@@ -594,8 +607,8 @@ void winograd_wgrad_products(const float* v, const float* pg, float* du, const C
   const int64_t C16 = winograd_c16(s), K6 = winograd_k6(s), CP = C16 / 16, KP = K6 / 6;
   for (int64_t j = j0; j < j1; ++j) {
     const int64_t kp = j % KP, cp = j / KP % CP, xi = j / (CP * KP);
-    const float* a = pg + (xi * KP + kp) * count * 6;
-    const float* b = v + (xi * CP + cp) * count * 16;
+    const float* a = pg + (xi * KP + kp) * winograd_wgrad_panel(count * 6);
+    const float* b = v + (xi * CP + cp) * winograd_wgrad_panel(count * 16);
     float* d = du + (xi * K6 + kp * 6) * C16 + cp * 16;
     __m256 acc[6][2];
 #pragma GCC unroll 6
