@@ -233,6 +233,28 @@ __attribute__((always_inline)) inline void fwd_rows(const FwdArgs& a, const floa
       }
     }
   }
+  if (kk == kK && cols >= 8 * kV && tr.first) {
+    // the common case: every channel of the tile, whole vectors, no earlier pass to add; straight
+    // from the accumulators (constant indices only: they stay in registers)
+    const bool last = tr.last, relu = last && a.relu;
+    const float* const res = last ? a.residual : nullptr;
+#pragma GCC unroll 12
+    for (int k = 0; k < kK; ++k) {
+      const int64_t kg = g * Kg + tile * kK + k;
+      const __m256 bias = _mm256_set1_ps(last && a.bias != nullptr ? a.bias[kg] : 0.0f);
+#pragma GCC unroll 12
+      for (int h = 0; h < kH; ++h) {
+        const int64_t o = (n * s.K + kg) * plane + (oh + h) * s.OW + ow;
+#pragma GCC unroll 12
+        for (int v = 0; v < kV; ++v) {
+          __m256 r = _mm256_add_ps(acc[(k * kH + h) * kV + v], bias);
+          if (res != nullptr) r = _mm256_add_ps(r, _mm256_loadu_ps(res + o + 8 * v));
+          _mm256_storeu_ps(a.y + o + 8 * v, relu ? relu8(r) : r);
+        }
+      }
+    }
+    return;
+  }
   __m256 out[kN];
 #pragma GCC unroll 12
   for (int i = 0; i < kN; ++i) out[i] = acc[i];
