@@ -559,7 +559,19 @@ void wgrad_transform(const float* go, const float* x, const ConvShape& s, int64_
     const int64_t t = first + i, n = t / (TH * TW), ty = t / TW % TH, tx = t % TW;
     const int64_t h0 = 2 * ty - s.pT, w0 = 2 * tx - s.pL;
     const bool inside = h0 >= 0 && w0 >= 0 && h0 + 4 <= s.H && w0 + 4 <= s.W;
-    for (int64_t c = 0; c < C16; c += 8) {
+    int64_t c = 0;
+    if (kCL && inside) {  // whole vectors of channels from one base pointer
+      const int64_t C = s.C, row = s.W * C;
+      const float* p0 = x + ((n * s.H + h0) * s.W + w0) * C;
+      for (; c + 8 <= C; c += 8) {
+        __m256 d[4][4];
+        for (int a = 0; a < 4; ++a) {
+          for (int b = 0; b < 4; ++b) d[a][b] = _mm256_loadu_ps(p0 + a * row + b * C + c);
+        }
+        transform_input(d, v + c / 16 * vp + i * 16 + c % 16, C16 / 16 * vp);
+      }
+    }
+    for (; c < C16; c += 8) {
       __m256 d[4][4];
       if (c >= s.C) {
         for (auto& row : d) {
@@ -573,7 +585,17 @@ void wgrad_transform(const float* go, const float* x, const ConvShape& s, int64_
     // P through a buffer of whole vectors ([xi][K8]), then in runs of six into its panels, a tile
     // later (the buffer's stores long done: its loads across two of them would wait on them)
     float* const buf = tmp + (i & 1) * 16 * K8;
-    for (int64_t k = 0; k < K6; k += 8) {
+    int64_t k = 0;
+    if (kCL && 2 * ty + 2 <= s.OH && 2 * tx + 2 <= s.OW) {  // the whole 2x2 tile
+      const int64_t K = s.K, row = s.OW * K;
+      const float* p0 = go + ((n * s.OH + 2 * ty) * s.OW + 2 * tx) * K;
+      for (; k + 8 <= K; k += 8) {
+        const __m256 y[2][2] = {{_mm256_loadu_ps(p0 + k), _mm256_loadu_ps(p0 + K + k)},
+                                {_mm256_loadu_ps(p0 + row + k), _mm256_loadu_ps(p0 + row + K + k)}};
+        transform_grad(y, buf + k, K8);
+      }
+    }
+    for (; k < K6; k += 8) {
       __m256 y[2][2];
       load_grad_tile<kCL>(go, s, n, 2 * ty, 2 * tx, k, y);
       transform_grad(y, buf + k, K8);
