@@ -10,7 +10,8 @@
 namespace pyconv::cpu {
 
 // n elements of T for slot kSlot of the calling thread, uninitialised; valid until this thread
-// asks for the same slot and type again.
+// asks for the same slot and type again. A slot grows to its largest request and is kept for the
+// thread's life (a few MiB at most: the direct kernels' padded rows of one image).
 template <typename T, int kSlot>
 T* thread_scratch(size_t n) {
   thread_local std::unique_ptr<T[]> data;
