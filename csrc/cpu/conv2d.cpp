@@ -1344,8 +1344,20 @@ at::Tensor subsampled(const at::Tensor& t, const ConvShape& s) {
       });
       return;
     }
+    // the source row eight rows ahead prefetched: each row's loads otherwise wait on memory (the
+    // rows skipped defeat the hardware's stream detection). ResNet's 64 -> 128 1x1 stride-2
+    // layer on 32 x 32 NCHW: forward 1.25-1.7x, weight gradient 1.25-1.45x faster; 1.02-1.1x on
+    // larger and smaller ones (measured)
+    constexpr int64_t ahead = 8;
     at::parallel_for(0, N * C * OH, 1, [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {  // q = (plane, output row)
+        if (q + ahead < q1) {
+          const int64_t qa = q + ahead;
+          const char* pa = reinterpret_cast<const char*>(src + (qa / OH * H + qa % OH * s.sH) * W);
+          for (int64_t b = 0; b < W * static_cast<int64_t>(sizeof(T)); b += 64) {
+            __builtin_prefetch(pa + b, 0, 3);
+          }
+        }
         const int64_t p = q / OH, i = q % OH;
         const T* row = src + (p * H + i * s.sH) * W;
         T* to = dst + q * OW;
