@@ -434,6 +434,29 @@ def test_strided_pointwise_layers(simd, fmt, stride, groups):
     check_float32_layer(x, w, b, dict(stride=stride, groups=groups), fmt)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_channels_last_weights(simd, dtype):
+    # a model moved to channels_last has channels_last weights: they are read through the
+    # layout transposes, with the same results (bits) as contiguous ones, for the forward and
+    # both gradients (Winograd, 1x1, strided, first-layer and implicit-GEMM layers)
+    for c, k, r, st, p in [
+        (64, 64, 3, 1, 1),
+        (8, 16, 1, 2, 0),
+        (3, 16, 5, 2, 2),
+        (32, 48, 3, 2, 1),
+    ]:
+        x = torch.randn(2, c, 13, 15, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(k, c, r, r, dtype=dtype)
+        g = torch.randn_like(F.conv2d(x, w, None, st, p))
+        got = []
+        for wt in (w, w.contiguous(memory_format=torch.channels_last)):
+            xg, wg = x.clone().requires_grad_(), wt.clone().requires_grad_()
+            y = PF.conv2d(xg, wg, None, st, p)
+            got.append((y, *torch.autograd.grad(y, (xg, wg), g)))
+        for a, b in zip(got[0], got[1], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("path", ["1", "0"], ids=["implicit-gemm", "direct"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 def test_forward_paths_forced(monkeypatch, simd, path, fmt):

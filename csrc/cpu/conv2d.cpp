@@ -1440,7 +1440,7 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
   }
   if (ct == at::kFloat && simd_is_avx2() && depthwise_cl(s, input) && s.N * s.OH * s.OW > 0) {
     const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
-    const at::Tensor x = in_format(input.to(ct), cl), w = weight.to(ct).contiguous();
+    const at::Tensor x = in_format(input.to(ct), cl), w = nchw(weight, ct);
     const at::Tensor b = bias.has_value() ? bias->to(ct).contiguous() : at::Tensor();
     const at::Tensor rs = residual.has_value() ? in_format(residual->to(ct), cl) : at::Tensor();
     const std::vector<float> wt = depthwise_weights(w, s);
@@ -1455,7 +1455,7 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
   }
   if (fast(ct, s) && pointwise(s)) {  // each layout as it comes
     const at::MemoryFormat fmt = format_of(input);
-    const at::Tensor x = in_format(input.to(ct), fmt), w = weight.to(ct).contiguous();
+    const at::Tensor x = in_format(input.to(ct), fmt), w = nchw(weight, ct);
     const at::Tensor b = bias.has_value() ? bias->to(ct).contiguous() : at::Tensor();
     const at::Tensor rs = residual.has_value() ? in_format(residual->to(ct), fmt) : at::Tensor();
     at::Tensor y = empty_cached({s.N, s.K, s.OH, s.OW}, input.options().dtype(ct), fmt);
@@ -1470,7 +1470,7 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
   }
   if (gemm_f64(ct, s) && s.N * s.OH * s.OW > 0) {  // float64: the implicit GEMM in either layout
     const at::MemoryFormat fmt = format_of(input);
-    const at::Tensor x = in_format(input, fmt), w = weight.contiguous();
+    const at::Tensor x = in_format(input, fmt), w = nchw(weight, weight.scalar_type());
     const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
     const at::Tensor rs = residual.has_value() ? in_format(*residual, fmt) : at::Tensor();
     at::Tensor y = empty_cached({s.N, s.K, s.OH, s.OW}, input.options(), fmt);
@@ -1491,7 +1491,7 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
       // the GEMM writes the NCHW output itself, each task's block transposed from a scratch tile
       // (no channels_last output to copy back: 64 -> 128 3x3 stride 2 on 8 x 64 x 56 x 56 1.02-1.1x
       // faster; measured)
-      const at::Tensor x = in_format(input.to(ct), cl), w = weight.to(ct).contiguous();
+      const at::Tensor x = in_format(input.to(ct), cl), w = nchw(weight, ct);
       const at::Tensor b = bias.has_value() ? bias->to(ct).contiguous() : at::Tensor();
       const at::Tensor rs = residual.has_value() ? nchw(*residual, ct) : at::Tensor();
       at::Tensor y = empty_cached({s.N, s.K, s.OH, s.OW}, input.options().dtype(ct),
@@ -1502,7 +1502,7 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
                             y.mutable_data_ptr<float>(), s, true, true);
       return y.to(input.scalar_type());
     }
-    const at::Tensor x = in_format(input.to(ct), cl), w = weight.to(ct).contiguous();
+    const at::Tensor x = in_format(input.to(ct), cl), w = nchw(weight, ct);
     const at::Tensor b = bias.has_value() ? bias->to(ct).contiguous() : at::Tensor();
     const at::Tensor rs = residual.has_value() ? in_format(residual->to(ct), cl) : at::Tensor();
     at::Tensor y = empty_cached({s.N, s.K, s.OH, s.OW}, input.options().dtype(ct), cl);
@@ -1555,7 +1555,7 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
   }
   if (ct == at::kFloat && simd_is_avx2() && depthwise_cl(s, grad_output) && s.N * s.H * s.W > 0) {
     const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
-    const at::Tensor go = in_format(grad_output.to(ct), cl), w = weight.to(ct).contiguous();
+    const at::Tensor go = in_format(grad_output.to(ct), cl), w = nchw(weight, ct);
     const std::vector<float> wt = depthwise_weights(w, s);
     at::Tensor gi = empty_cached(input_size, grad_output.options().dtype(ct), cl);
     // stride 1: a depthwise forward of grad_output with the filters flipped (the faster kernel)
@@ -1580,7 +1580,7 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
   }
   if (fast(ct, s) && pointwise(s)) {
     const at::MemoryFormat fmt = format_of(grad_output);
-    const at::Tensor go = in_format(grad_output.to(ct), fmt), w = weight.to(ct).contiguous();
+    const at::Tensor go = in_format(grad_output.to(ct), fmt), w = nchw(weight, ct);
     at::Tensor gi = empty_cached(input_size, grad_output.options().dtype(ct), fmt);
     by_type(ct, [&](auto tag) {
       using T = decltype(tag);
@@ -1593,7 +1593,7 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
   if (gemm_f64(ct, s) && s.N * s.OH * s.OW > 0 &&
       input_grad_phase_gemm(s, format_of(grad_output) == at::MemoryFormat::ChannelsLast)) {
     const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
-    const at::Tensor go = in_format(grad_output, cl), w = weight.contiguous();
+    const at::Tensor go = in_format(grad_output, cl), w = nchw(weight, weight.scalar_type());
     at::Tensor gi = empty_cached(input_size, grad_output.options(), cl);
     if (backward_input_phase_gemm<double>(go.const_data_ptr<double>(), w.const_data_ptr<double>(),
                                           gi.mutable_data_ptr<double>(), s)) {
@@ -1605,7 +1605,7 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
        input_grad_col2im(s, format_of(grad_output) == at::MemoryFormat::ChannelsLast))) {
     // float64, few input channels or as float32 chooses: products with the weights, then col2im
     const at::MemoryFormat fmt = format_of(grad_output);
-    const at::Tensor go = in_format(grad_output, fmt), w = weight.contiguous();
+    const at::Tensor go = in_format(grad_output, fmt), w = nchw(weight, weight.scalar_type());
     at::Tensor gi = empty_cached(input_size, grad_output.options(), fmt);
     backward_input_col2im<double>(go.const_data_ptr<double>(), w.const_data_ptr<double>(),
                                   gi.mutable_data_ptr<double>(), s,
@@ -1616,7 +1616,7 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
     // float64: as forward convolutions on the implicit GEMM, in grad_output's layout
     const at::MemoryFormat fmt = format_of(grad_output);
     const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-    const at::Tensor go = in_format(grad_output, fmt), w = weight.contiguous();
+    const at::Tensor go = in_format(grad_output, fmt), w = nchw(weight, weight.scalar_type());
     at::Tensor gi = empty_cached(input_size, grad_output.options(), fmt);
     if (backward_input_as_forward<double>(go.const_data_ptr<double>(), w.const_data_ptr<double>(),
                                           gi.mutable_data_ptr<double>(), s, cl) ||
@@ -1629,7 +1629,7 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
   if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 &&
       input_grad_phase_gemm(s, cl_go)) {
     const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
-    const at::Tensor go = in_format(grad_output.to(ct), cl), w = weight.to(ct).contiguous();
+    const at::Tensor go = in_format(grad_output.to(ct), cl), w = nchw(weight, ct);
     at::Tensor gi = empty_cached(input_size, grad_output.options().dtype(ct), cl);
     if (backward_input_phase_gemm<float>(go.const_data_ptr<float>(), w.const_data_ptr<float>(),
                                          gi.mutable_data_ptr<float>(), s)) {
@@ -1641,7 +1641,7 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
     // sample
     const bool as_cl = cl_go || (s.OH * s.OW < 64 && s.sH == 1 && s.sW == 1);
     const at::MemoryFormat fmt = as_cl ? at::MemoryFormat::ChannelsLast : format_of(grad_output);
-    const at::Tensor go = in_format(grad_output.to(ct), fmt), w = weight.to(ct).contiguous();
+    const at::Tensor go = in_format(grad_output.to(ct), fmt), w = nchw(weight, ct);
     at::Tensor gi = empty_cached(input_size, grad_output.options().dtype(ct), fmt);
     backward_input_col2im<float>(go.const_data_ptr<float>(), w.const_data_ptr<float>(),
                                  gi.mutable_data_ptr<float>(), s, as_cl);
@@ -1650,7 +1650,7 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
   if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 && input_grad_as_cl(s, cl_go)) {
     // as channels_last forward convolutions (the implicit GEMM or the direct kernel)
     const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
-    const at::Tensor go = in_format(grad_output.to(ct), cl), w = weight.to(ct).contiguous();
+    const at::Tensor go = in_format(grad_output.to(ct), cl), w = nchw(weight, ct);
     at::Tensor gi = empty_cached(input_size, grad_output.options().dtype(ct), cl);
     if (backward_input_as_forward(go.const_data_ptr<float>(), w.const_data_ptr<float>(),
                                   gi.mutable_data_ptr<float>(), s, true) ||
