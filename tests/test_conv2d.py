@@ -542,7 +542,8 @@ def test_direct_kernel_register_tiles(monkeypatch, simd, stride, fmt):
     # the direct kernels on padded rows pick a register tile per shape (NCHW: 1 to 8 output
     # channels x 1 to 4 vectors of columns; channels_last: 1 to 4 vectors of output channels x
     # 12 to 3 pixels; channels x taps for the weight gradient): output channel counts and row
-    # widths that reach each tile, its channel and column tails, the fused epilogue and both
+    # widths that reach each tile, its channel and column tails (NCHW: a narrower last block of
+    # 1 to 3 vectors, several rows tall), the fused epilogue and both
     # gradients (the input gradient of stride 1 runs on the same kernel, channels swapped)
     monkeypatch.setenv("PYCONV_CONV_GEMM", "0")
     for cout in (1, 2, 3, 4, 5, 7, 9, 13, 16, 24, 33):

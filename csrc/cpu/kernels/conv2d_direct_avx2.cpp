@@ -6,7 +6,9 @@
 // eight neighbouring floats at any stride. Every output column is then computed by the same
 // vector loop: no border columns, no bounds tests, no strided loads. The register tile (output
 // channels x vectors of eight columns, or output channels x taps for the weight gradient) is chosen
-// per shape to fill twelve accumulators with little waste. This file alone is compiled for AVX2.
+// per shape to fill twelve accumulators with little waste; in the forward a row's last block
+// of columns takes a narrower tile where the columns left are fewer than the tile's. This file
+// alone is compiled for AVX2.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -137,6 +139,14 @@ struct TapRange {
   int64_t t0, t1;
   bool first, last;
 };
+
+// Vectors of the narrower block that ends a row for tiles kV vectors wide: 0 where the output
+// columns fill whole kV blocks but the last (which then covers columns past the image, as a
+// single-vector remainder would with kV = 1).
+int narrow_vectors(const ConvShape& s, int kV) {
+  const int64_t left = s.OW % (8 * kV);
+  return left == 0 ? 0 : static_cast<int>(ceil_div(left, 8)) % kV;
+}
 
 // Output rows [oh, oh + kH) of column block ow for channel tile `tile` of (n, g): the kK x kH x
 // kV register tile (output channels x output rows x vectors of eight columns) at buffer position
@@ -305,12 +315,49 @@ inline void fwd_rows_reuse(const FwdArgs& a, const float* xrow, int64_t hstride,
   }
 }
 
+// Rows of a tile kVr vectors wide for the last column block, narrower than the tile's kV: that
+// many rows at a time as keep about twelve accumulators (rather than a whole kV block computed on
+// columns past the image). Output rows [oh, oh1); the buffer's first row is output row base's.
+template <int kK, int kVr>
+void fwd_rows_narrow(const FwdArgs& a, const float* buf, int64_t base, int64_t hstride,
+                     const int64_t* off, const TapRange& tr, int64_t n, int64_t g, int64_t tile,
+                     int64_t oh, int64_t oh1, int64_t ow) {
+  constexpr int kHr = std::clamp(kMaxAcc / (kK * kVr), 1, 4);
+  if constexpr (kHr > 1) {
+    for (; oh + kHr <= oh1; oh += kHr) {
+      fwd_rows<kK, kHr, kVr>(a, buf + (oh - base) * hstride, hstride, off, tr, n, g, tile, oh, ow);
+    }
+  }
+  for (; oh < oh1; ++oh) {
+    fwd_rows<kK, 1, kVr>(a, buf + (oh - base) * hstride, hstride, off, tr, n, g, tile, oh, ow);
+  }
+}
+
+// fwd_rows_narrow for rv (1 to kV - 1) vectors.
+template <int kK, int kV>
+void fwd_narrow(int rv, const FwdArgs& a, const float* buf, int64_t base, int64_t hstride,
+                const int64_t* off, const TapRange& tr, int64_t n, int64_t g, int64_t tile,
+                int64_t oh, int64_t oh1, int64_t ow) {
+  if constexpr (kV > 1) {
+    if (rv == 1) fwd_rows_narrow<kK, 1>(a, buf, base, hstride, off, tr, n, g, tile, oh, oh1, ow);
+  }
+  if constexpr (kV > 2) {
+    if (rv == 2) fwd_rows_narrow<kK, 2>(a, buf, base, hstride, off, tr, n, g, tile, oh, oh1, ow);
+  }
+  if constexpr (kV > 3) {
+    if (rv == 3) fwd_rows_narrow<kK, 3>(a, buf, base, hstride, off, tr, n, g, tile, oh, oh1, ow);
+  }
+}
+
 template <int kK, int kH, int kV>
 void fwd_tasks(const FwdArgs& a, int64_t t0, int64_t t1) {
   const ConvShape& s = *a.s;
   const DirectPlan& pl = *a.plan;
   const int64_t Cg = s.Cg(), RS = s.R * s.S, taps = Cg * RS;
-  const int64_t Wph = pl.Wph, row = s.sW * Wph, blocks = ceil_div(s.OW, 8 * kV);
+  const int64_t Wph = pl.Wph, row = s.sW * Wph;
+  // whole kV blocks, then the columns left (if any) as a block of rv < kV vectors
+  const int rv = narrow_vectors(s, kV);
+  const int64_t blocks = rv > 0 ? s.OW / (8 * kV) : ceil_div(s.OW, 8 * kV);
   const int64_t max_rows = (pl.rows - 1) * s.sH + (s.R - 1) * s.dH + 1;
   float* const buf =
       thread_scratch<float, 0>(static_cast<size_t>(pl.chunk * chan_stride(max_rows, row)));
@@ -342,6 +389,10 @@ void fwd_tasks(const FwdArgs& a, int64_t t0, int64_t t1) {
           for (int64_t tile = 0; tile < pl.tiles; ++tile) {
             for (int64_t b = 0; b < blocks; ++b) {
               fwd_rows<kK, 1, kV>(a, xrow, hstride, off, tr, n, g, tile, oh, b * 8 * kV);
+            }
+            if (rv > 0) {
+              fwd_narrow<kK, kV>(rv, a, buf, oh0, hstride, off, tr, n, g, tile, oh, oh + 1,
+                                 blocks * 8 * kV);
             }
           }
         }
@@ -375,6 +426,10 @@ void fwd_tasks(const FwdArgs& a, int64_t t0, int64_t t1) {
           for (int64_t b = 0; b < blocks; ++b) {
             fwd_rows<kK, 1, kV>(a, xrow, hstride, off, tr, n, g, tile, oh, b * 8 * kV);
           }
+        }
+        if (rv > 0) {
+          fwd_narrow<kK, kV>(rv, a, buf, oh0, hstride, off, tr, n, g, tile, oh0, oh1,
+                             blocks * 8 * kV);
         }
       }
     }
@@ -915,8 +970,8 @@ DirectPlan direct_fwd_plan(const ConvShape& s, int threads) {
   const int64_t Kg = s.Kg();
   // cycles a tap: FMAs (two a cycle), loads (two a cycle), or the FMA latency (four cycles)
   // when there are too few accumulators to hide it
-  auto per_fma = [&](int kK, int kH, int kV) {
-    if (const int kR = reuse_rows(s, kK, kH, kV); kR > 0) {  // a kernel column a step
+  auto per_fma = [&](int kK, int kH, int kV, bool reuse = true) {
+    if (const int kR = reuse ? reuse_rows(s, kK, kH, kV) : 0; kR > 0) {  // a kernel column a step
       // each accumulator takes kR dependent FMAs a step
       const double fmas = kH * kR * kV, loads = (kH + kR - 1) * kV + kR;
       return std::max({fmas / 2.0, loads / 2.0, 4.0 * kR}) / fmas;
@@ -928,13 +983,21 @@ DirectPlan direct_fwd_plan(const ConvShape& s, int threads) {
     // taller tiles (several output rows: each weight broadcast feeds more vectors) only where
     // there are too few output channels to fill the accumulators
     if (t.kK > Kg || (t.kH > 1 && Kg > 2)) continue;
-    const int64_t cols = ceil_div(s.OW, 8 * t.kV) * 8 * t.kV, chans = ceil_div(Kg, t.kK) * t.kK;
-    // rows left over by the tall tiles run one at a time
-    const int64_t tall = s.OH / t.kH * t.kH;
-    const double rows = (static_cast<double>(tall) * per_fma(t.kK, t.kH, t.kV) +
-                         static_cast<double>(s.OH - tall) * per_fma(t.kK, 1, t.kV)) /
-                        static_cast<double>(std::max<int64_t>(s.OH, 1));
-    const double cost = rows * static_cast<double>(cols * chans) / static_cast<double>(s.OW * Kg);
+    const int64_t chans = ceil_div(Kg, t.kK) * t.kK;
+    // cycles a column of kH tall blocks (rows left over run one at a time)
+    auto column = [&](int kH, int kV, bool reuse) {
+      const int64_t tall = s.OH / kH * kH;
+      return (static_cast<double>(tall) * per_fma(t.kK, kH, kV, reuse) +
+              static_cast<double>(s.OH - tall) * per_fma(t.kK, 1, kV, reuse)) /
+             static_cast<double>(std::max<int64_t>(s.OH, 1));
+    };
+    // whole blocks, then the narrower block of the columns left (fwd_rows_narrow's tile)
+    const int rv = narrow_vectors(s, t.kV);
+    const int64_t cols =
+        rv > 0 ? s.OW / (8 * t.kV) * 8 * t.kV : ceil_div(s.OW, 8 * t.kV) * 8 * t.kV;
+    double work = column(t.kH, t.kV, true) * static_cast<double>(cols);
+    if (rv > 0) work += column(std::clamp(kMaxAcc / (t.kK * rv), 1, 4), rv, false) * 8.0 * rv;
+    const double cost = work * static_cast<double>(chans) / static_cast<double>(s.OW * Kg);
     if (best.kK == 0 || cost < best_cost - 1e-9) {
       best_cost = cost;
       best.kK = t.kK;
@@ -943,7 +1006,9 @@ DirectPlan direct_fwd_plan(const ConvShape& s, int threads) {
     }
   }
   best.tiles = ceil_div(Kg, best.kK);
-  best.Wph = phase_width(s, ceil_div(s.OW, 8 * best.kV) * best.kV * 8);
+  best.Wph =
+      phase_width(s, narrow_vectors(s, best.kV) > 0 ? ceil_div(s.OW, 8) * 8
+                                                    : ceil_div(s.OW, 8 * best.kV) * best.kV * 8);
   // rows per task: enough tasks for the threads, and a padded buffer of at most ~192 KiB
   const int64_t images = s.N * s.G;
   int64_t rows = s.OH;
