@@ -614,6 +614,28 @@ def test_direct_kernel_row_major(simd):
         check_float32_layer(x, w, b, dict(stride=stride, padding=k // 2))
 
 
+def test_direct_kernel_streamed_output(simd):
+    # the NCHW direct kernel writes outputs of 4 MiB or more with streaming stores where its
+    # blocks cover whole 64-byte lines (rows of 16k floats, blocks of an even number of vectors,
+    # one pass over the channels): depthwise on rows of 128 with the fused epilogue and both
+    # gradients (small inputs: each weight gradient sums 33000 products in float32), and 3 -> 3
+    # on rows of 176 (blocks of 4 vectors, then a narrower one of 2) with the fused epilogue
+    x = torch.randn(2, 32, 130, 128, dtype=torch.float64) / 16
+    w = torch.randn(32, 1, 3, 3, dtype=torch.float64) / 3
+    b = torch.randn(32, dtype=torch.float64)
+    check_float32_layer(x, w, b, dict(padding=1, groups=32))
+    x = torch.randn(2, 3, 1000, 176, dtype=torch.float64)
+    w = torch.randn(3, 3, 3, 3, dtype=torch.float64) / 3
+    b = torch.randn(3, dtype=torch.float64)
+    res = torch.randn(2, 3, 1000, 176, dtype=torch.float64)
+    want = torch.relu(F.conv2d(x, w, b, padding=1) + res)
+    got = PF.conv2d(
+        x.float(), w.float(), b.float(), padding=1, activation="relu", residual=res.float()
+    )
+    assert got.numel() * 4 >= 4 << 20
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 def test_winograd(monkeypatch, simd, fmt):
     # Winograd F(2x2, 3x3), forced wherever it applies (3x3, stride 1, no dilation, one group):

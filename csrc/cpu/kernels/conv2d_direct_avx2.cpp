@@ -61,8 +61,16 @@ void pad_rows(const float* x, const ConvShape& s, int64_t channels, int64_t ih0,
         continue;
       }
       const float* src = x + (c * s.H + ih) * s.W;
-      if (s.sW == 1) {  // zeros over the row (a multiple of 8), then the input row over them
-        for (int64_t j = 0; j < row; j += 8) _mm256_storeu_ps(dst + j, _mm256_setzero_ps());
+      if (s.sW == 1) {
+        // zeros over the left padding and from the input row's end to the buffer row's end (the
+        // last vector ending there: a row is a multiple of 8), then the input row over them
+        for (int64_t j = 0; j < s.pL; j += 8) _mm256_storeu_ps(dst + j, _mm256_setzero_ps());
+        if (s.pL + s.W < row) {
+          for (int64_t j = s.pL + s.W; j + 8 < row; j += 8) {
+            _mm256_storeu_ps(dst + j, _mm256_setzero_ps());
+          }
+          _mm256_storeu_ps(dst + row - 8, _mm256_setzero_ps());
+        }
         float* to = dst + s.pL;
         int64_t iw = 0;
         for (; iw + 8 <= s.W; iw += 8) _mm256_storeu_ps(to + iw, _mm256_loadu_ps(src + iw));
@@ -111,6 +119,7 @@ struct FwdArgs {
   float* y;
   const ConvShape* s;
   const DirectPlan* plan;
+  bool stream = false;  // whole tiles of a single pass stored past the caches (see stream_output)
 };
 
 // relu keeping NaN (as torch's): v where v > 0 or v is NaN, else 0.
@@ -259,7 +268,11 @@ __attribute__((always_inline)) inline void fwd_rows(const FwdArgs& a, const floa
         for (int v = 0; v < kV; ++v) {
           __m256 r = _mm256_add_ps(acc[(k * kH + h) * kV + v], bias);
           if (res != nullptr) r = _mm256_add_ps(r, _mm256_loadu_ps(res + o + 8 * v));
-          _mm256_storeu_ps(a.y + o + 8 * v, relu ? relu8(r) : r);
+          if (a.stream && last) {
+            _mm256_stream_ps(a.y + o + 8 * v, relu ? relu8(r) : r);
+          } else {
+            _mm256_storeu_ps(a.y + o + 8 * v, relu ? relu8(r) : r);
+          }
         }
       }
     }
@@ -1053,11 +1066,25 @@ void direct_pack_weights(const float* w, float* packed, const ConvShape& s, cons
   }
 }
 
+// Outputs of 4 MiB or more (past L2, where each line written would first be read for ownership)
+// are written with streaming stores where every block of the tiles covers whole 64-byte lines:
+// rows of whole lines, blocks (and the narrower last block) of an even number of vectors, one pass
+// over the channels (each tile stored once).
+namespace {
+bool stream_output(const ConvShape& s, const DirectPlan& p, const float* y) {
+  return s.OW % 16 == 0 && reinterpret_cast<uintptr_t>(y) % 64 == 0 && p.kV % 2 == 0 &&
+         narrow_vectors(s, p.kV) % 2 == 0 && p.chunk >= s.Cg() &&
+         s.N * s.K * s.OH * s.OW * static_cast<int64_t>(sizeof(float)) >= (int64_t{4} << 20);
+}
+}  // namespace
+
 void conv2d_fwd_nchw_direct_avx2(const float* x, const float* packed, const float* bias,
                                  const float* residual, bool relu, float* y, const ConvShape& s,
                                  const DirectPlan& p, int64_t t0, int64_t t1) {
-  const FwdArgs a{x, packed, bias, residual, relu, y, &s, &p};
+  FwdArgs a{x, packed, bias, residual, relu, y, &s, &p};
+  a.stream = stream_output(s, p, y);
   fwd_fn(p.kK, p.kH, p.kV)(a, t0, t1);
+  if (a.stream) _mm_sfence();
 }
 
 DirectPlan direct_wgrad_plan(const ConvShape& s) {
