@@ -51,8 +51,21 @@ CONV_TOL = {
 }
 
 
+# Winograd F(4x4, 3x3) (the default on channels_last layers whose transformed filters stay in
+# cache) errs by up to about 1e-5 of the output's largest magnitude in float32 (F(2x2, 3x3) and the
+# direct kernels about 1e-6): float32 comparisons allow 5e-5 of it
+WINOGRAD_F4_ERROR = 5e-5
+
+
+def tol32(expected64, atol):
+    return dict(rtol=1e-5, atol=max(atol, WINOGRAD_F4_ERROR * expected64.abs().max().item()))
+
+
 def close(actual, expected64, dtype):
-    torch.testing.assert_close(actual.double(), expected64, **CONV_TOL[dtype])
+    tol = CONV_TOL[dtype]
+    if dtype == torch.float32:
+        tol = tol32(expected64, tol["atol"])
+    torch.testing.assert_close(actual.double(), expected64, **tol)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=ids)
@@ -314,7 +327,7 @@ def check_float32_layer(x, w, b, args, fmt=torch.contiguous_format):
     if x.shape[1] > 1:
         assert got[0].is_contiguous(memory_format=fmt)
     for a, e in zip(got, want, strict=True):
-        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=3e-4)
+        torch.testing.assert_close(a.double(), e, **tol32(e, 3e-4))
     return got, grad
 
 
@@ -636,15 +649,18 @@ def test_direct_kernel_streamed_output(simd):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
-def test_winograd(monkeypatch, simd, fmt):
-    # Winograd F(2x2, 3x3), forced wherever it applies (3x3, stride 1, no dilation, one group):
-    # channel counts with and without vector tails, odd and even outputs (partial 2x2 tiles),
-    # padding 0 to 2, the fused epilogue, and the input gradient (a stride-1 3x3 forward, on the
-    # same kernel). Its error against float64 is of the order of the direct kernel's (the
-    # transforms only add, subtract and halve). NCHW layers of at most 64 channels each way run
-    # it on channels_last copies; the last layer (70 channels) keeps the NCHW transforms.
+def test_winograd(monkeypatch, simd, fmt, tile):
+    # Winograd F(2x2, 3x3) and F(4x4, 3x3), forced wherever they apply (3x3, stride 1, no
+    # dilation, one group; F(4x4) channels_last only): channel counts with and without vector
+    # tails, outputs that end in partial tiles, padding 0 to 2, the fused epilogue, and the input
+    # gradient (a stride-1 3x3 forward, on the same kernel). F(2x2)'s error against float64 is of
+    # the order of the direct kernel's (its transforms only add, subtract and halve); F(4x4)'s
+    # larger (see WINOGRAD_F4_ERROR). NCHW layers of at most 64 channels each way run them on
+    # channels_last copies; the last layer (70 channels) keeps the NCHW transforms (F(2x2)).
     monkeypatch.setenv("PYCONV_CONV_WINOGRAD", "1")
+    monkeypatch.setenv("PYCONV_WINOGRAD_F4", str(tile // 4))
     for cin, cout, h, w, p in [
         (16, 16, 8, 8, 1),
         (5, 19, 9, 7, 1),
@@ -658,11 +674,50 @@ def test_winograd(monkeypatch, simd, fmt):
         check_float32_layer(x, wt, b, dict(padding=p), fmt)
 
 
+def test_winograd_f4_error_and_non_finite_inputs(monkeypatch, simd):
+    # F(4x4, 3x3)'s error against float64, F(2x2)'s against the same reference, on layers of up
+    # to 256 channels with unscaled weights (outputs up to about 200): F(4x4) within
+    # WINOGRAD_F4_ERROR of the largest output, F(2x2) within a tenth of that. A NaN or infinite
+    # input reaches only the outputs whose windows hold it, as in torch (F(4x4) computes the tiles
+    # whose patch holds one directly), in the forward and the input gradient
+    monkeypatch.setenv("PYCONV_CONV_WINOGRAD", "1")
+    cl = torch.channels_last
+    for cin, cout, h, w in [(21, 37, 29, 31), (128, 128, 16, 16), (256, 64, 8, 9)]:
+        x = torch.randn(2, cin, h, w, dtype=torch.float64).contiguous(memory_format=cl)
+        wt = torch.randn(cout, cin, 3, 3, dtype=torch.float64)
+        want = F.conv2d(x, wt, padding=1)
+        for tile, bound in [(4, WINOGRAD_F4_ERROR), (2, WINOGRAD_F4_ERROR / 10)]:
+            monkeypatch.setenv("PYCONV_WINOGRAD_F4", str(tile // 4))
+            got = PF.conv2d(x.float(), wt.float(), padding=1).double()
+            assert (got - want).abs().max() <= bound * want.abs().max()
+    monkeypatch.setenv("PYCONV_WINOGRAD_F4", "1")
+    x = torch.randn(2, 16, 12, 13, dtype=torch.float64)
+    x[0, :, 5, 6] = float("nan")
+    x[1, 3, 2, 9] = float("inf")
+    x = x.contiguous(memory_format=cl)
+    wt = torch.randn(24, 16, 3, 3, dtype=torch.float64).abs()
+    b = torch.randn(24, dtype=torch.float64)
+    want = torch.relu(F.conv2d(x, wt, b, padding=1))
+    got = PF.conv2d(x.float(), wt.float(), b.float(), padding=1, activation="relu")
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    torch.testing.assert_close(
+        got.double(), want, equal_nan=True, **tol32(want.nan_to_num(0, 0, 0), 1e-4)
+    )
+    g = torch.zeros(2, 24, 12, 13, dtype=torch.float64)
+    g[1, :, 4, 4] = float("nan")
+    g = g.contiguous(memory_format=cl)
+    want = torch.nn.grad.conv2d_input(x.shape, wt, g, padding=1)
+    got = ops.conv2d_backward_input(
+        g.float(), wt.float(), list(x.shape), [1, 1], [1] * 4, [1, 1], 1
+    )
+    assert torch.equal(got.isnan(), want.isnan()) and want.isnan().sum() == 16 * 9
+
+
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 def test_winograd_chunked(monkeypatch, simd, fmt):
     # the Winograd forward's chunked schedule (the default past 256 x 256 channels), forced on
     # small layers: 480 tiles in three chunks of 162 (the last one short), channel counts off the
-    # vector widths; the input gradient packs the layer's own filters flipped
+    # vector widths; the input gradient packs the layer's own filters flipped (F(2x2) only)
     monkeypatch.setenv("PYCONV_CONV_WINOGRAD", "1")
     monkeypatch.setenv("PYCONV_WINOGRAD_CHUNKED", "1")
     for cin, cout, h, w in [(21, 37, 29, 31), (40, 16, 7, 5)]:

@@ -72,22 +72,22 @@ void conv2d_bwd_weight_cl_direct_avx2(const float* grad_out, const float* x, flo
                                       const ConvShape& s, const DirectPlan& p, int64_t t0,
                                       int64_t t1, bool nchw = false);
 
-// Winograd F(2x2, 3x3) on channels_last (cl) or NCHW tensors (winograd_avx2.cpp): 3x3, stride 1,
-// dilation 1, one group. Filters transformed once into winograd_packed_size(s) floats, panels
-// [p0, p1) of winograd_k16(s) / 16 (16 output channels each) at a time; the forward in blocks
-// [b0, b1) of winograd_block_tiles(s) 2x2 output tiles each, ceil(winograd_tiles(s) / block) in
-// all.
-int64_t winograd_packed_size(const ConvShape& s);
+// Winograd F(m x m, 3x3), m = 2 on channels_last (cl) or NCHW tensors, m = 4 on channels_last
+// (winograd_avx2.cpp): 3x3, stride 1, dilation 1, one group. Filters transformed once into
+// winograd_packed_size(s, m) floats, panels [p0, p1) of winograd_k16(s) / 16 (16 output channels
+// each) at a time; the forward in blocks [b0, b1) of winograd_block_tiles(s, m) m x m output tiles
+// each, ceil(winograd_tiles(s, m) / block) in all.
+int64_t winograd_packed_size(const ConvShape& s, int m = 2);
 // flipped: w is (C, K, 3, 3), the weights of the layer whose input gradient s is the forward
 // formulation of; the filters used are those turned by 180 degrees, K and C swapped.
 void winograd_pack_weights(const float* w, float* u, const ConvShape& s, int64_t p0, int64_t p1,
-                           bool flipped = false);
+                           bool flipped = false, int m = 2);
 int64_t winograd_k16(const ConvShape& s);
-int64_t winograd_tiles(const ConvShape& s);
-int64_t winograd_block_tiles(const ConvShape& s);
+int64_t winograd_tiles(const ConvShape& s, int m = 2);
+int64_t winograd_block_tiles(const ConvShape& s, int m = 2);
 void conv2d_fwd_winograd_avx2(const float* x, const float* u, const float* bias,
                               const float* residual, bool relu, float* y, const ConvShape& s,
-                              bool cl, int64_t b0, int64_t b1);
+                              bool cl, int64_t b0, int64_t b1, int m, const float* w, bool flipped);
 
 // The forward for large filter sets (U past what stays in cache across a block of tiles): tiles in
 // chunks of winograd_chunk_tiles(s) (at most kWinogradChunkTiles, a multiple of six), each chunk

@@ -7,8 +7,12 @@
 // the transformed inputs and products to stay in L2 or, where the transformed filters are too
 // large to stay in cache across such blocks, in chunks of up to 192 tiles whose products each
 // read a panel of them once for all the chunk's tiles; every step is vectorised along channels
-// (contiguous in channels_last; NCHW patches and output tiles are transposed in registers). This
-// file alone is compiled for AVX2.
+// (contiguous in channels_last; NCHW patches and output tiles are transposed in registers).
+// The forward also runs F(4x4, 3x3) on channels_last (blocked schedule): 6x6 patches, 36
+// products, 36 multiplies per 4x4 tile and channel pair (4x fewer than direct), larger rounding
+// error (about 1e-5 of the output's magnitude), and tiles whose patch holds a NaN or an infinity
+// computed directly so that those reach only the outputs that read them. This file alone is
+// compiled for AVX2.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -57,15 +61,44 @@ inline void transform_input(const __m256 (&d)[4][4], float* v, int64_t stride) {
   }
 }
 
-// The 4x4 patch at (h0, w0) of image n, channels c .. c + 7 (zero past C and outside the image).
-// channels_last: one vector load per pixel.
-template <bool kInside>
+// F(4x4, 3x3): V[xi] = (B^T d B)[xi] for the 6x6 patch d, stored at v + xi * stride, with
+// B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1].
+inline void bt6(const __m256 (&d)[6], __m256 (&r)[6]) {
+  const __m256 four = _mm256_set1_ps(4.0f), five = _mm256_set1_ps(5.0f);
+  const __m256 two = _mm256_set1_ps(2.0f);
+  const __m256 a = _mm256_fnmadd_ps(four, d[2], d[4]), b = _mm256_fnmadd_ps(four, d[1], d[3]);
+  const __m256 c = _mm256_sub_ps(d[4], d[2]), e = _mm256_mul_ps(two, _mm256_sub_ps(d[3], d[1]));
+  r[0] = _mm256_fmadd_ps(four, d[0], _mm256_fnmadd_ps(five, d[2], d[4]));
+  r[1] = _mm256_add_ps(a, b);
+  r[2] = _mm256_sub_ps(a, b);
+  r[3] = _mm256_add_ps(c, e);
+  r[4] = _mm256_sub_ps(c, e);
+  r[5] = _mm256_fmadd_ps(four, d[1], _mm256_fnmadd_ps(five, d[3], d[5]));
+}
+
+inline void transform_input(const __m256 (&d)[6][6], float* v, int64_t stride) {
+  __m256 t[6][6];  // (B^T d), transposed: t[j][i] = (B^T d)[i][j]
+  for (int j = 0; j < 6; ++j) {
+    const __m256 col[6] = {d[0][j], d[1][j], d[2][j], d[3][j], d[4][j], d[5][j]};
+    bt6(col, t[j]);
+  }
+  for (int i = 0; i < 6; ++i) {  // row i of (B^T d) B: B^T applied to row i of B^T d
+    const __m256 row[6] = {t[0][i], t[1][i], t[2][i], t[3][i], t[4][i], t[5][i]};
+    __m256 r[6];
+    bt6(row, r);
+    for (int j = 0; j < 6; ++j) _mm256_storeu_ps(v + (i * 6 + j) * stride, r[j]);
+  }
+}
+
+// The kA x kA patch at (h0, w0) of image n, channels c .. c + 7 (zero past C and outside the
+// image). channels_last: one vector load per pixel.
+template <bool kInside, int kA>
 inline void load_patch_cl(const float* x, const ConvShape& s, int64_t n, int64_t h0, int64_t w0,
-                          int64_t c, __m256 (&d)[4][4]) {
+                          int64_t c, __m256 (&d)[kA][kA]) {
   const bool cfull = c + 8 <= s.C;
   const __m256i cmask = lanes_below(s.C - c);
-  for (int i = 0; i < 4; ++i) {
-    for (int j = 0; j < 4; ++j) {
+  for (int i = 0; i < kA; ++i) {
+    for (int j = 0; j < kA; ++j) {
       const int64_t h = h0 + i, w = w0 + j;
       if (!kInside && (h < 0 || h >= s.H || w < 0 || w >= s.W)) {
         d[i][j] = _mm256_setzero_ps();
@@ -163,14 +196,33 @@ __attribute__((always_inline)) inline void gemm_6x16(const float* a, int64_t lda
 int64_t winograd_c8(const ConvShape& s) { return ceil_div(s.C, 8) * 8; }
 int64_t winograd_k16(const ConvShape& s) { return ceil_div(s.K, 16) * 16; }
 
-int64_t winograd_packed_size(const ConvShape& s) { return 16 * winograd_c8(s) * winograd_k16(s); }
+int64_t winograd_packed_size(const ConvShape& s, int m) {
+  return (m + 2) * (m + 2) * winograd_c8(s) * winograd_k16(s);
+}
 
 // U = G g G^T with G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1], packed as
 // [xi][K16 / 16][C8][16], zero past C and K: panels [p0, p1) of 16 output channels. Eight output
 // channels a vector (their filters gathered), so that each (xi, c) row of a panel is two stores.
 // flipped: the filters of the input gradient's forward formulation, read from the layer's own.
+namespace {
+// F(4x4, 3x3): G = [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6; 1/24 -1/12 1/6;
+// 0 0 1] applied to three vectors.
+inline void g6(__m256 a, __m256 b, __m256 c, __m256 (&r)[6]) {
+  const __m256 ac = _mm256_add_ps(a, c);
+  const __m256 sixth = _mm256_set1_ps(1.0f / 6.0f);
+  r[0] = _mm256_mul_ps(_mm256_set1_ps(0.25f), a);
+  r[1] = _mm256_mul_ps(_mm256_set1_ps(-1.0f / 6.0f), _mm256_add_ps(ac, b));
+  r[2] = _mm256_mul_ps(_mm256_set1_ps(-1.0f / 6.0f), _mm256_sub_ps(ac, b));
+  const __m256 e = _mm256_fmadd_ps(_mm256_set1_ps(1.0f / 24.0f), a, _mm256_mul_ps(sixth, c));
+  const __m256 f = _mm256_mul_ps(_mm256_set1_ps(1.0f / 12.0f), b);
+  r[3] = _mm256_add_ps(e, f);
+  r[4] = _mm256_sub_ps(e, f);
+  r[5] = c;
+}
+}  // namespace
+
 void winograd_pack_weights(const float* w, float* u, const ConvShape& s, int64_t p0, int64_t p1,
-                           bool flipped) {
+                           bool flipped, int m) {
   const int64_t C8 = winograd_c8(s), KP = winograd_k16(s) / 16;
   const __m256 half = _mm256_set1_ps(0.5f);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -183,7 +235,9 @@ void winograd_pack_weights(const float* w, float* u, const ConvShape& s, int64_t
   const auto pack8 = [&](int64_t k0, int64_t c) {
     float* dst = u + (k0 / 16 * C8 + c) * 16 + k0 % 16;
     if (c >= s.C || k0 >= s.K) {
-      for (int xi = 0; xi < 16; ++xi) _mm256_storeu_ps(dst + xi * xstride, _mm256_setzero_ps());
+      for (int xi = 0; xi < (m + 2) * (m + 2); ++xi) {
+        _mm256_storeu_ps(dst + xi * xstride, _mm256_setzero_ps());
+      }
       return;
     }
     const __m256 kmask = _mm256_castsi256_ps(lanes_below(s.K - k0));
@@ -192,6 +246,16 @@ void winograd_pack_weights(const float* w, float* u, const ConvShape& s, int64_t
     for (int j = 0; j < 9; ++j) {
       g[j] =
           _mm256_mask_i32gather_ps(_mm256_setzero_ps(), wk + (flipped ? 8 - j : j), step, kmask, 4);
+    }
+    if (m == 4) {
+      __m256 t[3][6];  // (G g)^T: t[j][i] = (G g)[i][j]
+      for (int j = 0; j < 3; ++j) g6(g[j], g[3 + j], g[6 + j], t[j]);
+      for (int i = 0; i < 6; ++i) {  // (G g) G^T, row i
+        __m256 r[6];
+        g6(t[0][i], t[1][i], t[2][i], r);
+        for (int j = 0; j < 6; ++j) _mm256_storeu_ps(dst + (i * 6 + j) * xstride, r[j]);
+      }
+      return;
     }
     __m256 t[4][3];  // G g
     for (int j = 0; j < 3; ++j) {
@@ -226,12 +290,14 @@ void winograd_pack_weights(const float* w, float* u, const ConvShape& s, int64_t
   }
 }
 
-int64_t winograd_tiles(const ConvShape& s) { return s.N * ceil_div(s.OH, 2) * ceil_div(s.OW, 2); }
+int64_t winograd_tiles(const ConvShape& s, int m) {
+  return s.N * ceil_div(s.OH, m) * ceil_div(s.OW, m);
+}
 
 // Tiles per block: a multiple of six (the product's row tile) with the block's transformed
-// inputs and products (16 x tiles x (C8 + K16) floats) within about 256 KiB.
-int64_t winograd_block_tiles(const ConvShape& s) {
-  const int64_t per_tile = 16 * (winograd_c8(s) + winograd_k16(s)) * 4;
+// inputs and products ((m + 2)^2 x tiles x (C8 + K16) floats) within about 256 KiB.
+int64_t winograd_block_tiles(const ConvShape& s, int m) {
+  const int64_t per_tile = (m + 2) * (m + 2) * (winograd_c8(s) + winograd_k16(s)) * 4;
   return std::clamp<int64_t>((256 << 10) / per_tile / 6, 1, 16) * 6;
 }
 
@@ -239,12 +305,13 @@ namespace {
 
 // Stores the 2x2 tile (oh, ow) of output channels k .. k + 7 of image n, out[a][b] (bias added)
 // + residual, ReLU; channels_last.
-inline void store_tile_cl(const __m256 (&out)[2][2], float* y, const float* residual, bool relu,
+template <int kM>
+inline void store_tile_cl(const __m256 (&out)[kM][kM], float* y, const float* residual, bool relu,
                           const ConvShape& s, int64_t n, int64_t oh, int64_t ow, int64_t k) {
   const bool kfull = k + 8 <= s.K;
   const __m256i kmask = lanes_below(s.K - k);
-  for (int a = 0; a < 2 && oh + a < s.OH; ++a) {
-    for (int b = 0; b < 2 && ow + b < s.OW; ++b) {
+  for (int a = 0; a < kM && oh + a < s.OH; ++a) {
+    for (int b = 0; b < kM && ow + b < s.OW; ++b) {
       const int64_t o = ((n * s.OH + oh + a) * s.OW + ow + b) * s.K + k;
       __m256 r = out[a][b];
       if (kfull) {
@@ -300,35 +367,128 @@ inline void store_tile_nchw(const __m256 (&out)[2][2], float* y, const float* re
 
 // Input transform of tiles [i0, i1) of the block of tiles from t0 (nt of them, the rest zeros)
 // into v ([16][Tb][C8]).
-template <bool kCL>
+// kM: the output tile, 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3), channels_last only).
+// F(4x4, 3x3) mixes every input of a 6x6 patch into every output of its 4x4 tile: a NaN or an
+// infinity would reach outputs whose windows do not hold it (F(2x2, 3x3) keeps each input in the
+// outputs that read it). bad (F(4x4) only): set for the tiles whose patch holds one, which
+// fwd_direct_tiles then computes directly.
+template <bool kCL, int kM = 2>
 void fwd_input_tiles(const float* x, const ConvShape& s, int64_t t0, int64_t nt, int64_t Tb,
-                     int64_t i0, int64_t i1, float* v) {
+                     int64_t i0, int64_t i1, float* v, bool* bad = nullptr) {
+  constexpr int kA = kM + 2, kXi = kA * kA;
+  static_assert(kM == 2 || (kM == 4 && kCL));
   const int64_t C8 = winograd_c8(s);
-  const int64_t TH = ceil_div(s.OH, 2), TW = ceil_div(s.OW, 2);
+  const int64_t TH = ceil_div(s.OH, kM), TW = ceil_div(s.OW, kM);
   for (int64_t i = i0; i < i1; ++i) {
     float* vt = v + i * C8;
     if (i >= nt) {
-      for (int xi = 0; xi < 16; ++xi) std::fill_n(vt + xi * Tb * C8, C8, 0.0f);
+      for (int xi = 0; xi < kXi; ++xi) std::fill_n(vt + xi * Tb * C8, C8, 0.0f);
       continue;
     }
     const int64_t t = t0 + i, n = t / (TH * TW), ty = t / TW % TH, tx = t % TW;
-    const int64_t h0 = 2 * ty - s.pT, w0 = 2 * tx - s.pL;
-    const bool inside = h0 >= 0 && w0 >= 0 && h0 + 4 <= s.H && w0 + 4 <= s.W;
+    const int64_t h0 = kM * ty - s.pT, w0 = kM * tx - s.pL;
+    const bool inside = h0 >= 0 && w0 >= 0 && h0 + kA <= s.H && w0 + kA <= s.W;
+    __m256 nonfinite = _mm256_setzero_ps();
     for (int64_t c = 0; c < C8; c += 8) {
-      __m256 d[4][4];
-      load_patch<kCL>(x, s, n, h0, w0, c, inside, d);
+      __m256 d[kA][kA];
+      if constexpr (kM == 2) {
+        load_patch<kCL>(x, s, n, h0, w0, c, inside, d);
+      } else {
+        inside ? load_patch_cl<true>(x, s, n, h0, w0, c, d)
+               : load_patch_cl<false>(x, s, n, h0, w0, c, d);
+        for (int a = 0; a < kA; ++a) {  // d - d is NaN exactly where d is NaN or infinite
+          for (int b = 0; b < kA; ++b) {
+            nonfinite = _mm256_or_ps(nonfinite, _mm256_sub_ps(d[a][b], d[a][b]));
+          }
+        }
+      }
       transform_input(d, vt + c, Tb * C8);
+    }
+    if constexpr (kM == 4) {
+      bad[i] = _mm256_movemask_ps(_mm256_cmp_ps(nonfinite, nonfinite, _CMP_UNORD_Q)) != 0;
+    }
+  }
+}
+
+// The tiles flagged bad among [0, nt) of the block from t0, computed as direct convolutions (as
+// torch sums them: NaN and infinity only where a window holds one), channels_last, with the
+// weights w as winograd_pack_weights reads them.
+void fwd_direct_tiles(const float* x, const float* w, bool flipped, const float* bias,
+                      const float* residual, bool relu, float* y, const ConvShape& s, int64_t t0,
+                      int64_t nt, const bool* bad) {
+  const int64_t TH = ceil_div(s.OH, 4), TW = ceil_div(s.OW, 4);
+  const int64_t kstep = flipped ? 9 : s.C * 9, cstep = flipped ? s.K * 9 : 9;
+  for (int64_t i = 0; i < nt; ++i) {
+    if (!bad[i]) continue;
+    const int64_t t = t0 + i, n = t / (TH * TW), ty = t / TW % TH, tx = t % TW;
+    for (int64_t oh = 4 * ty; oh < std::min(s.OH, 4 * ty + 4); ++oh) {
+      for (int64_t ow = 4 * tx; ow < std::min(s.OW, 4 * tx + 4); ++ow) {
+        const int64_t o = ((n * s.OH + oh) * s.OW + ow) * s.K;
+        for (int64_t k = 0; k < s.K; ++k) {
+          float acc = bias != nullptr ? bias[k] : 0.0f;
+          for (int64_t r = 0; r < 3; ++r) {
+            const int64_t ih = oh - s.pT + r;
+            if (ih < 0 || ih >= s.H) continue;
+            for (int64_t q = 0; q < 3; ++q) {
+              const int64_t iw = ow - s.pL + q;
+              if (iw < 0 || iw >= s.W) continue;
+              const float* xp = x + ((n * s.H + ih) * s.W + iw) * s.C;
+              const float* wp = w + k * kstep + (flipped ? 8 - (r * 3 + q) : r * 3 + q);
+              for (int64_t c = 0; c < s.C; ++c) acc += xp[c] * wp[c * cstep];
+            }
+          }
+          if (residual != nullptr) acc += residual[o + k];
+          y[o + k] = relu && !(acc > 0.0f) && acc == acc ? 0.0f : acc;
+        }
+      }
     }
   }
 }
 
 // Output transform (A^T = [1 1 1 0; 0 1 -1 -1]) of tiles [i0, i1) of the block from t0, from m
 // ([16][Tb][K16]): bias, residual and ReLU applied as each tile is stored.
-template <bool kCL>
+// F(4x4, 3x3): A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1] applied to six
+// vectors.
+inline void at6(const __m256 (&m)[6], __m256 (&o)[4]) {
+  const __m256 a = _mm256_add_ps(m[1], m[2]), b = _mm256_sub_ps(m[1], m[2]);
+  const __m256 c = _mm256_add_ps(m[3], m[4]), d = _mm256_sub_ps(m[3], m[4]);
+  o[0] = _mm256_add_ps(_mm256_add_ps(m[0], a), c);
+  o[1] = _mm256_fmadd_ps(_mm256_set1_ps(2.0f), d, b);
+  o[2] = _mm256_fmadd_ps(_mm256_set1_ps(4.0f), c, a);
+  o[3] = _mm256_add_ps(_mm256_fmadd_ps(_mm256_set1_ps(8.0f), d, b), m[5]);
+}
+
+template <bool kCL, int kM = 2>
 void fwd_output_tiles(const float* m, const float* bias, const float* residual, bool relu, float* y,
                       const ConvShape& s, int64_t t0, int64_t Tb, int64_t i0, int64_t i1) {
   const int64_t K16 = winograd_k16(s);
-  const int64_t TH = ceil_div(s.OH, 2), TW = ceil_div(s.OW, 2);
+  const int64_t TH = ceil_div(s.OH, kM), TW = ceil_div(s.OW, kM);
+  if constexpr (kM == 4) {
+    static_assert(kCL);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = t0 + i, n = t / (TH * TW), ty = t / TW % TH, tx = t % TW;
+      for (int64_t k = 0; k < s.K; k += 8) {
+        const float* mt = m + i * K16 + k;
+        __m256 p[6][4];  // (A^T M)^T: p[b][a] = (A^T M)[a][b]
+        for (int b = 0; b < 6; ++b) {
+          __m256 col[6];
+          for (int a = 0; a < 6; ++a) col[a] = _mm256_loadu_ps(mt + (a * 6 + b) * Tb * K16);
+          at6(col, p[b]);
+        }
+        const __m256 bv = bias == nullptr ? _mm256_setzero_ps()
+                          : k + 8 <= s.K  ? _mm256_loadu_ps(bias + k)
+                                          : _mm256_maskload_ps(bias + k, lanes_below(s.K - k));
+        __m256 out[4][4];
+        for (int a = 0; a < 4; ++a) {
+          const __m256 row[6] = {p[0][a], p[1][a], p[2][a], p[3][a], p[4][a], p[5][a]};
+          at6(row, out[a]);
+          for (int b = 0; b < 4; ++b) out[a][b] = _mm256_add_ps(out[a][b], bv);
+        }
+        store_tile_cl(out, y, residual, relu, s, n, 4 * ty, 4 * tx, k);
+      }
+    }
+    return;
+  }
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t t = t0 + i, n = t / (TH * TW), ty = t / TW % TH, tx = t % TW;
     const int64_t oh = 2 * ty, ow = 2 * tx;
@@ -360,18 +520,22 @@ void fwd_output_tiles(const float* m, const float* bias, const float* residual, 
   }
 }
 
-template <bool kCL>
+template <bool kCL, int kM>
 void winograd_fwd(const float* x, const float* u, const float* bias, const float* residual,
-                  bool relu, float* y, const ConvShape& s, int64_t b0, int64_t b1) {
+                  bool relu, float* y, const ConvShape& s, int64_t b0, int64_t b1, const float* w,
+                  bool flipped) {
+  constexpr int kXi = (kM + 2) * (kM + 2);
   const int64_t C8 = winograd_c8(s), K16 = winograd_k16(s), KP = K16 / 16;
-  const int64_t T = winograd_tiles(s);
-  const int64_t Tb = winograd_block_tiles(s);
-  float* const v = thread_scratch<float, 0>(static_cast<size_t>(16 * Tb * C8));   // [xi][tile][C8]
-  float* const m = thread_scratch<float, 1>(static_cast<size_t>(16 * Tb * K16));  // [xi][tile][K16]
+  const int64_t T = winograd_tiles(s, kM);
+  const int64_t Tb = winograd_block_tiles(s, kM);
+  float* const v = thread_scratch<float, 0>(static_cast<size_t>(kXi * Tb * C8));  // [xi][tile][C8]
+  float* const m =
+      thread_scratch<float, 1>(static_cast<size_t>(kXi * Tb * K16));  // [xi][tile][K16]
+  bool* const bad = kM == 4 ? thread_scratch<bool, 0>(static_cast<size_t>(Tb)) : nullptr;
   for (int64_t blk = b0; blk < b1; ++blk) {
     const int64_t t0 = blk * Tb, nt = std::min(Tb, T - t0);
-    fwd_input_tiles<kCL>(x, s, t0, nt, Tb, 0, Tb, v);
-    for (int xi = 0; xi < 16; ++xi) {  // the 16 products
+    fwd_input_tiles<kCL, kM>(x, s, t0, nt, Tb, 0, Tb, v, bad);
+    for (int xi = 0; xi < kXi; ++xi) {  // the products
       for (int64_t kp = 0; kp < KP; ++kp) {
         const float* b = u + (xi * KP + kp) * C8 * 16;
         for (int64_t r = 0; r < Tb; r += 6) {
@@ -380,7 +544,8 @@ void winograd_fwd(const float* x, const float* u, const float* bias, const float
         }
       }
     }
-    fwd_output_tiles<kCL>(m, bias, residual, relu, y, s, t0, Tb, 0, nt);
+    fwd_output_tiles<kCL, kM>(m, bias, residual, relu, y, s, t0, Tb, 0, nt);
+    if constexpr (kM == 4) fwd_direct_tiles(x, w, flipped, bias, residual, relu, y, s, t0, nt, bad);
   }
 }
 
@@ -388,11 +553,14 @@ void winograd_fwd(const float* x, const float* u, const float* bias, const float
 
 void conv2d_fwd_winograd_avx2(const float* x, const float* u, const float* bias,
                               const float* residual, bool relu, float* y, const ConvShape& s,
-                              bool cl, int64_t b0, int64_t b1) {
-  if (cl) {
-    winograd_fwd<true>(x, u, bias, residual, relu, y, s, b0, b1);
+                              bool cl, int64_t b0, int64_t b1, int m, const float* w,
+                              bool flipped) {
+  if (m == 4) {
+    winograd_fwd<true, 4>(x, u, bias, residual, relu, y, s, b0, b1, w, flipped);
+  } else if (cl) {
+    winograd_fwd<true, 2>(x, u, bias, residual, relu, y, s, b0, b1, w, flipped);
   } else {
-    winograd_fwd<false>(x, u, bias, residual, relu, y, s, b0, b1);
+    winograd_fwd<false, 2>(x, u, bias, residual, relu, y, s, b0, b1, w, flipped);
   }
 }
 
