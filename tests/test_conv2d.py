@@ -657,8 +657,9 @@ def test_winograd(monkeypatch, simd, fmt, tile):
     # tails, outputs that end in partial tiles, padding 0 to 2, the fused epilogue, and the input
     # gradient (a stride-1 3x3 forward, on the same kernel). F(2x2)'s error against float64 is of
     # the order of the direct kernel's (its transforms only add, subtract and halve); F(4x4)'s
-    # larger (see WINOGRAD_F4_ERROR). NCHW layers of at most 64 channels each way run them on
-    # channels_last copies; the last layer (70 channels) keeps the NCHW transforms (F(2x2)).
+    # larger (see WINOGRAD_F4_ERROR). NCHW layers run F(4x4) on channels_last copies, as F(2x2)
+    # where they have at most 64 channels each way; the last layer (70 channels) keeps F(2x2)'s
+    # NCHW transforms.
     monkeypatch.setenv("PYCONV_CONV_WINOGRAD", "1")
     monkeypatch.setenv("PYCONV_WINOGRAD_F4", str(tile // 4))
     for cin, cout, h, w, p in [

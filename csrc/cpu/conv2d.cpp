@@ -419,8 +419,13 @@ bool use_winograd(const ConvShape& s);
 // NCHW Winograd layers of at most 64 channels each way run channels_last on copies, in every
 // direction: the NCHW transforms (patches and tiles transposed in registers) cost more than the
 // copies there (forward + both gradients 1.05-1.2x faster at 16, 32 and 64 channels, 0.95x at
-// 128 and 1.0-1.06x at 256; measured).
-bool winograd_nchw_as_cl(const ConvShape& s) { return s.C <= 64 && s.K <= 64; }
+// 128 and 1.0-1.06x at 256; measured). The forward and input gradient (`forward`) also wherever
+// F(4x4, 3x3) runs, channels_last only: 1.35-1.5x faster than F(2x2)'s NCHW transforms at 96 and
+// 128 channels, 256 -> 64 and 128 -> 64 (measured).
+int winograd_tile(const ConvShape& s, bool cl);
+bool winograd_nchw_as_cl(const ConvShape& s, bool forward = false) {
+  return (s.C <= 64 && s.K <= 64) || (forward && winograd_tile(s, true) == 4);
+}
 
 // Input gradient, a forward convolution (per phase at strides above 1) with the channels swapped:
 // channels_last (natively or on copies) once there are 8 input channels per group to vectorise
@@ -428,7 +433,8 @@ bool winograd_nchw_as_cl(const ConvShape& s) { return s.C <= 64 && s.K <= 64; }
 bool input_grad_as_cl(const ConvShape& s, bool cl) {
   bool v;
   if (force_gemm(v) && v) return true;
-  if (!cl && s.sH == 1 && s.sW == 1 && !winograd_nchw_as_cl(s)) {  // NCHW Winograd, without copies
+  if (!cl && s.sH == 1 && s.sW == 1 &&
+      !winograd_nchw_as_cl(s, true)) {  // NCHW Winograd, without copies
     const ConvShape t = input_grad_as_forward(s);
     if (t.pT >= 0 && t.pB >= 0 && t.pL >= 0 && t.pR >= 0 && use_winograd(t)) return false;
   }
@@ -1496,7 +1502,7 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
   }
   const bool cl_in = format_of(input) == at::MemoryFormat::ChannelsLast;
   if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 &&
-      (cl_in || (nchw_forward_as_cl(s) && (!use_winograd(s) || winograd_nchw_as_cl(s))))) {
+      (cl_in || (nchw_forward_as_cl(s) && (!use_winograd(s) || winograd_nchw_as_cl(s, true))))) {
     // channels_last: the implicit GEMM or the direct kernel; NCHW input goes to them as a
     // channels_last copy (cheaper than the NCHW kernels where the GEMM applies)
     const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
