@@ -675,13 +675,15 @@ def test_winograd(monkeypatch, simd, fmt, tile):
         check_float32_layer(x, wt, b, dict(padding=p), fmt)
 
 
-def test_winograd_f4_error_and_non_finite_inputs(monkeypatch, simd):
+@pytest.mark.parametrize("chunked", ["0", "1"])
+def test_winograd_f4_error_and_non_finite_inputs(monkeypatch, simd, chunked):
     # F(4x4, 3x3)'s error against float64, F(2x2)'s against the same reference, on layers of up
     # to 256 channels with unscaled weights (outputs up to about 200): F(4x4) within
     # WINOGRAD_F4_ERROR of the largest output, F(2x2) within a tenth of that. A NaN or infinite
     # input reaches only the outputs whose windows hold it, as in torch (F(4x4) computes the tiles
-    # whose patch holds one directly), in the forward and the input gradient
+    # whose patch holds one directly), in the forward and the input gradient; both schedules
     monkeypatch.setenv("PYCONV_CONV_WINOGRAD", "1")
+    monkeypatch.setenv("PYCONV_WINOGRAD_CHUNKED", chunked)
     cl = torch.channels_last
     for cin, cout, h, w in [(21, 37, 29, 31), (128, 128, 16, 16), (256, 64, 8, 9)]:
         x = torch.randn(2, cin, h, w, dtype=torch.float64).contiguous(memory_format=cl)
@@ -714,13 +716,16 @@ def test_winograd_f4_error_and_non_finite_inputs(monkeypatch, simd):
     assert torch.equal(got.isnan(), want.isnan()) and want.isnan().sum() == 16 * 9
 
 
+@pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
-def test_winograd_chunked(monkeypatch, simd, fmt):
-    # the Winograd forward's chunked schedule (the default past 256 x 256 channels), forced on
-    # small layers: 480 tiles in three chunks of 162 (the last one short), channel counts off the
-    # vector widths; the input gradient packs the layer's own filters flipped (F(2x2) only)
+def test_winograd_chunked(monkeypatch, simd, fmt, tile):
+    # the Winograd forward's chunked schedule (the default for transformed filters past 4 MiB
+    # (F(2x2)) or 16 MiB (F(4x4))), forced on small layers: F(2x2)'s 480 tiles in three chunks of
+    # 162 (the last one short), F(4x4)'s 128 in two of 66; channel counts off the vector widths;
+    # the input gradient packs the layer's own filters flipped
     monkeypatch.setenv("PYCONV_CONV_WINOGRAD", "1")
     monkeypatch.setenv("PYCONV_WINOGRAD_CHUNKED", "1")
+    monkeypatch.setenv("PYCONV_WINOGRAD_F4", str(tile // 4))
     for cin, cout, h, w in [(21, 37, 29, 31), (40, 16, 7, 5)]:
         x = torch.randn(2, cin, h, w, dtype=torch.float64).contiguous(memory_format=fmt)
         wt = torch.randn(cout, cin, 3, 3, dtype=torch.float64)

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <memory>
 #include <numeric>
 #include <optional>
 #include <type_traits>
@@ -507,24 +508,29 @@ bool use_winograd(const ConvShape& s) {
 }
 
 // The forward's schedule: blocks of a few tiles taking every transformed filter in turn while those
-// (16 C K floats, made at each call) stay in cache across the blocks, up to 4 MiB (256 x 256
-// channels); past that, chunks of up to 192 tiles each reading them once (1.3x faster at 384 x 384
-// channels, 1.3-2.3x at 512 x 512; 0.85-0.9x at 256 x 256; measured).
-// PYCONV_WINOGRAD_CHUNKED=0/1 forces either.
-bool winograd_chunked(const ConvShape& s) {
+// (16 C K floats for F(2x2), 36 C K for F(4x4), made at each call) stay in cache across the
+// blocks; past that, chunks of tiles each reading them once. F(2x2): blocks up to 4 MiB (256 x 256
+// channels), chunks of up to 192 tiles past that (1.3x faster at 384 x 384 channels, 1.3-2.3x at
+// 512 x 512; 0.85-0.9x at 256 x 256; measured). F(4x4): blocks up to 16 MiB (chunks 0.86x at
+// 128 x 128, 0.95-1.07x at 256 x 256, 1.3-1.4x at 512 x 512; measured), chunks of up to 84 tiles
+// (the transformed inputs of F(2x2)'s 192). PYCONV_WINOGRAD_CHUNKED=0/1 forces either.
+bool winograd_chunked(const ConvShape& s, int tile) {
   if (const char* e = std::getenv("PYCONV_WINOGRAD_CHUNKED")) return e[0] == '1';
-  return winograd_packed_size(s) * static_cast<int64_t>(sizeof(float)) > (4 << 20);
+  const int64_t limit = int64_t{tile == 4 ? 16 : 4} << 20;
+  return winograd_packed_size(s, tile) * static_cast<int64_t>(sizeof(float)) > limit;
 }
 
 // The output tile of the Winograd forward: 4 (F(4x4, 3x3), 36 multiplies per 16 outputs instead
-// of 16 per 4) on channels_last where its transformed filters stay in cache across blocks of tiles,
-// else 2. Forward and input gradient 1.3-1.55x faster at 16 to 128 channels on 16x16 to 56x56
-// images (measured). Its float32 error is about 1e-5 of the output's largest magnitude, F(2x2)'s
-// 1e-6. PYCONV_WINOGRAD_F4=0/1 forces either (4 only on channels_last and the blocked schedule).
+// of 16 per 4) on channels_last with at least 64 tiles of 4x4, else 2. Forward and input gradient
+// 1.3-1.55x faster at 16 to 256 channels on 8x8 to 56x56 images, 1.0-1.1x at 256 -> 512 and
+// 512 -> 256 on 14x14; the same at 512 x 512 on 32 tiles (the filters' transforms, 2.25x
+// F(2x2)'s and made at each call, then weigh as much as the saved products; measured). Its
+// float32 error is about 1e-5 of the output's largest magnitude, F(2x2)'s 1e-6.
+// PYCONV_WINOGRAD_F4=0/1 forces either (4 on channels_last only).
 int winograd_tile(const ConvShape& s, bool cl) {
-  if (!cl || winograd_chunked(s)) return 2;
+  if (!cl) return 2;
   if (const char* e = std::getenv("PYCONV_WINOGRAD_F4")) return e[0] == '1' ? 4 : 2;
-  return winograd_packed_size(s, 4) * static_cast<int64_t>(sizeof(float)) <= (4 << 20) ? 4 : 2;
+  return winograd_tiles(s, 4) >= 64 ? 4 : 2;
 }
 
 // flipped: w is (C, K, 3, 3), the layer's weights when s is its input gradient's forward
@@ -538,21 +544,24 @@ void winograd_forward(const float* x, const float* w, const float* bias, const f
   at::parallel_for(0, winograd_k16(s) / 16, 1, [&](int64_t p0, int64_t p1) {
     winograd_pack_weights(w, u, s, p0, p1, flipped, tile);
   });
-  if (tile == 2 && winograd_chunked(s)) {
-    const int64_t T = winograd_tiles(s), Tc = winograd_chunk_tiles(s);
-    const Scratch<float> vt(16 * Tc * winograd_c8(s)), mt(16 * Tc * winograd_k16(s));
+  if (winograd_chunked(s, tile)) {
+    const int64_t T = winograd_tiles(s, tile), Tc = winograd_chunk_tiles(s, tile);
+    const int64_t xis = (tile + 2) * (tile + 2);
+    const Scratch<float> vt(xis * Tc * winograd_c8(s)), mt(xis * Tc * winograd_k16(s));
     float* const v = vt.data();
     float* const m = mt.data();
+    std::unique_ptr<bool[]> bad(new bool[static_cast<size_t>(Tc)]);
     for (int64_t first = 0; first < T; first += Tc) {
       const int64_t count = std::min(Tc, T - first);
       at::parallel_for(0, Tc, 6, [&](int64_t i0, int64_t i1) {
-        winograd_fwd_input(x, s, cl, first, count, Tc, v, i0, i1);
+        winograd_fwd_input(x, s, cl, first, count, Tc, v, i0, i1, tile, bad.get());
       });
-      at::parallel_for(0, winograd_fwd_product_tasks(s), 1, [&](int64_t j0, int64_t j1) {
+      at::parallel_for(0, winograd_fwd_product_tasks(s, tile), 1, [&](int64_t j0, int64_t j1) {
         winograd_fwd_products(v, u, m, s, Tc, j0, j1);
       });
       at::parallel_for(0, count, 6, [&](int64_t i0, int64_t i1) {
-        winograd_fwd_output(m, bias, residual, relu, y, s, cl, first, Tc, i0, i1);
+        winograd_fwd_output(m, bias, residual, relu, y, s, cl, first, Tc, i0, i1, tile, x, w,
+                            flipped, bad.get());
       });
     }
     return;

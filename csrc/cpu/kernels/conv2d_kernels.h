@@ -96,15 +96,19 @@ void conv2d_fwd_winograd_avx2(const float* x, const float* u, const float* bias,
 // winograd_fwd_product_tasks(s), each one panel of U read once for all the chunk's tiles, into m
 // ([16][Tc][K16]); the output transform of chunk tiles [i0, i1) (< count).
 constexpr int64_t kWinogradChunkTiles = 192;
-int64_t winograd_chunk_tiles(const ConvShape& s);
+int64_t winograd_chunk_tiles(const ConvShape& s, int m);
+// m = 4: bad[i] set for the chunk's tiles whose patch holds a NaN or an infinity, which
+// winograd_fwd_output then computes directly from x and the weights w (flipped as for
+// winograd_pack_weights)
 void winograd_fwd_input(const float* x, const ConvShape& s, bool cl, int64_t first, int64_t count,
-                        int64_t Tc, float* v, int64_t i0, int64_t i1);
-int64_t winograd_fwd_product_tasks(const ConvShape& s);
+                        int64_t Tc, float* v, int64_t i0, int64_t i1, int m, bool* bad);
+int64_t winograd_fwd_product_tasks(const ConvShape& s, int m);
 void winograd_fwd_products(const float* v, const float* u, float* m, const ConvShape& s, int64_t Tc,
                            int64_t j0, int64_t j1);
 void winograd_fwd_output(const float* m, const float* bias, const float* residual, bool relu,
                          float* y, const ConvShape& s, bool cl, int64_t first, int64_t Tc,
-                         int64_t i0, int64_t i1);
+                         int64_t i0, int64_t i1, int tile, const float* x, const float* w,
+                         bool flipped, const bool* bad);
 int64_t winograd_c8(const ConvShape& s);
 
 // Winograd weight gradient, in chunks of `count` tiles from tile `first`: transform tiles [i0, i1)

@@ -415,10 +415,10 @@ void fwd_input_tiles(const float* x, const ConvShape& s, int64_t t0, int64_t nt,
 // weights w as winograd_pack_weights reads them.
 void fwd_direct_tiles(const float* x, const float* w, bool flipped, const float* bias,
                       const float* residual, bool relu, float* y, const ConvShape& s, int64_t t0,
-                      int64_t nt, const bool* bad) {
+                      int64_t i0, int64_t i1, const bool* bad) {
   const int64_t TH = ceil_div(s.OH, 4), TW = ceil_div(s.OW, 4);
   const int64_t kstep = flipped ? 9 : s.C * 9, cstep = flipped ? s.K * 9 : 9;
-  for (int64_t i = 0; i < nt; ++i) {
+  for (int64_t i = i0; i < i1; ++i) {
     if (!bad[i]) continue;
     const int64_t t = t0 + i, n = t / (TH * TW), ty = t / TW % TH, tx = t % TW;
     for (int64_t oh = 4 * ty; oh < std::min(s.OH, 4 * ty + 4); ++oh) {
@@ -545,7 +545,8 @@ void winograd_fwd(const float* x, const float* u, const float* bias, const float
       }
     }
     fwd_output_tiles<kCL, kM>(m, bias, residual, relu, y, s, t0, Tb, 0, nt);
-    if constexpr (kM == 4) fwd_direct_tiles(x, w, flipped, bias, residual, relu, y, s, t0, nt, bad);
+    if constexpr (kM == 4)
+      fwd_direct_tiles(x, w, flipped, bias, residual, relu, y, s, t0, 0, nt, bad);
   }
 }
 
@@ -564,21 +565,27 @@ void conv2d_fwd_winograd_avx2(const float* x, const float* u, const float* bias,
   }
 }
 
-int64_t winograd_chunk_tiles(const ConvShape& s) {
-  const int64_t T = winograd_tiles(s), chunks = ceil_div(T, kWinogradChunkTiles);
+int64_t winograd_chunk_tiles(const ConvShape& s, int m) {
+  // the same transformed inputs a chunk as F(2x2)'s 192 tiles
+  const int64_t most = kWinogradChunkTiles * 16 / ((m + 2) * (m + 2)) / 6 * 6;
+  const int64_t T = winograd_tiles(s, m), chunks = ceil_div(T, most);
   return ceil_div(ceil_div(T, chunks), 6) * 6;
 }
 
 void winograd_fwd_input(const float* x, const ConvShape& s, bool cl, int64_t first, int64_t count,
-                        int64_t Tc, float* v, int64_t i0, int64_t i1) {
-  if (cl) {
+                        int64_t Tc, float* v, int64_t i0, int64_t i1, int m, bool* bad) {
+  if (m == 4) {
+    fwd_input_tiles<true, 4>(x, s, first, count, Tc, i0, i1, v, bad);
+  } else if (cl) {
     fwd_input_tiles<true>(x, s, first, count, Tc, i0, i1, v);
   } else {
     fwd_input_tiles<false>(x, s, first, count, Tc, i0, i1, v);
   }
 }
 
-int64_t winograd_fwd_product_tasks(const ConvShape& s) { return 16 * (winograd_k16(s) / 16); }
+int64_t winograd_fwd_product_tasks(const ConvShape& s, int m) {
+  return (m + 2) * (m + 2) * (winograd_k16(s) / 16);
+}
 
 // Task j = (xi, panel of 16 output channels): that panel of U[xi] (C8 x 16) times every tile's
 // V[xi] row, the reduction in slices of 256 channels (16 KiB of the panel, kept in L1).
@@ -606,8 +613,12 @@ void winograd_fwd_products(const float* v, const float* u, float* m, const ConvS
 
 void winograd_fwd_output(const float* m, const float* bias, const float* residual, bool relu,
                          float* y, const ConvShape& s, bool cl, int64_t first, int64_t Tc,
-                         int64_t i0, int64_t i1) {
-  if (cl) {
+                         int64_t i0, int64_t i1, int tile, const float* x, const float* w,
+                         bool flipped, const bool* bad) {
+  if (tile == 4) {
+    fwd_output_tiles<true, 4>(m, bias, residual, relu, y, s, first, Tc, i0, i1);
+    fwd_direct_tiles(x, w, flipped, bias, residual, relu, y, s, first, i0, i1, bad);
+  } else if (cl) {
     fwd_output_tiles<true>(m, bias, residual, relu, y, s, first, Tc, i0, i1);
   } else {
     fwd_output_tiles<false>(m, bias, residual, relu, y, s, first, Tc, i0, i1);
