@@ -420,12 +420,12 @@ bool use_winograd(const ConvShape& s);
 // NCHW Winograd layers of at most 64 channels each way run channels_last on copies, in every
 // direction: the NCHW transforms (patches and tiles transposed in registers) cost more than the
 // copies there (forward + both gradients 1.05-1.2x faster at 16, 32 and 64 channels, 0.95x at
-// 128 and 1.0-1.06x at 256; measured). The forward and input gradient (`forward`) also wherever
-// F(4x4, 3x3) runs, channels_last only: 1.35-1.5x faster than F(2x2)'s NCHW transforms at 96 and
-// 128 channels, 256 -> 64 and 128 -> 64 (measured).
+// 128 and 1.0-1.06x at 256; measured). Larger ones too wherever F(4x4, 3x3) runs, channels_last
+// only: forward and input gradient 1.35-1.5x faster than F(2x2)'s NCHW transforms at 96 and 128
+// channels, 256 -> 64 and 128 -> 64, weight gradient 1.15-1.75x at 96 to 256 channels (measured).
 int winograd_tile(const ConvShape& s, bool cl);
-bool winograd_nchw_as_cl(const ConvShape& s, bool forward = false) {
-  return (s.C <= 64 && s.K <= 64) || (forward && winograd_tile(s, true) == 4);
+bool winograd_nchw_as_cl(const ConvShape& s) {
+  return (s.C <= 64 && s.K <= 64) || winograd_tile(s, true) == 4;
 }
 
 // Input gradient, a forward convolution (per phase at strides above 1) with the channels swapped:
@@ -434,8 +434,7 @@ bool winograd_nchw_as_cl(const ConvShape& s, bool forward = false) {
 bool input_grad_as_cl(const ConvShape& s, bool cl) {
   bool v;
   if (force_gemm(v) && v) return true;
-  if (!cl && s.sH == 1 && s.sW == 1 &&
-      !winograd_nchw_as_cl(s, true)) {  // NCHW Winograd, without copies
+  if (!cl && s.sH == 1 && s.sW == 1 && !winograd_nchw_as_cl(s)) {  // NCHW Winograd, without copies
     const ConvShape t = input_grad_as_forward(s);
     if (t.pT >= 0 && t.pB >= 0 && t.pL >= 0 && t.pR >= 0 && use_winograd(t)) return false;
   }
@@ -602,27 +601,34 @@ void forward_avx2(const float* x, const float* w, const float* bias, const float
 // of 32 or 16 slower (measured). The transforms are stored as the products' panels, each read
 // front to back (1.05-1.3x faster than rows of every channel read at a stride, 64 to 512
 // channels; measured), an odd number of cache lines apart (1.05-1.13x at 64 to 256 channels).
+// F(4x4, 3x3) where the forward runs it (winograd_tile): 36 products, chunks of 64 tiles (as fast
+// as 128, 32 slower; measured); 1.3-1.6x faster than F(2x2) at 16 to 256 channels, 1.1-1.2x at
+// 256 -> 512 on 14x14 (measured).
 constexpr int64_t kWinogradWgradChunk = 128;
+constexpr int64_t kWinogradWgradChunk4 = 64;
+
 void winograd_backward_weight(const float* go, const float* x, float* gw, const ConvShape& s,
                               bool cl) {
-  const int64_t C16 = winograd_c16(s), K6 = winograd_k6(s), T = winograd_tiles(s);
-  const int64_t chunk = std::min<int64_t>(T, kWinogradWgradChunk);
-  const Scratch<float> vt(16 * C16 / 16 * winograd_wgrad_panel(chunk * 16)),
-      pgt(16 * K6 / 6 * winograd_wgrad_panel(chunk * 6)), dut(16 * K6 * C16);
+  const int tile = winograd_tile(s, cl), xis = (tile + 2) * (tile + 2);
+  const int64_t C16 = winograd_c16(s), K6 = winograd_k6(s), T = winograd_tiles(s, tile);
+  const int64_t chunk =
+      std::min<int64_t>(T, tile == 4 ? kWinogradWgradChunk4 : kWinogradWgradChunk);
+  const Scratch<float> vt(xis * C16 / 16 * winograd_wgrad_panel(chunk * 16)),
+      pgt(xis * K6 / 6 * winograd_wgrad_panel(chunk * 6)), dut(xis * K6 * C16);
   float* const v = vt.data();
   float* const pg = pgt.data();
   float* const du = dut.data();
   for (int64_t first = 0; first < T; first += chunk) {
     const int64_t count = std::min(chunk, T - first);
     at::parallel_for(0, count, 8, [&](int64_t i0, int64_t i1) {
-      winograd_wgrad_transform(go, x, s, cl, first, count, v, pg, i0, i1);
+      winograd_wgrad_transform(go, x, s, cl, first, count, v, pg, i0, i1, tile);
     });
-    at::parallel_for(0, winograd_wgrad_tasks(s), 1, [&](int64_t j0, int64_t j1) {
+    at::parallel_for(0, winograd_wgrad_tasks(s, tile), 1, [&](int64_t j0, int64_t j1) {
       winograd_wgrad_products(v, pg, du, s, count, j0, j1, first == 0);
     });
   }
   at::parallel_for(0, s.K, 1,
-                   [&](int64_t k0, int64_t k1) { winograd_wgrad_finish(du, gw, s, k0, k1); });
+                   [&](int64_t k0, int64_t k1) { winograd_wgrad_finish(du, gw, s, k0, k1, tile); });
 }
 
 // float32 channels_last forward: Winograd, the implicit GEMM or the direct kernel.
@@ -1511,7 +1517,7 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
   }
   const bool cl_in = format_of(input) == at::MemoryFormat::ChannelsLast;
   if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 &&
-      (cl_in || (nchw_forward_as_cl(s) && (!use_winograd(s) || winograd_nchw_as_cl(s, true))))) {
+      (cl_in || (nchw_forward_as_cl(s) && (!use_winograd(s) || winograd_nchw_as_cl(s))))) {
     // channels_last: the implicit GEMM or the direct kernel; NCHW input goes to them as a
     // channels_last copy (cheaper than the NCHW kernels where the GEMM applies)
     const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;

@@ -111,20 +111,22 @@ void winograd_fwd_output(const float* m, const float* bias, const float* residua
                          bool flipped, const bool* bad);
 int64_t winograd_c8(const ConvShape& s);
 
-// Winograd weight gradient, in chunks of `count` tiles from tile `first`: transform tiles [i0, i1)
-// of the chunk into v (16 x winograd_c16 / 16 panels of [count][16]) and pg (16 x winograd_k6 / 6
-// panels of [count][6]), each panel winograd_wgrad_panel(its floats) apart; add the chunk's
-// products into du ([16][winograd_k6][winograd_c16]; the first chunk writes them), tasks [j0, j1)
-// of winograd_wgrad_tasks(s); finally gw (K, C, 3, 3) from du, output channels [k0, k1).
+// Winograd weight gradient on m x m tiles (m = 2, or 4 on channels_last; xis = (m + 2)^2), in
+// chunks of `count` tiles from tile `first`: transform tiles [i0, i1) of the chunk into v (xis x
+// winograd_c16 / 16 panels of [count][16]) and pg (xis x winograd_k6 / 6 panels of [count][6]),
+// each panel winograd_wgrad_panel(its floats) apart; add the chunk's products into du
+// ([xis][winograd_k6][winograd_c16]; the first chunk writes them), tasks [j0, j1) of
+// winograd_wgrad_tasks(s, m); finally gw (K, C, 3, 3) from du, output channels [k0, k1).
 int64_t winograd_k6(const ConvShape& s);
 int64_t winograd_wgrad_panel(int64_t floats);  // an odd number of 64-byte lines
 int64_t winograd_c16(const ConvShape& s);
 void winograd_wgrad_transform(const float* go, const float* x, const ConvShape& s, bool cl,
                               int64_t first, int64_t count, float* v, float* pg, int64_t i0,
-                              int64_t i1);
-int64_t winograd_wgrad_tasks(const ConvShape& s);
+                              int64_t i1, int m);
+int64_t winograd_wgrad_tasks(const ConvShape& s, int m);
 void winograd_wgrad_products(const float* v, const float* pg, float* du, const ConvShape& s,
                              int64_t count, int64_t j0, int64_t j1, bool first_chunk);
-void winograd_wgrad_finish(const float* du, float* gw, const ConvShape& s, int64_t k0, int64_t k1);
+void winograd_wgrad_finish(const float* du, float* gw, const ConvShape& s, int64_t k0, int64_t k1,
+                           int m);
 
 }  // namespace pyconv::cpu

@@ -705,12 +705,40 @@ inline void transform_grad(const __m256 (&y)[2][2], float* p, int64_t stride) {
   }
 }
 
+// F(4x4, 3x3): P = A dY A^T for the 4x4 tile y, A = [1 0 0 0; 1 1 1 1; 1 -1 1 -1; 1 2 4 8;
+// 1 -2 4 -8; 0 0 0 1] (A^T the forward's output transform), stored at p + xi * stride.
+inline void a6(const __m256 (&y)[4], __m256 (&r)[6]) {
+  const __m256 e = _mm256_add_ps(y[0], y[2]), o = _mm256_add_ps(y[1], y[3]);
+  const __m256 e4 = _mm256_fmadd_ps(_mm256_set1_ps(4.0f), y[2], y[0]);
+  const __m256 o4 = _mm256_fmadd_ps(_mm256_set1_ps(8.0f), y[3], _mm256_add_ps(y[1], y[1]));
+  r[0] = y[0];
+  r[1] = _mm256_add_ps(e, o);
+  r[2] = _mm256_sub_ps(e, o);
+  r[3] = _mm256_add_ps(e4, o4);
+  r[4] = _mm256_sub_ps(e4, o4);
+  r[5] = y[3];
+}
+
+inline void transform_grad(const __m256 (&y)[4][4], float* p, int64_t stride) {
+  __m256 t[4][6];  // (A dY)^T: t[b][i] = (A dY)[i][b]
+  for (int b = 0; b < 4; ++b) {
+    const __m256 col[4] = {y[0][b], y[1][b], y[2][b], y[3][b]};
+    a6(col, t[b]);
+  }
+  for (int i = 0; i < 6; ++i) {  // row i of (A dY) A^T
+    const __m256 row[4] = {t[0][i], t[1][i], t[2][i], t[3][i]};
+    __m256 r[6];
+    a6(row, r);
+    for (int j = 0; j < 6; ++j) _mm256_storeu_ps(p + (i * 6 + j) * stride, r[j]);
+  }
+}
+
 // A tile's P from buf ([xi][K8], K8 >= K6 + 2) into its panels at pg (tile t's rows: pg + t * 6).
 // Unless `exact`, each run of six is stored as eight floats, the last two landing on the next
 // tile's row of the panel, which the caller stores later (one store a run, not two).
 inline void grad_panels(const float* buf, int64_t K6, int64_t K8, int64_t panel, float* pg,
-                        bool exact) {
-  for (int xi = 0; xi < 16; ++xi) {
+                        bool exact, int xis) {
+  for (int xi = 0; xi < xis; ++xi) {
     const float* src = buf + xi * K8;
     float* dst = pg + xi * (K6 / 6) * panel;
     if (!exact) {
@@ -727,77 +755,106 @@ inline void grad_panels(const float* buf, int64_t K6, int64_t K8, int64_t panel,
   }
 }
 
-template <bool kCL>
+// kM: the tile, 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3), channels_last only).
+template <bool kCL, int kM = 2>
 void wgrad_transform(const float* go, const float* x, const ConvShape& s, int64_t first,
                      int64_t count, float* v, float* pg, int64_t i0, int64_t i1) {
+  constexpr int kA = kM + 2, kXi = kA * kA;
+  static_assert(kM == 2 || (kM == 4 && kCL));
   const int64_t C16 = winograd_c16(s), K6 = winograd_k6(s), K8 = ceil_div(K6 + 2, 8) * 8;
   const int64_t vp = winograd_wgrad_panel(count * 16), pp = winograd_wgrad_panel(count * 6);
-  const int64_t TH = ceil_div(s.OH, 2), TW = ceil_div(s.OW, 2);
-  float* const tmp = thread_scratch<float, 0>(static_cast<size_t>(2 * 16 * K8));
+  const int64_t TH = ceil_div(s.OH, kM), TW = ceil_div(s.OW, kM);
+  float* const tmp = thread_scratch<float, 0>(static_cast<size_t>(2 * kXi * K8));
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t t = first + i, n = t / (TH * TW), ty = t / TW % TH, tx = t % TW;
-    const int64_t h0 = 2 * ty - s.pT, w0 = 2 * tx - s.pL;
-    const bool inside = h0 >= 0 && w0 >= 0 && h0 + 4 <= s.H && w0 + 4 <= s.W;
+    const int64_t h0 = kM * ty - s.pT, w0 = kM * tx - s.pL;
+    const bool inside = h0 >= 0 && w0 >= 0 && h0 + kA <= s.H && w0 + kA <= s.W;
     int64_t c = 0;
     if (kCL && inside) {  // whole vectors of channels from one base pointer
       const int64_t C = s.C, row = s.W * C;
       const float* p0 = x + ((n * s.H + h0) * s.W + w0) * C;
       for (; c + 8 <= C; c += 8) {
-        __m256 d[4][4];
-        for (int a = 0; a < 4; ++a) {
-          for (int b = 0; b < 4; ++b) d[a][b] = _mm256_loadu_ps(p0 + a * row + b * C + c);
+        __m256 d[kA][kA];
+        for (int a = 0; a < kA; ++a) {
+          for (int b = 0; b < kA; ++b) d[a][b] = _mm256_loadu_ps(p0 + a * row + b * C + c);
         }
         transform_input(d, v + c / 16 * vp + i * 16 + c % 16, C16 / 16 * vp);
       }
     }
     for (; c < C16; c += 8) {
-      __m256 d[4][4];
+      __m256 d[kA][kA];
       if (c >= s.C) {
         for (auto& row : d) {
           for (auto& e : row) e = _mm256_setzero_ps();
         }
-      } else {
+      } else if constexpr (kM == 2) {
         load_patch<kCL>(x, s, n, h0, w0, c, inside, d);
+      } else {
+        load_patch_cl<false>(x, s, n, h0, w0, c, d);
       }
       transform_input(d, v + c / 16 * vp + i * 16 + c % 16, C16 / 16 * vp);
     }
     // P through a buffer of whole vectors ([xi][K8]), then in runs of six into its panels, a tile
     // later (the buffer's stores long done: its loads across two of them would wait on them)
-    float* const buf = tmp + (i & 1) * 16 * K8;
+    float* const buf = tmp + (i & 1) * kXi * K8;
     int64_t k = 0;
-    if (kCL && 2 * ty + 2 <= s.OH && 2 * tx + 2 <= s.OW) {  // the whole 2x2 tile
+    if (kCL && kM * ty + kM <= s.OH && kM * tx + kM <= s.OW) {  // the whole tile
       const int64_t K = s.K, row = s.OW * K;
-      const float* p0 = go + ((n * s.OH + 2 * ty) * s.OW + 2 * tx) * K;
+      const float* p0 = go + ((n * s.OH + kM * ty) * s.OW + kM * tx) * K;
       for (; k + 8 <= K; k += 8) {
-        const __m256 y[2][2] = {{_mm256_loadu_ps(p0 + k), _mm256_loadu_ps(p0 + K + k)},
-                                {_mm256_loadu_ps(p0 + row + k), _mm256_loadu_ps(p0 + row + K + k)}};
+        __m256 y[kM][kM];
+        for (int a = 0; a < kM; ++a) {
+          for (int b = 0; b < kM; ++b) y[a][b] = _mm256_loadu_ps(p0 + a * row + b * K + k);
+        }
         transform_grad(y, buf + k, K8);
       }
     }
     for (; k < K6; k += 8) {
-      __m256 y[2][2];
-      load_grad_tile<kCL>(go, s, n, 2 * ty, 2 * tx, k, y);
+      __m256 y[kM][kM];
+      if constexpr (kM == 2) {
+        load_grad_tile<kCL>(go, s, n, 2 * ty, 2 * tx, k, y);
+      } else {  // channels_last, zero outside the image and past K
+        const bool kfull = k + 8 <= s.K;
+        const __m256i kmask = lanes_below(s.K - k);
+        for (int a = 0; a < 4; ++a) {
+          for (int b = 0; b < 4; ++b) {
+            const int64_t oh = 4 * ty + a, ow = 4 * tx + b;
+            if (k >= s.K || oh >= s.OH || ow >= s.OW) {
+              y[a][b] = _mm256_setzero_ps();
+              continue;
+            }
+            const float* p = go + ((n * s.OH + oh) * s.OW + ow) * s.K + k;
+            y[a][b] = kfull ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, kmask);
+          }
+        }
+      }
       transform_grad(y, buf + k, K8);
     }
-    if (i > i0) grad_panels(tmp + ((i - 1) & 1) * 16 * K8, K6, K8, pp, pg + (i - 1) * 6, false);
+    if (i > i0) {
+      grad_panels(tmp + ((i - 1) & 1) * kXi * K8, K6, K8, pp, pg + (i - 1) * 6, false, kXi);
+    }
   }
-  if (i1 > i0) grad_panels(tmp + ((i1 - 1) & 1) * 16 * K8, K6, K8, pp, pg + (i1 - 1) * 6, true);
+  if (i1 > i0) {
+    grad_panels(tmp + ((i1 - 1) & 1) * kXi * K8, K6, K8, pp, pg + (i1 - 1) * 6, true, kXi);
+  }
 }
 
 }  // namespace
 
 void winograd_wgrad_transform(const float* go, const float* x, const ConvShape& s, bool cl,
                               int64_t first, int64_t count, float* v, float* pg, int64_t i0,
-                              int64_t i1) {
-  if (cl) {
+                              int64_t i1, int m) {
+  if (m == 4) {
+    wgrad_transform<true, 4>(go, x, s, first, count, v, pg, i0, i1);
+  } else if (cl) {
     wgrad_transform<true>(go, x, s, first, count, v, pg, i0, i1);
   } else {
     wgrad_transform<false>(go, x, s, first, count, v, pg, i0, i1);
   }
 }
 
-int64_t winograd_wgrad_tasks(const ConvShape& s) {
-  return 16 * (winograd_k6(s) / 6) * (winograd_c16(s) / 16);
+int64_t winograd_wgrad_tasks(const ConvShape& s, int m) {
+  return (m + 2) * (m + 2) * (winograd_k6(s) / 6) * (winograd_c16(s) / 16);
 }
 
 // Task (xi, c panel, k panel): du[xi][k .. k + 5][c .. c + 15] += sum over the `count` tiles of
@@ -835,9 +892,47 @@ void winograd_wgrad_products(const float* v, const float* pg, float* du, const C
 
 // gw (K, C, 3, 3) = G^T dU G per (k, c), G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]: output
 // channels [k0, k1), eight input channels a vector, their 3x3 filters written out together.
-void winograd_wgrad_finish(const float* du, float* gw, const ConvShape& s, int64_t k0, int64_t k1) {
+// F(4x4, 3x3): G^T (G as in g6) applied to six vectors.
+inline void gt6(const __m256 (&m)[6], __m256 (&o)[3]) {
+  const __m256 p = _mm256_add_ps(m[1], m[2]), q = _mm256_sub_ps(m[1], m[2]);
+  const __m256 u = _mm256_add_ps(m[3], m[4]), w = _mm256_sub_ps(m[3], m[4]);
+  const __m256 sixth = _mm256_set1_ps(1.0f / 6.0f);
+  o[0] = _mm256_fmadd_ps(_mm256_set1_ps(0.25f), m[0],
+                         _mm256_fmsub_ps(_mm256_set1_ps(1.0f / 24.0f), u, _mm256_mul_ps(sixth, p)));
+  o[1] = _mm256_fmsub_ps(_mm256_set1_ps(1.0f / 12.0f), w, _mm256_mul_ps(sixth, q));
+  o[2] = _mm256_add_ps(_mm256_mul_ps(sixth, _mm256_sub_ps(u, p)), m[5]);
+}
+
+void winograd_wgrad_finish(const float* du, float* gw, const ConvShape& s, int64_t k0, int64_t k1,
+                           int tile) {
   const int64_t C16 = winograd_c16(s), K6 = winograd_k6(s);
   const __m256 half = _mm256_set1_ps(0.5f);
+  if (tile == 4) {
+    for (int64_t k = k0; k < k1; ++k) {
+      for (int64_t c = 0; c < s.C; c += 8) {
+        __m256 t[6][3];  // (G^T dU)^T: t[j][r] = (G^T dU)[r][j]
+        for (int j = 0; j < 6; ++j) {
+          __m256 col[6];
+          for (int i = 0; i < 6; ++i)
+            col[i] = _mm256_loadu_ps(du + ((i * 6 + j) * K6 + k) * C16 + c);
+          gt6(col, t[j]);
+        }
+        alignas(32) float o[9][8];  // (G^T dU) G, tap-major
+        for (int r = 0; r < 3; ++r) {
+          const __m256 row[6] = {t[0][r], t[1][r], t[2][r], t[3][r], t[4][r], t[5][r]};
+          __m256 v[3];
+          gt6(row, v);
+          for (int q = 0; q < 3; ++q) _mm256_store_ps(o[r * 3 + q], v[q]);
+        }
+        float* out = gw + (k * s.C + c) * 9;
+        const int64_t n = std::min<int64_t>(8, s.C - c);
+        for (int64_t l = 0; l < n; ++l) {
+          for (int tap = 0; tap < 9; ++tap) out[l * 9 + tap] = o[tap][l];
+        }
+      }
+    }
+    return;
+  }
   for (int64_t k = k0; k < k1; ++k) {
     for (int64_t c = 0; c < s.C; c += 8) {
       __m256 m[4][4];
