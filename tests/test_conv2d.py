@@ -675,6 +675,24 @@ def test_winograd(monkeypatch, simd, fmt, tile):
         check_float32_layer(x, wt, b, dict(padding=p), fmt)
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_dilated_layers_as_phases(simd, fmt):
+    # 3x3 layers of dilation d and padding d on images of sides multiple of d run as d x d
+    # undilated layers, one per phase of the image, stacked along the batch (on Winograd): d = 2
+    # and 3, the fused epilogue and both gradients, in the input's layout; sides that are not
+    # multiples of d, or padding other than d, keep the dilated kernels
+    for cin, cout, h, w, d, p in [
+        (16, 24, 12, 10, 2, 2),
+        (32, 16, 9, 12, 3, 3),
+        (16, 16, 11, 10, 2, 2),
+        (16, 16, 12, 10, 2, 1),
+    ]:
+        x = torch.randn(2, cin, h, w, dtype=torch.float64).contiguous(memory_format=fmt)
+        wt = torch.randn(cout, cin, 3, 3, dtype=torch.float64) / (3 * cin**0.5)
+        b = torch.randn(cout, dtype=torch.float64)
+        check_float32_layer(x, wt, b, dict(padding=p, dilation=d), fmt)
+
+
 @pytest.mark.parametrize("chunked", ["0", "1"])
 def test_winograd_f4_error_and_non_finite_inputs(monkeypatch, simd, chunked):
     # F(4x4, 3x3)'s error against float64, F(2x2)'s against the same reference, on layers of up

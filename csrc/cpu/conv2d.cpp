@@ -1350,6 +1350,55 @@ bool strided_pointwise(const ConvShape& s) {
          std::getenv("PYCONV_CONV_GEMM") == nullptr;
 }
 
+// The layer of the stacked phases (see dilated_as_phases).
+ConvShape dilation_phases(const ConvShape& s) {
+  const int64_t d = s.dH;
+  ConvShape t = s;
+  t.N = s.N * d * d;
+  t.H = t.OH = s.H / d;
+  t.W = t.OW = s.W / d;
+  t.dH = t.dW = 1;
+  t.pT = t.pB = t.pL = t.pR = 1;
+  return t;
+}
+
+// A 3x3 layer of dilation d (stride 1, padding d, image sides multiples of d) is d x d
+// independent 3x3 layers of dilation 1 and padding 1, one per phase (a, b) of the image (rows
+// a, a + d, ..., columns b, b + d, ...): the phases stacked along the batch ("space to batch"),
+// they run as one layer on Winograd (float32, where it applies to that layer), then go back to
+// their places. PYCONV_CONV_DILATED_PHASES=0/1 turns it off or on wherever the shape allows.
+bool dilated_as_phases(at::ScalarType ct, const ConvShape& s) {
+  const int64_t d = s.dH;
+  if (ct != at::kFloat || !simd_is_avx2() || s.R != 3 || s.S != 3 || s.sH != 1 || s.sW != 1 ||
+      d < 2 || s.dW != d || s.pT != d || s.pB != d || s.pL != d || s.pR != d || s.H % d != 0 ||
+      s.W % d != 0 || s.N * s.OH * s.OW == 0) {
+    return false;
+  }
+  if (const char* e = std::getenv("PYCONV_CONV_DILATED_PHASES")) return e[0] == '1';
+  return use_winograd(dilation_phases(s));
+}
+
+// (N, C, H, W) -> (d d N, C, H / d, W / d) channels_last, image (a d + b) N + n holding phase
+// (a, b) of image n; and back (into the layout `fmt`).
+at::Tensor space_to_batch(const at::Tensor& t, int64_t d) {
+  const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
+  return t.permute({0, 2, 3, 1})
+      .reshape({N, H / d, d, W / d, d, C})
+      .permute({2, 4, 0, 1, 3, 5})
+      .reshape({d * d * N, H / d, W / d, C})
+      .permute({0, 3, 1, 2});
+}
+
+at::Tensor batch_to_space(const at::Tensor& t, int64_t d, at::MemoryFormat fmt) {
+  const int64_t N = t.size(0) / (d * d), C = t.size(1), h = t.size(2), w = t.size(3);
+  const at::Tensor y = t.permute({0, 2, 3, 1})
+                           .reshape({d, d, N, h, w, C})
+                           .permute({2, 3, 0, 4, 1, 5})
+                           .reshape({N, h * d, w * d, C})
+                           .permute({0, 3, 1, 2});
+  return in_format(y, fmt);
+}
+
 at::Tensor subsampled(const at::Tensor& t, const ConvShape& s) {
   const at::Tensor view = t.slice(2, 0, s.H, s.sH).slice(3, 0, s.W, s.sW);
   const at::MemoryFormat fmt = format_of(t);
@@ -1472,6 +1521,14 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
   if (fast(ct, s) && input.dim() == 4 && strided_pointwise(s)) {
     return conv2d(subsampled(input, s), weight, bias, kOne, kNoPad, kOne, groups, relu, residual);
   }
+  if (input.dim() == 4 && dilated_as_phases(ct, s)) {
+    const int64_t d = s.dH, pad[4] = {1, 1, 1, 1};
+    const std::optional<at::Tensor> rs =
+        residual.has_value() ? std::optional<at::Tensor>(space_to_batch(*residual, d)) : residual;
+    return batch_to_space(
+        conv2d(space_to_batch(input, d), weight, bias, kOne, pad, kOne, groups, relu, rs), d,
+        format_of(input));
+  }
   if (ct == at::kFloat && simd_is_avx2() && depthwise_cl(s, input) && s.N * s.OH * s.OW > 0) {
     const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
     const at::Tensor x = in_format(input.to(ct), cl), w = nchw(weight, ct);
@@ -1586,6 +1643,14 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
     const at::Tensor part =
         conv2d_backward_input(grad_output, weight, sub, kOne, kNoPad, kOne, groups);
     return spread(part, s);
+  }
+  if (input_size.size() == 4 && dilated_as_phases(ct, s)) {
+    const ConvShape t = dilation_phases(s);
+    const int64_t d = s.dH, pad[4] = {1, 1, 1, 1};
+    const std::vector<int64_t> size = {t.N, t.C, t.H, t.W};
+    return batch_to_space(conv2d_backward_input(space_to_batch(grad_output, d), weight, size, kOne,
+                                                pad, kOne, groups),
+                          d, format_of(grad_output));
   }
   if (ct == at::kFloat && simd_is_avx2() && depthwise_cl(s, grad_output) && s.N * s.H * s.W > 0) {
     const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
@@ -1739,6 +1804,11 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
   if (fast(ct, s) && input.dim() == 4 && strided_pointwise(s)) {
     return conv2d_backward_weight(grad_output, subsampled(input, s), weight_size, kOne, kNoPad,
                                   kOne, groups);
+  }
+  if (input.dim() == 4 && dilated_as_phases(ct, s)) {
+    const int64_t d = s.dH, pad[4] = {1, 1, 1, 1};
+    return conv2d_backward_weight(space_to_batch(grad_output, d), space_to_batch(input, d),
+                                  weight_size, kOne, pad, kOne, groups);
   }
   if (fast(ct, s) && pointwise(s)) {
     // both operands in one layout: the grad_output's, unless only the input is channels_last;
