@@ -201,7 +201,14 @@ def _conv2d_backward_input_fake(grad_output, weight, input_size, stride, padding
 def _conv2d_backward_weight_fake(
     grad_output, input, weight_size, stride, padding, dilation, groups
 ):
-    return grad_output.new_empty(weight_size)
+    # in the input's layout, as torch's: channels_last for channels_last input
+    cl = input.dim() == 4 and suggest_memory_format(input) == torch.channels_last
+    return torch.empty(
+        weight_size,
+        dtype=grad_output.dtype,
+        device=grad_output.device,
+        memory_format=torch.channels_last if cl else torch.contiguous_format,
+    )
 
 
 @_lib.register_fake("pyconv::conv2d_backward_bias")

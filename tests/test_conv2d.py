@@ -470,6 +470,43 @@ def test_channels_last_weights(simd, dtype):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weight_gradient_in_the_input_layout(simd, dtype):
+    # as torch's: the weight gradient of channels_last input is channels_last (a channels_last
+    # model's parameters keep it without a copy), of NCHW input contiguous; the same values
+    # either way (Winograd, 1x1, strided, first-layer, implicit-GEMM, grouped and depthwise
+    # layers), and a channels_last model's parameters get channels_last gradients
+    cl = torch.channels_last
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for c, k, r, st, p, gr in [
+        (64, 64, 3, 1, 1, 1),
+        (8, 16, 1, 2, 0, 1),
+        (3, 16, 5, 2, 2, 1),
+        (32, 48, 3, 2, 1, 1),
+        (16, 24, 3, 1, 1, 4),
+        (16, 16, 3, 1, 1, 16),
+    ]:
+        x = torch.randn(2, c, 13, 15, dtype=torch.float64)
+        g = torch.randn_like(
+            F.conv2d(x, torch.zeros(k, c // gr, r, r, dtype=torch.float64), None, st, p, 1, gr)
+        )
+        want = torch.nn.grad.conv2d_weight(x, (k, c // gr, r, r), g, st, p, 1, gr)
+        geometry = ([st] * 2, [p] * 4, [1, 1], gr)
+        for fmt in (torch.contiguous_format, cl):
+            xf, gf = (
+                x.to(dtype).contiguous(memory_format=fmt),
+                g.to(dtype).contiguous(memory_format=fmt),
+            )
+            got = ops.conv2d_backward_weight(gf, xf, list(want.shape), *geometry)
+            assert got.is_contiguous(memory_format=fmt)
+            torch.testing.assert_close(
+                got.double(), want, **tol32(want, tol["atol"]) if dtype == torch.float32 else tol
+            )
+    model = pnn.Conv2d(16, 32, 3, padding=1).to(memory_format=cl)
+    model(torch.randn(2, 16, 9, 9).contiguous(memory_format=cl)).sum().backward()
+    assert model.weight.grad.is_contiguous(memory_format=cl)
+
+
 @pytest.mark.parametrize("path", ["1", "0"], ids=["implicit-gemm", "direct"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 def test_forward_paths_forced(monkeypatch, simd, path, fmt):

@@ -282,8 +282,10 @@ void implicit_gemm_forward(const T* x, const T* w, const T* bias, const T* res, 
 // pixels cut into slices whose partial products are added in a fixed order (the same result for
 // any thread count). NCHW: a slice per sample, taps in the weight's (c, r, s) order;
 // channels_last: slices of about 2048 pixels, taps in (r, s, c) order, reordered at the end.
+// gw_cl (with cl): gw in the channels_last weight layout, (K, R, S, C / G) in memory.
 template <typename T>
-void implicit_gemm_backward_weight(const T* go, const T* x, T* gw, const ConvShape& s, bool cl) {
+void implicit_gemm_backward_weight(const T* go, const T* x, T* gw, const ConvShape& s, bool cl,
+                                   bool gw_cl = false) {
   const int64_t Cg = s.Cg(), Kg = s.Kg(), taps = Cg * s.R * s.S, P = s.OH * s.OW;
   const int64_t NP = s.N * P;
   const int64_t slices =
@@ -342,9 +344,9 @@ void implicit_gemm_backward_weight(const T* go, const T* x, T* gw, const ConvSha
   }
   run_gemms(ds);
   // the slices added in order into slice 0 (the same sums for any thread count), then channels_last
-  // taps (r, s, c) transposed to the weight's (c, r, s)
+  // taps (r, s, c) transposed to the weight's (c, r, s) unless gw is channels_last too
   const int64_t per = s.G * Kg * taps;
-  T* const out = cl ? part : gw;
+  T* const out = cl && !gw_cl ? part : gw;
   at::parallel_for(0, per, 2048, [&](int64_t i0, int64_t i1) {
     if (out != part) std::copy(part + i0, part + i1, out + i0);
     for (int64_t sl = 1; sl < slices; ++sl) {
@@ -352,7 +354,7 @@ void implicit_gemm_backward_weight(const T* go, const T* x, T* gw, const ConvSha
       for (int64_t i = i0; i < i1; ++i) out[i] += src[i];
     }
   });
-  if (cl) transpose_each(part, gw, s.G * Kg, s.R * s.S, Cg);
+  if (cl && !gw_cl) transpose_each(part, gw, s.G * Kg, s.R * s.S, Cg);
 }
 
 // Kernel choice for float32 (PYCONV_CONV_GEMM=1 forces the implicit GEMM wherever it applies,
@@ -608,7 +610,7 @@ constexpr int64_t kWinogradWgradChunk = 128;
 constexpr int64_t kWinogradWgradChunk4 = 64;
 
 void winograd_backward_weight(const float* go, const float* x, float* gw, const ConvShape& s,
-                              bool cl) {
+                              bool cl, bool gw_cl) {
   const int tile = winograd_tile(s, cl), xis = (tile + 2) * (tile + 2);
   const int64_t C16 = winograd_c16(s), K6 = winograd_k6(s), T = winograd_tiles(s, tile);
   const int64_t chunk =
@@ -627,8 +629,9 @@ void winograd_backward_weight(const float* go, const float* x, float* gw, const 
       winograd_wgrad_products(v, pg, du, s, count, j0, j1, first == 0);
     });
   }
-  at::parallel_for(0, s.K, 1,
-                   [&](int64_t k0, int64_t k1) { winograd_wgrad_finish(du, gw, s, k0, k1, tile); });
+  at::parallel_for(0, s.K, 1, [&](int64_t k0, int64_t k1) {
+    winograd_wgrad_finish(du, gw, s, k0, k1, tile, gw_cl);
+  });
 }
 
 // float32 channels_last forward: Winograd, the implicit GEMM or the direct kernel.
@@ -1794,7 +1797,13 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
 at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
                                   at::IntArrayRef weight_size, at::IntArrayRef stride,
                                   at::IntArrayRef padding, at::IntArrayRef dilation,
-                                  int64_t groups) {
+                                  int64_t groups);
+
+// The weight gradient; want_cl: wanted channels_last (the paths that make it so directly do).
+at::Tensor backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
+                           at::IntArrayRef weight_size, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                           bool want_cl) {
   check_conv_dtype("conv2d_backward_weight", "grad_output", grad_output);
   check_same_device_dtype("conv2d_backward_weight", grad_output, "input", input);
   const ConvShape s = make_conv_shape("conv2d_backward_weight", input.sizes(), weight_size, stride,
@@ -1832,9 +1841,10 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
     // float64: the weight gradient's implicit GEMM on channels_last operands
     const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
     const at::Tensor go = in_format(grad_output, cl), x = in_format(input, cl);
-    at::Tensor gw = empty_cached(weight_size, grad_output.options(), at::MemoryFormat::Contiguous);
+    at::Tensor gw = empty_cached(weight_size, grad_output.options(),
+                                 want_cl ? cl : at::MemoryFormat::Contiguous);
     implicit_gemm_backward_weight<double>(go.const_data_ptr<double>(), x.const_data_ptr<double>(),
-                                          gw.mutable_data_ptr<double>(), s, true);
+                                          gw.mutable_data_ptr<double>(), s, true, want_cl);
     return gw;
   }
   if (ct == at::kFloat && simd_is_avx2() && depthwise_cl(s, grad_output) && s.N * s.OH * s.OW > 0) {
@@ -1865,10 +1875,12 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
     const at::MemoryFormat fmt =
         winograd_nchw_as_cl(s) ? at::MemoryFormat::ChannelsLast : format_of(grad_output);
     const at::Tensor go = in_format(grad_output.to(ct), fmt), x = in_format(input.to(ct), fmt);
-    at::Tensor gw = at::empty(weight_size, grad_output.options().dtype(ct));
+    const bool gw_cl = want_cl && fmt == at::MemoryFormat::ChannelsLast;
+    at::Tensor gw = at::empty(weight_size, grad_output.options().dtype(ct),
+                              gw_cl ? fmt : at::MemoryFormat::Contiguous);
     winograd_backward_weight(go.const_data_ptr<float>(), x.const_data_ptr<float>(),
-                             gw.mutable_data_ptr<float>(), s,
-                             fmt == at::MemoryFormat::ChannelsLast);
+                             gw.mutable_data_ptr<float>(), s, fmt == at::MemoryFormat::ChannelsLast,
+                             gw_cl);
     return gw.to(grad_output.scalar_type());
   }
   if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 &&
@@ -1877,10 +1889,10 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
     const bool cl_grads = true;
     const at::MemoryFormat fmt = at::MemoryFormat::ChannelsLast;
     const at::Tensor go = in_format(grad_output.to(ct), fmt), x = in_format(input.to(ct), fmt);
-    at::Tensor gw =
-        empty_cached(weight_size, grad_output.options().dtype(ct), at::MemoryFormat::Contiguous);
+    at::Tensor gw = empty_cached(weight_size, grad_output.options().dtype(ct),
+                                 want_cl ? fmt : at::MemoryFormat::Contiguous);
     implicit_gemm_backward_weight(go.const_data_ptr<float>(), x.const_data_ptr<float>(),
-                                  gw.mutable_data_ptr<float>(), s, cl_grads);
+                                  gw.mutable_data_ptr<float>(), s, cl_grads, want_cl);
     return gw.to(grad_output.scalar_type());
   }
   if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 &&
@@ -1935,6 +1947,29 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
     }
   }
   return gw.to(grad_output.scalar_type());
+}
+
+// The weight gradient in the input's layout, as torch's: channels_last for channels_last input
+// (where a channels_last model's parameters are, so that autograd keeps it as it is rather than
+// copying it into their layout at every step).
+at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
+                                  at::IntArrayRef weight_size, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation,
+                                  int64_t groups) {
+  const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
+  const bool want_cl = input.dim() == 4 && format_of(input) == cl;
+  at::Tensor gw =
+      backward_weight(grad_output, input, weight_size, stride, padding, dilation, groups, want_cl);
+  if (!want_cl || gw.is_contiguous(cl)) return gw;
+  const at::ScalarType st = gw.scalar_type();
+  if (!gw.is_contiguous() || (st != at::kFloat && st != at::kDouble)) return gw.contiguous(cl);
+  at::Tensor out = at::empty(gw.sizes(), gw.options(), cl);  // (K, R, S, C / G) in memory
+  by_type(st, [&](auto tag) {
+    using T = decltype(tag);
+    transpose_each(gw.const_data_ptr<T>(), out.mutable_data_ptr<T>(), gw.size(0), gw.size(1),
+                   gw.size(2) * gw.size(3));
+  });
+  return out;
 }
 
 at::Tensor conv2d_backward_bias(const at::Tensor& grad_output) {

@@ -321,10 +321,9 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
   return gi;
 }
 
-at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
-                                  at::IntArrayRef weight_size, at::IntArrayRef stride,
-                                  at::IntArrayRef padding, at::IntArrayRef dilation,
-                                  int64_t groups) {
+at::Tensor backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
+                           at::IntArrayRef weight_size, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   c10::cuda::CUDAGuard guard(grad_output.device());
   const char* op = "conv2d_backward_weight";
   check_conv_dtype(op, "grad_output", grad_output);
@@ -386,6 +385,19 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
     });
   }
   return gw;
+}
+
+// The weight gradient in the input's layout, as torch's (and the CPU kernels'): channels_last for
+// channels_last input.
+at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
+                                  at::IntArrayRef weight_size, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation,
+                                  int64_t groups) {
+  const at::Tensor gw =
+      backward_weight(grad_output, input, weight_size, stride, padding, dilation, groups);
+  const bool cl =
+      input.dim() == 4 && input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  return cl ? gw.contiguous(at::MemoryFormat::ChannelsLast) : gw;
 }
 
 at::Tensor conv2d_backward_bias(const at::Tensor& grad_output) {

@@ -126,7 +126,8 @@ void winograd_wgrad_transform(const float* go, const float* x, const ConvShape& 
 int64_t winograd_wgrad_tasks(const ConvShape& s, int m);
 void winograd_wgrad_products(const float* v, const float* pg, float* du, const ConvShape& s,
                              int64_t count, int64_t j0, int64_t j1, bool first_chunk);
+// gw_cl: gw in the channels_last weight layout, (K, 3, 3, C) in memory
 void winograd_wgrad_finish(const float* du, float* gw, const ConvShape& s, int64_t k0, int64_t k1,
-                           int m);
+                           int m, bool gw_cl);
 
 }  // namespace pyconv::cpu

@@ -903,8 +903,30 @@ inline void gt6(const __m256 (&m)[6], __m256 (&o)[3]) {
   o[2] = _mm256_add_ps(_mm256_mul_ps(sixth, _mm256_sub_ps(u, p)), m[5]);
 }
 
+// The eight input channels' 3x3 filters o (tap-major) of output channel k, input channels c ..
+// c + 7 (those below C): gw (K, C, 3, 3), or (K, 3, 3, C) in memory where gw_cl.
+inline void store_filters(const float (&o)[9][8], float* gw, const ConvShape& s, int64_t k,
+                          int64_t c, bool gw_cl) {
+  const int64_t n = std::min<int64_t>(8, s.C - c);
+  if (gw_cl) {
+    for (int tap = 0; tap < 9; ++tap) {
+      float* out = gw + (k * 9 + tap) * s.C + c;
+      if (n == 8) {
+        _mm256_storeu_ps(out, _mm256_load_ps(o[tap]));
+      } else {
+        _mm256_maskstore_ps(out, lanes_below(n), _mm256_load_ps(o[tap]));
+      }
+    }
+    return;
+  }
+  float* out = gw + (k * s.C + c) * 9;
+  for (int64_t l = 0; l < n; ++l) {
+    for (int tap = 0; tap < 9; ++tap) out[l * 9 + tap] = o[tap][l];
+  }
+}
+
 void winograd_wgrad_finish(const float* du, float* gw, const ConvShape& s, int64_t k0, int64_t k1,
-                           int tile) {
+                           int tile, bool gw_cl) {
   const int64_t C16 = winograd_c16(s), K6 = winograd_k6(s);
   const __m256 half = _mm256_set1_ps(0.5f);
   if (tile == 4) {
@@ -924,11 +946,7 @@ void winograd_wgrad_finish(const float* du, float* gw, const ConvShape& s, int64
           gt6(row, v);
           for (int q = 0; q < 3; ++q) _mm256_store_ps(o[r * 3 + q], v[q]);
         }
-        float* out = gw + (k * s.C + c) * 9;
-        const int64_t n = std::min<int64_t>(8, s.C - c);
-        for (int64_t l = 0; l < n; ++l) {
-          for (int tap = 0; tap < 9; ++tap) out[l * 9 + tap] = o[tap][l];
-        }
+        store_filters(o, gw, s, k, c, gw_cl);
       }
     }
     return;
@@ -952,11 +970,7 @@ void winograd_wgrad_finish(const float* du, float* gw, const ConvShape& s, int64
         _mm256_store_ps(o[r * 3 + 1], _mm256_mul_ps(half, q));
         _mm256_store_ps(o[r * 3 + 2], _mm256_add_ps(_mm256_mul_ps(half, p), t[r][3]));
       }
-      float* out = gw + (k * s.C + c) * 9;
-      const int64_t n = std::min<int64_t>(8, s.C - c);
-      for (int64_t l = 0; l < n; ++l) {
-        for (int tap = 0; tap < 9; ++tap) out[l * 9 + tap] = o[tap][l];
-      }
+      store_filters(o, gw, s, k, c, gw_cl);
     }
   }
 }
