@@ -551,18 +551,17 @@ void winograd_forward(const float* x, const float* w, const float* bias, const f
     const Scratch<float> vt(xis * Tc * winograd_c8(s)), mt(xis * Tc * winograd_k16(s));
     float* const v = vt.data();
     float* const m = mt.data();
-    std::unique_ptr<bool[]> bad(new bool[static_cast<size_t>(Tc)]);
     for (int64_t first = 0; first < T; first += Tc) {
       const int64_t count = std::min(Tc, T - first);
       at::parallel_for(0, Tc, 6, [&](int64_t i0, int64_t i1) {
-        winograd_fwd_input(x, s, cl, first, count, Tc, v, i0, i1, tile, bad.get());
+        winograd_fwd_input(x, s, cl, first, count, Tc, v, i0, i1, tile);
       });
       at::parallel_for(0, winograd_fwd_product_tasks(s, tile), 1, [&](int64_t j0, int64_t j1) {
         winograd_fwd_products(v, u, m, s, Tc, j0, j1);
       });
       at::parallel_for(0, count, 6, [&](int64_t i0, int64_t i1) {
         winograd_fwd_output(m, bias, residual, relu, y, s, cl, first, Tc, i0, i1, tile, x, w,
-                            flipped, bad.get());
+                            flipped);
       });
     }
     return;

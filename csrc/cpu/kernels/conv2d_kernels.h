@@ -94,21 +94,20 @@ void conv2d_fwd_winograd_avx2(const float* x, const float* u, const float* bias,
 // in three phases split among the threads: the input transform of chunk tiles [i0, i1) of the
 // chunk from tile `first` (count of them) into v ([16][Tc][C8]); the products, tasks [j0, j1) of
 // winograd_fwd_product_tasks(s), each one panel of U read once for all the chunk's tiles, into m
-// ([16][Tc][K16]); the output transform of chunk tiles [i0, i1) (< count).
+// ([16][Tc][K16]); the output transform of chunk tiles [i0, i1) (< count). m x m tiles (xis =
+// (m + 2)^2 in place of 16); m = 4: a tile with any non-finite output is computed again directly
+// from x and the weights w (flipped as for winograd_pack_weights).
 constexpr int64_t kWinogradChunkTiles = 192;
 int64_t winograd_chunk_tiles(const ConvShape& s, int m);
-// m = 4: bad[i] set for the chunk's tiles whose patch holds a NaN or an infinity, which
-// winograd_fwd_output then computes directly from x and the weights w (flipped as for
-// winograd_pack_weights)
 void winograd_fwd_input(const float* x, const ConvShape& s, bool cl, int64_t first, int64_t count,
-                        int64_t Tc, float* v, int64_t i0, int64_t i1, int m, bool* bad);
+                        int64_t Tc, float* v, int64_t i0, int64_t i1, int m);
 int64_t winograd_fwd_product_tasks(const ConvShape& s, int m);
 void winograd_fwd_products(const float* v, const float* u, float* m, const ConvShape& s, int64_t Tc,
                            int64_t j0, int64_t j1);
 void winograd_fwd_output(const float* m, const float* bias, const float* residual, bool relu,
                          float* y, const ConvShape& s, bool cl, int64_t first, int64_t Tc,
                          int64_t i0, int64_t i1, int tile, const float* x, const float* w,
-                         bool flipped, const bool* bad);
+                         bool flipped);
 int64_t winograd_c8(const ConvShape& s);
 
 // Winograd weight gradient on m x m tiles (m = 2, or 4 on channels_last; xis = (m + 2)^2), in

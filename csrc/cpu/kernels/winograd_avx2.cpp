@@ -368,13 +368,9 @@ inline void store_tile_nchw(const __m256 (&out)[2][2], float* y, const float* re
 // Input transform of tiles [i0, i1) of the block of tiles from t0 (nt of them, the rest zeros)
 // into v ([16][Tb][C8]).
 // kM: the output tile, 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3), channels_last only).
-// F(4x4, 3x3) mixes every input of a 6x6 patch into every output of its 4x4 tile: a NaN or an
-// infinity would reach outputs whose windows do not hold it (F(2x2, 3x3) keeps each input in the
-// outputs that read it). bad (F(4x4) only): set for the tiles whose patch holds one, which
-// fwd_direct_tiles then computes directly.
 template <bool kCL, int kM = 2>
 void fwd_input_tiles(const float* x, const ConvShape& s, int64_t t0, int64_t nt, int64_t Tb,
-                     int64_t i0, int64_t i1, float* v, bool* bad = nullptr) {
+                     int64_t i0, int64_t i1, float* v) {
   constexpr int kA = kM + 2, kXi = kA * kA;
   static_assert(kM == 2 || (kM == 4 && kCL));
   const int64_t C8 = winograd_c8(s);
@@ -388,7 +384,6 @@ void fwd_input_tiles(const float* x, const ConvShape& s, int64_t t0, int64_t nt,
     const int64_t t = t0 + i, n = t / (TH * TW), ty = t / TW % TH, tx = t % TW;
     const int64_t h0 = kM * ty - s.pT, w0 = kM * tx - s.pL;
     const bool inside = h0 >= 0 && w0 >= 0 && h0 + kA <= s.H && w0 + kA <= s.W;
-    __m256 nonfinite = _mm256_setzero_ps();
     for (int64_t c = 0; c < C8; c += 8) {
       __m256 d[kA][kA];
       if constexpr (kM == 2) {
@@ -396,31 +391,22 @@ void fwd_input_tiles(const float* x, const ConvShape& s, int64_t t0, int64_t nt,
       } else {
         inside ? load_patch_cl<true>(x, s, n, h0, w0, c, d)
                : load_patch_cl<false>(x, s, n, h0, w0, c, d);
-        for (int a = 0; a < kA; ++a) {  // d - d is NaN exactly where d is NaN or infinite
-          for (int b = 0; b < kA; ++b) {
-            nonfinite = _mm256_or_ps(nonfinite, _mm256_sub_ps(d[a][b], d[a][b]));
-          }
-        }
       }
       transform_input(d, vt + c, Tb * C8);
-    }
-    if constexpr (kM == 4) {
-      bad[i] = _mm256_movemask_ps(_mm256_cmp_ps(nonfinite, nonfinite, _CMP_UNORD_Q)) != 0;
     }
   }
 }
 
-// The tiles flagged bad among [0, nt) of the block from t0, computed as direct convolutions (as
-// torch sums them: NaN and infinity only where a window holds one), channels_last, with the
-// weights w as winograd_pack_weights reads them.
-void fwd_direct_tiles(const float* x, const float* w, bool flipped, const float* bias,
-                      const float* residual, bool relu, float* y, const ConvShape& s, int64_t t0,
-                      int64_t i0, int64_t i1, const bool* bad) {
-  const int64_t TH = ceil_div(s.OH, 4), TW = ceil_div(s.OW, 4);
+// F(4x4, 3x3) mixes every input of a 6x6 patch into every output of its 4x4 tile: a NaN or an
+// infinity would reach outputs whose windows do not hold it (F(2x2, 3x3) keeps each input in the
+// outputs that read it). A tile that computed any non-finite output (which it does whenever its
+// patch holds one) is computed again directly, as torch sums it: 4x4 tile (ty, tx) of image n,
+// channels_last, with the weights w as winograd_pack_weights reads them.
+void fwd_direct_tile(const float* x, const float* w, bool flipped, const float* bias,
+                     const float* residual, bool relu, float* y, const ConvShape& s, int64_t n,
+                     int64_t ty, int64_t tx) {
   const int64_t kstep = flipped ? 9 : s.C * 9, cstep = flipped ? s.K * 9 : 9;
-  for (int64_t i = i0; i < i1; ++i) {
-    if (!bad[i]) continue;
-    const int64_t t = t0 + i, n = t / (TH * TW), ty = t / TW % TH, tx = t % TW;
+  {
     for (int64_t oh = 4 * ty; oh < std::min(s.OH, 4 * ty + 4); ++oh) {
       for (int64_t ow = 4 * tx; ow < std::min(s.OW, 4 * tx + 4); ++ow) {
         const int64_t o = ((n * s.OH + oh) * s.OW + ow) * s.K;
@@ -458,15 +444,18 @@ inline void at6(const __m256 (&m)[6], __m256 (&o)[4]) {
   o[3] = _mm256_add_ps(_mm256_fmadd_ps(_mm256_set1_ps(8.0f), d, b), m[5]);
 }
 
+// x, w, flipped (F(4x4)): the layer's input and weights, for fwd_direct_tile.
 template <bool kCL, int kM = 2>
 void fwd_output_tiles(const float* m, const float* bias, const float* residual, bool relu, float* y,
-                      const ConvShape& s, int64_t t0, int64_t Tb, int64_t i0, int64_t i1) {
+                      const ConvShape& s, int64_t t0, int64_t Tb, int64_t i0, int64_t i1,
+                      const float* x = nullptr, const float* w = nullptr, bool flipped = false) {
   const int64_t K16 = winograd_k16(s);
   const int64_t TH = ceil_div(s.OH, kM), TW = ceil_div(s.OW, kM);
   if constexpr (kM == 4) {
     static_assert(kCL);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t = t0 + i, n = t / (TH * TW), ty = t / TW % TH, tx = t % TW;
+      __m256 nonfinite = _mm256_setzero_ps();  // v - v is NaN exactly where v is NaN or infinite
       for (int64_t k = 0; k < s.K; k += 8) {
         const float* mt = m + i * K16 + k;
         __m256 p[6][4];  // (A^T M)^T: p[b][a] = (A^T M)[a][b]
@@ -482,9 +471,15 @@ void fwd_output_tiles(const float* m, const float* bias, const float* residual, 
         for (int a = 0; a < 4; ++a) {
           const __m256 row[6] = {p[0][a], p[1][a], p[2][a], p[3][a], p[4][a], p[5][a]};
           at6(row, out[a]);
-          for (int b = 0; b < 4; ++b) out[a][b] = _mm256_add_ps(out[a][b], bv);
+          for (int b = 0; b < 4; ++b) {
+            out[a][b] = _mm256_add_ps(out[a][b], bv);
+            nonfinite = _mm256_or_ps(nonfinite, _mm256_sub_ps(out[a][b], out[a][b]));
+          }
         }
         store_tile_cl(out, y, residual, relu, s, n, 4 * ty, 4 * tx, k);
+      }
+      if (_mm256_movemask_ps(_mm256_cmp_ps(nonfinite, nonfinite, _CMP_UNORD_Q)) != 0) {
+        fwd_direct_tile(x, w, flipped, bias, residual, relu, y, s, n, ty, tx);
       }
     }
     return;
@@ -531,10 +526,9 @@ void winograd_fwd(const float* x, const float* u, const float* bias, const float
   float* const v = thread_scratch<float, 0>(static_cast<size_t>(kXi * Tb * C8));  // [xi][tile][C8]
   float* const m =
       thread_scratch<float, 1>(static_cast<size_t>(kXi * Tb * K16));  // [xi][tile][K16]
-  bool* const bad = kM == 4 ? thread_scratch<bool, 0>(static_cast<size_t>(Tb)) : nullptr;
   for (int64_t blk = b0; blk < b1; ++blk) {
     const int64_t t0 = blk * Tb, nt = std::min(Tb, T - t0);
-    fwd_input_tiles<kCL, kM>(x, s, t0, nt, Tb, 0, Tb, v, bad);
+    fwd_input_tiles<kCL, kM>(x, s, t0, nt, Tb, 0, Tb, v);
     for (int xi = 0; xi < kXi; ++xi) {  // the products
       for (int64_t kp = 0; kp < KP; ++kp) {
         const float* b = u + (xi * KP + kp) * C8 * 16;
@@ -544,9 +538,7 @@ void winograd_fwd(const float* x, const float* u, const float* bias, const float
         }
       }
     }
-    fwd_output_tiles<kCL, kM>(m, bias, residual, relu, y, s, t0, Tb, 0, nt);
-    if constexpr (kM == 4)
-      fwd_direct_tiles(x, w, flipped, bias, residual, relu, y, s, t0, 0, nt, bad);
+    fwd_output_tiles<kCL, kM>(m, bias, residual, relu, y, s, t0, Tb, 0, nt, x, w, flipped);
   }
 }
 
@@ -573,9 +565,9 @@ int64_t winograd_chunk_tiles(const ConvShape& s, int m) {
 }
 
 void winograd_fwd_input(const float* x, const ConvShape& s, bool cl, int64_t first, int64_t count,
-                        int64_t Tc, float* v, int64_t i0, int64_t i1, int m, bool* bad) {
+                        int64_t Tc, float* v, int64_t i0, int64_t i1, int m) {
   if (m == 4) {
-    fwd_input_tiles<true, 4>(x, s, first, count, Tc, i0, i1, v, bad);
+    fwd_input_tiles<true, 4>(x, s, first, count, Tc, i0, i1, v);
   } else if (cl) {
     fwd_input_tiles<true>(x, s, first, count, Tc, i0, i1, v);
   } else {
@@ -614,10 +606,9 @@ void winograd_fwd_products(const float* v, const float* u, float* m, const ConvS
 void winograd_fwd_output(const float* m, const float* bias, const float* residual, bool relu,
                          float* y, const ConvShape& s, bool cl, int64_t first, int64_t Tc,
                          int64_t i0, int64_t i1, int tile, const float* x, const float* w,
-                         bool flipped, const bool* bad) {
+                         bool flipped) {
   if (tile == 4) {
-    fwd_output_tiles<true, 4>(m, bias, residual, relu, y, s, first, Tc, i0, i1);
-    fwd_direct_tiles(x, w, flipped, bias, residual, relu, y, s, first, i0, i1, bad);
+    fwd_output_tiles<true, 4>(m, bias, residual, relu, y, s, first, Tc, i0, i1, x, w, flipped);
   } else if (cl) {
     fwd_output_tiles<true>(m, bias, residual, relu, y, s, first, Tc, i0, i1);
   } else {
