@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <memory>
 #include <numeric>
@@ -42,6 +43,27 @@ struct Scratch {
                        at::MemoryFormat::Contiguous)) {}
   T* data() const { return t.mutable_data_ptr<T>(); }
 };
+
+// Tasks [0, n) handed out one at a time to the threads as they come free, in order (f(t, t + 1)),
+// rather than in equal static shares: a thread slowed by other work on its core does not hold the
+// others up (with another process taking 30% of one core, the 7x7 and 11x11 stems 1.03-1.1x
+// faster; on a quiet machine the same speed, geometric mean 1.01 over 60 layers and directions of
+// ResNet-18, AlexNet and a first layer; measured). The tasks must be independent.
+template <typename F>
+void parallel_tasks(int64_t n, const F& f) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (threads <= 1 || at::in_parallel_region()) {
+    at::parallel_for(0, n, 1, f);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < n;
+         t = next.fetch_add(1, std::memory_order_relaxed)) {
+      f(t, t + 1);
+    }
+  });
+}
 
 // Output columns ow with ow * stride + offset inside [0, width): [lo, hi).
 struct Cols {
@@ -568,7 +590,7 @@ void winograd_forward(const float* x, const float* w, const float* bias, const f
   }
   const int64_t bt = winograd_block_tiles(s, tile);
   const int64_t blocks = (winograd_tiles(s, tile) + bt - 1) / bt;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  parallel_tasks(blocks, [&](int64_t b0, int64_t b1) {
     conv2d_fwd_winograd_avx2(x, u, bias, residual, relu, y, s, cl, b0, b1, tile, w, flipped);
   });
 }
@@ -588,7 +610,7 @@ void forward_avx2(const float* x, const float* w, const float* bias, const float
   const DirectPlan p = direct_fwd_plan(s, at::get_num_threads());
   const Scratch<float> packed(direct_packed_size(s, p));
   direct_pack_weights(w, packed.data(), s, p);
-  at::parallel_for(0, direct_fwd_tasks(s, p), 1, [&](int64_t t0, int64_t t1) {
+  parallel_tasks(direct_fwd_tasks(s, p), [&](int64_t t0, int64_t t1) {
     conv2d_fwd_nchw_direct_avx2(x, packed.data(), bias, residual, relu, y, s, p, t0, t1);
   });
 }
@@ -652,7 +674,7 @@ void forward_cl_avx2(const float* x, const float* w, const float* bias, const fl
   const Scratch<float> packed(direct_cl_packed_size(s, p));
   std::vector<float> packed_bias(static_cast<size_t>(s.G * p.tiles * 8 * p.kK));
   direct_cl_pack(w, bias, packed.data(), packed_bias.data(), s, p);
-  at::parallel_for(0, direct_fwd_tasks(s, p), 1, [&](int64_t t0, int64_t t1) {
+  parallel_tasks(direct_fwd_tasks(s, p), [&](int64_t t0, int64_t t1) {
     conv2d_fwd_cl_direct_avx2(x, packed.data(), packed_bias.data(), residual, relu, y, s, p, t0, t1,
                               out);
   });
@@ -1104,19 +1126,33 @@ bool pointwise(const ConvShape& s) {
          s.pR == 0 && s.N * s.H * s.W > 0 && s.Cg() > 0;
 }
 
-// The tasks of several independent products, shared among threads.
+// The tasks of several independent products, shared among threads as they come free, in units of
+// consecutive tasks of one column block (which pack each slice of B once when it is not packed
+// beforehand), about eight units per thread.
 template <typename T>
 void run_gemms(const std::vector<GemmDescT<T>>& ds) {
-  std::vector<int64_t> start(ds.size() + 1, 0);
-  for (size_t i = 0; i < ds.size(); ++i) start[i + 1] = start[i] + gemm_tasks(ds[i]);
-  at::parallel_for(0, start.back(), 1, [&](int64_t t0, int64_t t1) {
-    size_t i =
-        static_cast<size_t>(std::upper_bound(start.begin(), start.end(), t0) - start.begin()) - 1;
-    for (int64_t t = t0; t < t1;) {
-      while (t >= start[i + 1]) ++i;
-      const int64_t e = std::min(t1, start[i + 1]);
-      gemm_avx2(ds[i], t - start[i], e - start[i]);
-      t = e;
+  struct Unit {
+    size_t d;
+    int64_t t0, t1;
+  };
+  int64_t total = 0;
+  for (const GemmDescT<T>& d : ds) total += gemm_tasks(d);
+  const int64_t step = std::max<int64_t>(1, total / (8 * at::get_num_threads()));
+  std::vector<Unit> units;
+  for (size_t i = 0; i < ds.size(); ++i) {
+    const GemmDescT<T>& d = ds[i];
+    const int64_t tasks = gemm_tasks(d), mblocks = (d.M + gemm_mc(d) - 1) / gemm_mc(d);
+    const int64_t pieces = (mblocks + step - 1) / step;
+    for (int64_t c0 = 0; c0 < tasks; c0 += mblocks) {
+      for (int64_t j = 0; j < pieces; ++j) {
+        units.push_back({i, c0 + j * mblocks / pieces, c0 + (j + 1) * mblocks / pieces});
+      }
+    }
+  }
+  parallel_tasks(static_cast<int64_t>(units.size()), [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const Unit& e = units[static_cast<size_t>(u)];
+      gemm_avx2(ds[e.d], e.t0, e.t1);
     }
   });
 }
@@ -1908,7 +1944,7 @@ at::Tensor backward_weight(const at::Tensor& grad_output, const at::Tensor& inpu
     const DirectPlan p = direct_wgrad_cl_plan(s);
     const int64_t RS = s.R * s.S, Cg = s.Cg(), per = s.K * Cg * RS;
     std::vector<float> partial(static_cast<size_t>(p.slices * per));
-    at::parallel_for(0, direct_wgrad_tasks(s, p), 1, [&](int64_t t0, int64_t t1) {
+    parallel_tasks(direct_wgrad_tasks(s, p), [&](int64_t t0, int64_t t1) {
       conv2d_bwd_weight_cl_direct_avx2(go.const_data_ptr<float>(), x.const_data_ptr<float>(),
                                        partial.data(), s, p, t0, t1, both_nchw);
     });
@@ -1928,7 +1964,7 @@ at::Tensor backward_weight(const at::Tensor& grad_output, const at::Tensor& inpu
       const DirectPlan p = direct_wgrad_plan(s);
       const int64_t per = s.K * s.Cg() * s.R * s.S;
       std::vector<float> partial(static_cast<size_t>(p.slices * per));
-      at::parallel_for(0, direct_wgrad_tasks(s, p), 1, [&](int64_t t0, int64_t t1) {
+      parallel_tasks(direct_wgrad_tasks(s, p), [&](int64_t t0, int64_t t1) {
         conv2d_bwd_weight_nchw_direct_avx2(gp, xp, partial.data(), s, p, t0, t1);
       });
       float* wp = gw.mutable_data_ptr<float>();  // the slices summed in order (deterministic)
