@@ -74,7 +74,11 @@ void pad_rows(const float* x, const ConvShape& s, int64_t channels, int64_t ih0,
         float* to = dst + s.pL;
         int64_t iw = 0;
         for (; iw + 8 <= s.W; iw += 8) _mm256_storeu_ps(to + iw, _mm256_loadu_ps(src + iw));
-        for (; iw < s.W; ++iw) to[iw] = src[iw];
+        if (iw < s.W && s.W >= 8) {  // the row's last 8, overlapping the copy before
+          _mm256_storeu_ps(to + s.W - 8, _mm256_loadu_ps(src + s.W - 8));
+        } else {
+          for (; iw < s.W; ++iw) to[iw] = src[iw];
+        }
         continue;
       }
       std::memset(dst, 0, sizeof(float) * row);
