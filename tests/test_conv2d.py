@@ -523,6 +523,34 @@ def test_forward_paths_forced(monkeypatch, simd, path, fmt):
         check_float32_layer(x, w, b, dict(stride=s, padding=p, dilation=d, groups=g), fmt)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_implicit_gemm_reads_wide_images_in_place(monkeypatch, simd, dtype):
+    # channels_last images of 32+ channels are read in place by the implicit GEMM (row pointers
+    # per tap, zeros over the padding) rather than packed: reduction slices that start and end
+    # inside a tap (48 and 72 channels x 25 taps), padding, strides, dilation, row tiles past the
+    # last pixel (3 x 11 x 13 outputs), and the input gradient as a forward of 48 channels
+    monkeypatch.setenv("PYCONV_CONV_GEMM", "1")
+    for cin, cout, k, s, p, d in [(48, 40, 5, 1, 2, 1), (72, 24, 3, 2, 3, 2), (36, 48, 5, 1, 2, 1)]:
+        x = torch.randn(3, cin, 11, 13, dtype=torch.float64).contiguous(
+            memory_format=torch.channels_last
+        )
+        w = torch.randn(cout, cin, k, k, dtype=torch.float64)
+        b = torch.randn(cout, dtype=torch.float64)
+        args = dict(stride=s, padding=p, dilation=d)
+        if dtype == torch.float32:
+            check_float32_layer(x, w, b, args, torch.channels_last)
+            continue
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = PF.conv2d(xr, wr, b, **args)
+        ref = F.conv2d(x, w, b, **args)
+        assert_close_to(y, ref, torch.float64)
+        grad = torch.randn_like(ref)
+        got = torch.autograd.grad(y, (xr, wr), grad)
+        want = torch.autograd.grad(F.conv2d(xr, wr, b, **args), (xr, wr), grad)
+        for a, e in zip(got, want, strict=True):
+            assert_close_to(a, e, torch.float64)
+
+
 @pytest.mark.parametrize("path", ["0", "1", "phase"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 def test_input_gradient_paths_forced(monkeypatch, simd, path, fmt):
