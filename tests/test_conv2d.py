@@ -523,6 +523,20 @@ def test_forward_paths_forced(monkeypatch, simd, path, fmt):
         check_float32_layer(x, w, b, dict(stride=s, padding=p, dilation=d, groups=g), fmt)
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bias_gradient(simd, fmt, dtype):
+    # the sum of grad_output over samples and pixels per channel, against float64: planes of
+    # 63 and 1 pixels (vectors with a partial last one), 5 and 45 channels (rows of channels_last
+    # with partial vectors), an odd number of rows, an empty batch
+    for n, k, h, w in [(3, 5, 7, 9), (2, 45, 11, 13), (7, 40, 1, 1), (0, 6, 4, 4)]:
+        g = torch.randn(n, k, h, w, dtype=torch.float64)
+        got = ops.conv2d_backward_bias(g.to(dtype).contiguous(memory_format=fmt))
+        assert got.dtype == dtype and got.shape == (k,)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got.double(), g.sum((0, 2, 3)), **tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_implicit_gemm_reads_wide_images_in_place(monkeypatch, simd, dtype):
     # channels_last images of 32+ channels are read in place by the implicit GEMM (row pointers

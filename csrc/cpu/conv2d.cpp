@@ -22,6 +22,7 @@
 
 #include "common/conv.h"
 #include "cpu/buffer_cache.h"
+#include "cpu/kernels/channel_sums.h"
 #include "cpu/kernels/conv2d_kernels.h"
 #include "cpu/kernels/depthwise.h"
 #include "cpu/kernels/gemm.h"
@@ -2023,6 +2024,22 @@ at::Tensor conv2d_backward_bias(const at::Tensor& grad_output) {
     // result for any thread count)
     const at::Tensor go = in_format(grad_output.to(ct), at::MemoryFormat::ChannelsLast);
     const int64_t rows = N * plane, chunks = std::max<int64_t>(1, std::min<int64_t>(rows, 64));
+    if (ct == at::kFloat && simd_is_avx2()) {
+      const float* g = go.const_data_ptr<float>();
+      std::vector<float> part(static_cast<size_t>(chunks * K));
+      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          channel_sums_cl_avx2(g, K, c * rows / chunks, (c + 1) * rows / chunks,
+                               part.data() + c * K);
+        }
+      });
+      float* out = gb.mutable_data_ptr<float>();
+      std::copy_n(part.data(), K, out);
+      for (int64_t c = 1; c < chunks; ++c) {
+        for (int64_t k = 0; k < K; ++k) out[k] += part[c * K + k];
+      }
+      return gb.to(grad_output.scalar_type());
+    }
     by_type(ct, [&](auto tag) {
       using T = decltype(tag);
       const T* g = go.const_data_ptr<T>();
@@ -2045,6 +2062,21 @@ at::Tensor conv2d_backward_bias(const at::Tensor& grad_output) {
     return gb.to(grad_output.scalar_type());
   }
   const at::Tensor go = nchw(grad_output, ct);
+  if (ct == at::kFloat && simd_is_avx2()) {
+    // each plane summed (the threads streaming through consecutive memory), then each channel's
+    // planes added in sample order
+    std::vector<float> part(static_cast<size_t>(N * K));
+    at::parallel_for(0, N * K, std::max<int64_t>(1, 16384 / std::max<int64_t>(plane, 1)),
+                     [&](int64_t q0, int64_t q1) {
+                       plane_sums_avx2(go.const_data_ptr<float>(), plane, q0, q1, part.data());
+                     });
+    float* out = gb.mutable_data_ptr<float>();
+    std::fill_n(out, K, 0.0f);
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t k = 0; k < K; ++k) out[k] += part[n * K + k];
+    }
+    return gb.to(grad_output.scalar_type());
+  }
   by_type(ct, [&](auto tag) {
     using T = decltype(tag);
     const T* g = go.const_data_ptr<T>();
