@@ -21,7 +21,7 @@ from . import dropout as dropout_bench
 from . import model as model_bench
 from . import pool as pool_bench
 from .cases import all_cases
-from .timing import copy_bandwidth, interleaved
+from .timing import copy_bandwidth, interleaved, matmul_rate
 
 BODIES = {
     "dropout": dropout_bench,
@@ -67,12 +67,15 @@ def run(args):
     devices = (
         [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     )
-    report = {"machines": {}, "copy_gbps": {}, "rows": []}
+    report = {"machines": {}, "copy_gbps": {}, "matmul_gflops": {}, "rows": []}
     for device in devices:
         if device == "cuda" and not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device here")
         report["machines"][device] = machine(device)
         report["copy_gbps"][device] = copy_bandwidth(device) / 1e9
+        # torch's float32 matrix product before and after the cases: the machine's FMA speed
+        # during the run, against which the conv2d rates read
+        report["matmul_gflops"][device] = [matmul_rate(device) / 1e9]
         cases = []
         for op, op_cases in all_cases(device).items():
             if args.op in (None, "all", op):
@@ -110,6 +113,7 @@ def run(args):
                     "pct_of_copy": 100 * rate / ceiling if ceiling else None,
                 }
             )
+        report["matmul_gflops"][device].append(matmul_rate(device) / 1e9)
         if sys.stderr.isatty():
             sys.stderr.write("\n")
     return report
@@ -127,9 +131,15 @@ def print_table(report):
     for device, gbps in report["copy_gbps"].items():
         m = report["machines"][device]
         where = m.get("gpu", m["cpu"])
+        mm = report.get("matmul_gflops", {}).get(device)
+        mm = (
+            f"; torch float32 matmul 2048^3 {mm[0]:.0f} / {mm[-1]:.0f} GFLOP/s (start / end)"
+            if mm
+            else ""
+        )
         print(
             f"# {device}: {where}, torch {m['torch']}, {m['threads']} threads, simd {m['simd']}; "
-            f"plain copy of 256 MiB {gbps:.1f} GB/s (read + write)"
+            f"plain copy of 256 MiB {gbps:.1f} GB/s (read + write){mm}"
         )
     head = (
         f"{'op':<33}{'mode':<9}{'shape':<16}{'dtype':<15}{'dev':<5}{'layout':<14}"

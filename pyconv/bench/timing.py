@@ -49,3 +49,12 @@ def copy_bandwidth(device, nbytes=256 << 20, repeat=9):
     dst = torch.empty_like(src)
     t = interleaved({"copy": lambda: dst.copy_(src)}, device, repeat)["copy"]
     return 2 * nbytes / t
+
+
+def matmul_rate(device, n=2048, repeat=9):
+    """torch's float32 n x n matrix product in FLOP/s: how fast this machine multiplies and adds
+    right now (its speed drifts between and within runs)."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    t = interleaved({"mm": lambda: a @ b}, device, repeat)["mm"]
+    return 2 * n**3 / t
