@@ -186,21 +186,31 @@ void pack_b(const GemmDescT<T>& d, int64_t k0, int64_t kc, int64_t n0, int64_t n
 }
 
 // A from an image, pixel-major: rows m = (n, oh, ow), k = (r, s, c) with c fastest.
+// The register tile's rows m0 + p + i: each one's image (null past mc or M) and the input row and
+// column of its first tap.
+template <typename T>
+inline void tile_origins(const Im2colT<T>& g, int64_t M, int64_t m0, int64_t mc, int64_t p,
+                         const T* (&base)[kGemmMR], int64_t (&ih0)[kGemmMR],
+                         int64_t (&iw0)[kGemmMR]) {
+  for (int64_t i = 0; i < kGemmMR; ++i) {
+    const int64_t m = m0 + p + i;
+    base[i] = nullptr;
+    ih0[i] = iw0[i] = 0;
+    if (p + i >= mc || m >= M) continue;
+    const int64_t ow = m % g.OW, t = m / g.OW, oh = t % g.OH, n = t / g.OH;
+    base[i] = g.x + n * g.sn;
+    ih0[i] = oh * g.sH - g.pT;
+    iw0[i] = ow * g.sW - g.pL;
+  }
+}
+
 template <typename T>
 void pack_a_im2col(const Im2colT<T>& g, int64_t M, int64_t m0, int64_t mc, int64_t k0, int64_t kc,
                    T* dst) {
   for (int64_t p = 0; p < mc; p += kGemmMR) {
     const T* base[kGemmMR];
     int64_t ih0[kGemmMR], iw0[kGemmMR];
-    for (int64_t i = 0; i < kGemmMR; ++i) {
-      const int64_t m = m0 + p + i;
-      base[i] = nullptr;
-      if (p + i >= mc || m >= M) continue;
-      const int64_t ow = m % g.OW, t = m / g.OW, oh = t % g.OH, n = t / g.OH;
-      base[i] = g.x + n * g.sn;
-      ih0[i] = oh * g.sH - g.pT;
-      iw0[i] = ow * g.sW - g.pL;
-    }
+    tile_origins(g, M, m0, mc, p, base, ih0, iw0);
     int64_t c = k0 % g.C, ti = k0 / g.C;  // channel, tap (in g.tap_order where given)
     int64_t r = 0, q = 0;
     auto tap = [&] {
@@ -264,15 +274,7 @@ void im2col_runs(const Im2colT<T>& g, int64_t M, int64_t m0, int64_t mc, int64_t
     first.push_back(static_cast<int64_t>(runs.size()));
     const T* base[kGemmMR];
     int64_t ih0[kGemmMR], iw0[kGemmMR];
-    for (int64_t i = 0; i < kGemmMR; ++i) {
-      const int64_t m = m0 + p + i;
-      base[i] = nullptr;
-      if (p + i >= mc || m >= M) continue;
-      const int64_t ow = m % g.OW, t = m / g.OW, oh = t % g.OH, n = t / g.OH;
-      base[i] = g.x + n * g.sn;
-      ih0[i] = oh * g.sH - g.pT;
-      iw0[i] = ow * g.sW - g.pL;
-    }
+    tile_origins(g, M, m0, mc, p, base, ih0, iw0);
     int64_t c = k0 % g.C, ti = k0 / g.C;
     for (int64_t k = 0; k < kc; ti++, c = 0) {
       const int64_t rs = g.tap_order ? g.tap_order[ti] : ti, r = rs / g.S, q = rs % g.S;
