@@ -1001,8 +1001,8 @@ def test_depthwise_channels_last(simd, k, s, p, d, channels):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_results_do_not_depend_on_thread_count(fmt, dtype):
     # every CPU path splits work by shape, not by thread count, and sums in a fixed order: the
-    # forward and both gradients are bit-identical on 1, 2 and 3 threads (Winograd, direct and
-    # implicit-GEMM layers, a strided one)
+    # forward and the three gradients are bit-identical on 1, 2 and 3 threads (Winograd, direct
+    # and implicit-GEMM layers, a strided one; tasks go to whichever thread comes free)
     before = torch.get_num_threads()
     geometry = [(3, 16, 3, 1, 1), (32, 32, 3, 1, 1), (8, 12, 5, 2, 2), (32, 16, 5, 2, 2)]
     try:
@@ -1019,6 +1019,7 @@ def test_results_do_not_depend_on_thread_count(fmt, dtype):
                         ops.conv2d(x, w, None, *args, False, None),
                         ops.conv2d_backward_input(go, w, list(x.shape), *args),
                         ops.conv2d_backward_weight(go, x, list(w.shape), *args),
+                        ops.conv2d_backward_bias(go),
                     )
                 )
             for run in runs[1:]:
