@@ -53,6 +53,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_compiled", &cuda_compiled);
   m.def("cuda_archs", [] { return std::string(PYCONV_CUDA_ARCHS); });
   m.def("cpu_has_avx2", &pyconv::cpu::cpu_has_avx2);
+  m.def("cpu_has_avx512", &pyconv::cpu::cpu_has_avx512);
   m.def("simd_path", &pyconv::cpu::simd_path);
   m.def("set_simd_path", &pyconv::cpu::set_simd_path, py::arg("name"));
   m.def("philox", &philox, py::arg("counter"), py::arg("key"));

@@ -33,6 +33,7 @@ def info():
         "torch_runtime": torch.__version__,
         "simd": _C.simd_path(),
         "cpu_has_avx2": _C.cpu_has_avx2(),
+        "cpu_has_avx512": _C.cpu_has_avx512(),
         "threads": torch.get_num_threads(),
         "cuda_compiled": _C.cuda_compiled(),
         "cuda_archs": _C.cuda_archs(),

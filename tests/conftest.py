@@ -55,6 +55,8 @@ def simd_paths():
     paths = ["generic"]
     if pyconv._C.cpu_has_avx2():
         paths.append("avx2")
+    if pyconv._C.cpu_has_avx512():
+        paths.append("avx512")
     return paths
 
 

@@ -501,4 +501,5 @@ def test_info():
     info = pyconv.info()
     for key in ("version", "torch_built", "torch_runtime", "simd", "cuda_compiled", "cuda_archs"):
         assert key in info
-    assert info["simd"] in ("avx2", "generic")
+    assert info["simd"] in ("avx512", "avx2", "generic")
+    assert (info["simd"] == "avx512") == info["cpu_has_avx512"]  # the widest path by default

@@ -1021,7 +1021,7 @@ bool backward_input_phase_gemm(const T* go, const T* w, T* gi, const ConvShape& 
             static_cast<size_t>(std::upper_bound(start.begin(), start.end(), t) - start.begin()) -
             1;
         const int64_t e = std::min(t1, start[di + 1]);
-        gemm_avx2(ds[di], t - start[di], e - start[di]);
+        gemm_cpu(ds[di], t - start[di], e - start[di], simd_is_avx512());
         t = e;
       }
     }
@@ -1169,7 +1169,7 @@ void run_gemms(const std::vector<GemmDescT<T>>& ds) {
       for (int64_t t = t0; t < t1;) {
         while (t >= start[i + 1]) ++i;
         const int64_t e = std::min(t1, start[i + 1]);
-        gemm_avx2(ds[i], t - start[i], e - start[i]);
+        gemm_cpu(ds[i], t - start[i], e - start[i], simd_is_avx512());
         t = e;
       }
     });
@@ -1178,7 +1178,7 @@ void run_gemms(const std::vector<GemmDescT<T>>& ds) {
   parallel_tasks(static_cast<int64_t>(units.size()), [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
       const Unit& e = units[static_cast<size_t>(u)];
-      gemm_avx2(ds[e.d], e.t0, e.t1);
+      gemm_cpu(ds[e.d], e.t0, e.t1, simd_is_avx512());
     }
   });
 }
@@ -1318,7 +1318,7 @@ void pointwise_backward_weight(const T* go, const T* x, T* gw, const ConvShape& 
                        part.data() + q * per,
                        Cg};
         d.accumulate = n > n0;
-        gemm_avx2(d, 0, gemm_tasks(d));
+        gemm_cpu(d, 0, gemm_tasks(d), simd_is_avx512());
       }
     }
   });

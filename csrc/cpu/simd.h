@@ -1,4 +1,4 @@
-// Which instruction set the CPU kernels use: chosen once from CPUID (or PYCONV_SIMD=generic),
+// Which instruction set the CPU kernels use: chosen once from CPUID (or PYCONV_SIMD=generic|avx2),
 // switchable at run time so that tests can hold every path against the others.
 #pragma once
 
@@ -12,7 +12,8 @@
 
 namespace pyconv::cpu {
 
-bool cpu_has_avx2();  // AVX2, FMA and F16C together
+bool cpu_has_avx2();    // AVX2, FMA and F16C together
+bool cpu_has_avx512();  // those and AVX-512 F, VL, DQ and BW
 
 // The kernels' name for a floating dtype.
 inline ScalarKind scalar_kind(at::ScalarType t) {
@@ -30,8 +31,10 @@ inline ScalarKind scalar_kind(at::ScalarType t) {
   }
 }
 std::string simd_path();
-bool simd_is_avx2();                          // the AVX2 kernels are the ones in use
-void set_simd_path(const std::string& name);  // "avx2" (where supported) or "generic"
+bool simd_is_avx2();    // the AVX2 kernels are in use (alone, or under the AVX-512 ones)
+bool simd_is_avx512();  // the AVX-512 kernels are in use where there are any
+// "avx512" or "avx2" (where supported) or "generic"
+void set_simd_path(const std::string& name);
 const DropoutKernels& dropout_kernels();
 const PoolKernels& pool_kernels();
 

@@ -146,8 +146,29 @@ void gemm_pack_b(const GemmDescT<T>& d, T* dst, int64_t t0, int64_t t1);
 
 // Tasks [t0, t1) of d (d.K > 0): each a gemm_mc(d) x NC block of C over the whole reduction, with
 // A and B packed per KC slice into the micro-kernel's order (zero-padded to whole register tiles).
-// Consecutive tasks share columns: a thread packs each slice of B once for a run of them.
+// Consecutive tasks share columns: a thread packs each slice of B once for a run of them. The
+// micro-kernel is AVX2's, or with avx512 (where the CPU has AVX-512F) gemm_tile_avx512's.
 template <typename T>
-void gemm_avx2(const GemmDescT<T>& d, int64_t t0, int64_t t1);
+void gemm_cpu(const GemmDescT<T>& d, int64_t t0, int64_t t1, bool avx512);
+
+// A pixel-major im2col block read in place rather than packed: for each register tile of kGemmMR
+// rows, its slice [k0, k0 + kc) as runs within one tap, each run kGemmMR row pointers (into the
+// image's channels, or into zeros where the tap meets the padding or the row is past M) and a
+// length. For channels_last images of many channels (long runs).
+template <typename T>
+struct ARun {
+  const T* p[kGemmMR];
+  int64_t len;
+};
+
+// The AVX-512 register tile (gemm_avx512.cpp): pm (1 or 2) packed panels of A, a_next elements
+// apart, by pn (1 or 2) packed panels of B, b_next apart, over kc of one slice, stored at c0
+// (row stride ldc) for C's rows from m and columns from n; `first`: no earlier slice (C is
+// overwritten unless accumulate), `last`: the epilogue applies. With runs (pm = 1), A is read in
+// place (nruns runs) instead.
+template <typename T>
+void gemm_tile_avx512(const GemmDescT<T>& d, int pm, int pn, int64_t kc, const T* a, int64_t a_next,
+                      const T* b, int64_t b_next, int64_t m, int64_t n, bool first, bool last,
+                      T* c0, int64_t ldc, const ARun<T>* runs, int64_t nruns);
 
 }  // namespace pyconv::cpu

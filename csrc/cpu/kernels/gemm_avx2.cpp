@@ -254,16 +254,6 @@ void pack_a_im2col(const Im2colT<T>& g, int64_t M, int64_t m0, int64_t mc, int64
   }
 }
 
-// A pixel-major im2col block read in place rather than packed: for each register tile of kGemmMR
-// rows, its slice [k0, k0 + kc) as runs within one tap, each run kGemmMR row pointers (into the
-// image's channels, or into zeros where the tap meets the padding or the row is past M) and a
-// length. For channels_last images of many channels (long runs).
-template <typename T>
-struct ARun {
-  const T* p[kGemmMR];
-  int64_t len;
-};
-
 template <typename T>
 void im2col_runs(const Im2colT<T>& g, int64_t M, int64_t m0, int64_t mc, int64_t k0, int64_t kc,
                  std::vector<ARun<T>>& runs, std::vector<int64_t>& first) {
@@ -650,7 +640,7 @@ void gemm_pack_b(const GemmDescT<T>& d, T* dst, int64_t t0, int64_t t1) {
 }
 
 template <typename T>
-void gemm_avx2(const GemmDescT<T>& d, int64_t t0, int64_t t1) {  // d.K > 0
+void gemm_cpu(const GemmDescT<T>& d, int64_t t0, int64_t t1, bool avx512) {  // d.K > 0
   constexpr int64_t NR = kGemmNR<T>, KC = kGemmKC<T>;
   const int64_t MC = gemm_mc(d), mblocks = (d.M + MC - 1) / MC;
   thread_local std::vector<T> pa, pb;
@@ -722,8 +712,11 @@ void gemm_avx2(const GemmDescT<T>& d, int64_t t0, int64_t t1) {  // d.K > 0
                                   ? std::min(MC, d.M - m1) * row_lines
                                   : 0;
         const int64_t panels = (nc + NR - 1) / NR;
-        for (int64_t jn = 0; jn < nc; jn += NR) {
-          for (int64_t l = ahead * (jn / NR) / panels; l < ahead * (jn / NR + 1) / panels; ++l) {
+        // AVX-512: two panels of B at a time (one where the next is another stride phase's)
+        const int64_t pair_n = avx512 && !d.phases.y ? 2 : 1;
+        for (int64_t jn = 0; jn < nc; jn += pair_n * NR) {
+          const int pn = jn + NR < nc ? static_cast<int>(pair_n) : 1;
+          for (int64_t l = ahead * (jn / NR) / panels; l < ahead * (jn / NR + pn) / panels; ++l) {
             _mm_prefetch(reinterpret_cast<const char*>(d.A + (m1 + l / row_lines) * d.a_rs) +
                              l % row_lines * 64,
                          _MM_HINT_T0);
@@ -739,6 +732,20 @@ void gemm_avx2(const GemmDescT<T>& d, int64_t t0, int64_t t1) {  // d.K > 0
             if (lo >= hi) continue;
             pfirst = lo == d.phases.k0[p];
             plast = hi == d.phases.k1[p];
+          }
+          if (avx512) {  // two A panels at a time (one where A is read in place)
+            const int64_t pair_m = in_place ? 1 : 2;
+            for (int64_t im = 0; im < mc; im += pair_m * kGemmMR) {
+              const int pm = im + kGemmMR < mc ? static_cast<int>(pair_m) : 1;
+              T* c0 = tiled ? pc.data() + im * ldt + jn : d.C + (m0 + im) * d.ldc + n0 + jn;
+              const int64_t tile = im / kGemmMR;
+              gemm_tile_avx512(*dk, pm, pn, hi - lo, ap + tile * kc * kGemmMR + (lo - k0) * kGemmMR,
+                               kc * kGemmMR, bp + (lo - k0) * NR, kc * NR, m0 + im, n0 + jn, pfirst,
+                               plast, c0, tiled ? ldt : d.ldc,
+                               in_place ? runs.data() + run_at[tile] : nullptr,
+                               in_place ? run_at[tile + 1] - run_at[tile] : 0);
+            }
+            continue;
           }
           for (int64_t im = 0; im < mc; im += kGemmMR) {
             T* c0 = tiled ? pc.data() + im * ldt + jn : d.C + (m0 + im) * d.ldc + n0 + jn;
@@ -762,7 +769,7 @@ void gemm_avx2(const GemmDescT<T>& d, int64_t t0, int64_t t1) {  // d.K > 0
   template void gemm_pack_a<T>(const GemmDescT<T>&, T*, int64_t, int64_t); \
   template int64_t gemm_pack_b_tasks<T>(const GemmDescT<T>&);              \
   template void gemm_pack_b<T>(const GemmDescT<T>&, T*, int64_t, int64_t); \
-  template void gemm_avx2<T>(const GemmDescT<T>&, int64_t, int64_t);
+  template void gemm_cpu<T>(const GemmDescT<T>&, int64_t, int64_t, bool);
 PYCONV_GEMM_INSTANTIATE(float)
 PYCONV_GEMM_INSTANTIATE(double)
 #undef PYCONV_GEMM_INSTANTIATE
