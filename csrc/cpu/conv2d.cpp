@@ -674,13 +674,14 @@ void forward_cl_avx2(const float* x, const float* w, const float* bias, const fl
     implicit_gemm_forward(x, w, bias, residual, relu, y, s, true);
     return;
   }
-  const DirectPlan p = direct_fwd_cl_plan(s, at::get_num_threads());
+  const bool avx512 = simd_is_avx512();
+  const DirectPlan p = direct_fwd_cl_plan(s, at::get_num_threads(), avx512);
   const Scratch<float> packed(direct_cl_packed_size(s, p));
-  std::vector<float> packed_bias(static_cast<size_t>(s.G * p.tiles * 8 * p.kK));
+  std::vector<float> packed_bias(static_cast<size_t>(s.G * p.tiles * p.lanes * p.kK));
   direct_cl_pack(w, bias, packed.data(), packed_bias.data(), s, p);
   parallel_tasks(direct_fwd_tasks(s, p), [&](int64_t t0, int64_t t1) {
-    conv2d_fwd_cl_direct_avx2(x, packed.data(), packed_bias.data(), residual, relu, y, s, p, t0, t1,
-                              out);
+    (avx512 ? conv2d_fwd_cl_direct_avx512 : conv2d_fwd_cl_direct_avx2)(
+        x, packed.data(), packed_bias.data(), residual, relu, y, s, p, t0, t1, out);
   });
 }
 

@@ -27,12 +27,13 @@
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 #endif
 
+// (after the pragma: compiled for AVX2 here)
+#include "cpu/kernels/direct_cl.h"
+
 namespace pyconv::cpu {
 namespace {
 
 constexpr int kMaxAcc = 12;  // accumulators of a register tile (16 ymm registers in all)
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Width of one phase of a padded row: the reads of `cols` outputs over every kernel column, and
 // every input column.
@@ -629,36 +630,6 @@ WgradFn wgrad_fn(int kK) {
 
 // ---------------------------------------------------------------- channels_last
 
-// Copies input rows [ih0, ih0 + rows) of image x (channels_last, group g) into buf as
-// (rows, sW phases, Wph pixels, Cg): padded column j = iw + pL at phase j % sW, index j / sW.
-void pad_rows_cl(const float* x, const ConvShape& s, int64_t g, int64_t ih0, int64_t rows,
-                 int64_t Wph, float* buf) {
-  const int64_t Cg = s.Cg(), row = s.sW * Wph * Cg;
-  for (int64_t i = 0; i < rows; ++i) {
-    float* dst = buf + i * row;
-    std::memset(dst, 0, sizeof(float) * row);
-    const int64_t ih = ih0 + i;
-    if (ih < 0 || ih >= s.H) continue;
-    const float* src = x + ih * s.W * s.C + g * Cg;
-    if (s.sW == 1 && Cg == s.C) {  // one group, stride 1: the row as it is
-      std::memcpy(dst + s.pL * Cg, src, sizeof(float) * s.W * Cg);
-      continue;
-    }
-    for (int64_t ph = 0; ph < s.sW; ++ph) {  // phase ph: padded columns ph, ph + sW, ...
-      const int64_t iw0 = ((ph - s.pL) % s.sW + s.sW) % s.sW;  // first input column in it
-      float* to = dst + (ph * Wph + (iw0 + s.pL) / s.sW) * Cg;
-      for (int64_t iw = iw0; iw < s.W; iw += s.sW, to += Cg) {
-        const float* from = src + iw * s.C;
-        // inline, not a library call per pixel: whole vectors, then the channels left over
-        int64_t c = 0;
-        for (; c + 8 <= Cg; c += 8) _mm256_storeu_ps(to + c, _mm256_loadu_ps(from + c));
-        for (; c < Cg; ++c) to[c] = from[c];
-      }
-    }
-  }
-}
-
-// Buffer offset of tap (r, q, c) from the first output pixel's position.
 // pad_rows_cl from an NCHW image x (planes H W apart): each pixel's channels gathered.
 void pad_rows_cl_from_nchw(const float* x, const ConvShape& s, int64_t g, int64_t ih0, int64_t rows,
                            int64_t Wph, float* buf) {
@@ -679,133 +650,37 @@ void pad_rows_cl_from_nchw(const float* x, const ConvShape& s, int64_t g, int64_
   }
 }
 
-inline int64_t tap_offset_cl(const ConvShape& s, int64_t r, int64_t q, int64_t c, int64_t Wph) {
-  const int64_t j = q * s.dW;
-  return ((r * s.dH * s.sW + j % s.sW) * Wph + j / s.sW) * s.Cg() + c;
-}
-
-struct FwdClArgs {
-  const float* x;
-  const float* packed;  // [G][tiles][R][S][Cg][8 kN]
-  const float* bias;    // padded: G x tiles x 8 kN
-  const float* residual;
-  bool relu;
-  float* y;
-  const ConvShape* s;
-  const DirectPlan* plan;  // kK: vectors of 8 output channels (kN), kV: pixels (kP)
-  OutGeometry out;
+// The eight-float vector of the channels_last forward (direct_cl.h).
+struct VecAvx2 {
+  using R = __m256;
+  static constexpr int W = 8;
+  static R zero() { return _mm256_setzero_ps(); }
+  static R load(const float* p) { return _mm256_loadu_ps(p); }
+  static R load_first(const float* p, int64_t n) {
+    return _mm256_maskload_ps(p, lanes_below(n));
+  }
+  static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
+  static void store_first(float* p, R v, int64_t n) {
+    _mm256_maskstore_ps(p, lanes_below(n), v);
+  }
+  static R bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static R relu(R v) { return relu8(v); }
 };
-
-// kP pixels x kN vectors of output channels at buffer position xb (pixel stride Cg).
-template <int kP, int kN>
-inline void fwd_cl_tile(const float* xb, const float* wp, const int64_t* off, int64_t taps,
-                        int64_t Cg, __m256 (&out)[kP][kN]) {
-  __m256 acc[kP][kN];
-#pragma GCC unroll 12
-  for (int j = 0; j < kP; ++j) {
-#pragma GCC unroll 12
-    for (int v = 0; v < kN; ++v) acc[j][v] = _mm256_setzero_ps();
-  }
-  for (int64_t t = 0; t < taps; ++t, wp += 8 * kN) {
-    const float* p = xb + off[t];
-    if constexpr (kN <= kP) {  // weight vectors in registers, one pixel at a time
-      __m256 w[kN];
-#pragma GCC unroll 12
-      for (int v = 0; v < kN; ++v) w[v] = _mm256_loadu_ps(wp + 8 * v);
-#pragma GCC unroll 12
-      for (int j = 0; j < kP; ++j) {
-        const __m256 xv = _mm256_broadcast_ss(p + j * Cg);
-#pragma GCC unroll 12
-        for (int v = 0; v < kN; ++v) acc[j][v] = _mm256_fmadd_ps(xv, w[v], acc[j][v]);
-      }
-    } else {  // pixels in registers, one weight vector at a time
-      __m256 xv[kP];
-#pragma GCC unroll 12
-      for (int j = 0; j < kP; ++j) xv[j] = _mm256_broadcast_ss(p + j * Cg);
-#pragma GCC unroll 12
-      for (int v = 0; v < kN; ++v) {
-        const __m256 w = _mm256_loadu_ps(wp + 8 * v);
-#pragma GCC unroll 12
-        for (int j = 0; j < kP; ++j) acc[j][v] = _mm256_fmadd_ps(xv[j], w, acc[j][v]);
-      }
-    }
-  }
-#pragma GCC unroll 12
-  for (int j = 0; j < kP; ++j) {
-#pragma GCC unroll 12
-    for (int v = 0; v < kN; ++v) out[j][v] = acc[j][v];
-  }
-}
-
-template <int kP, int kN>
-void fwd_cl_tasks(const FwdClArgs& a, int64_t t0, int64_t t1) {
-  const ConvShape& s = *a.s;
-  const DirectPlan& pl = *a.plan;
-  const int64_t Cg = s.Cg(), Kg = s.Kg(), taps = Cg * s.R * s.S, Wph = pl.Wph;
-  const int64_t row = s.sW * Wph * Cg, blocks = ceil_div(s.OW, kP);
-  const int64_t max_rows = (pl.rows - 1) * s.sH + (s.R - 1) * s.dH + 1;
-  float* const buf = thread_scratch<float, 0>(static_cast<size_t>(max_rows * row));
-  int64_t* const off = thread_scratch<int64_t, 0>(static_cast<size_t>(taps));
-  for (int64_t tap = 0; tap < taps; ++tap) {
-    off[tap] = tap_offset_cl(s, tap / (s.S * Cg), tap / Cg % s.S, tap % Cg, Wph);
-  }
-  const int64_t row_blocks = ceil_div(s.OH, pl.rows);
-  for (int64_t t = t0; t < t1; ++t) {  // t = (n, g, row block)
-    const int64_t rb = t % row_blocks, g = (t / row_blocks) % s.G, n = t / (row_blocks * s.G);
-    const int64_t oh0 = rb * pl.rows, oh1 = std::min(s.OH, oh0 + pl.rows);
-    const int64_t rows = (oh1 - oh0 - 1) * s.sH + (s.R - 1) * s.dH + 1;
-    pad_rows_cl(a.x + n * s.H * s.W * s.C, s, g, oh0 * s.sH - s.pT, rows, Wph, buf);
-    for (int64_t oh = oh0; oh < oh1; ++oh) {
-      const float* xrow = buf + (oh - oh0) * s.sH * row;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t ow = b * kP, pixels = std::min<int64_t>(kP, s.OW - ow);
-        for (int64_t tile = 0; tile < pl.tiles; ++tile) {
-          __m256 acc[kP][kN];
-          fwd_cl_tile<kP, kN>(xrow + ow * Cg, a.packed + (g * pl.tiles + tile) * taps * 8 * kN, off,
-                              taps, Cg, acc);
-          const int64_t k0 = tile * 8 * kN;  // first channel of the tile inside the group
-          const float* bias = a.bias + (g * pl.tiles + tile) * 8 * kN;
-          // pixel by pixel, its channel vectors in order: each output line is written by
-          // consecutive stores
-          for (int64_t j = 0; j < pixels; ++j) {
-            const int64_t ro = ((n * s.OH + oh) * s.OW + ow + j) * s.K + g * Kg + k0;
-            const int64_t o = n * a.out.sn + oh * a.out.sh + (ow + j) * a.out.sw + g * Kg + k0;
-            for (int v = 0; v < kN; ++v) {
-              const int64_t left = Kg - k0 - 8 * v;
-              if (left <= 0) break;
-              __m256 r = _mm256_add_ps(acc[j][v], _mm256_loadu_ps(bias + 8 * v));
-              if (left >= 8) {
-                if (a.residual != nullptr) {
-                  r = _mm256_add_ps(r, _mm256_loadu_ps(a.residual + ro + 8 * v));
-                }
-                _mm256_storeu_ps(a.y + o + 8 * v, a.relu ? relu8(r) : r);
-              } else {
-                const __m256i m = lanes_below(left);
-                if (a.residual != nullptr) {
-                  r = _mm256_add_ps(r, _mm256_maskload_ps(a.residual + ro + 8 * v, m));
-                }
-                _mm256_maskstore_ps(a.y + o + 8 * v, m, a.relu ? relu8(r) : r);
-              }
-            }
-          }
-        }
-      }
-    }
-  }
-}
 
 using FwdClFn = void (*)(const FwdClArgs&, int64_t, int64_t);
 
 FwdClFn fwd_cl_fn(int kN) {
   switch (kN) {
     case 1:
-      return &fwd_cl_tasks<12, 1>;
+      return &fwd_cl_tasks<VecAvx2, 12, 1>;
     case 2:
-      return &fwd_cl_tasks<6, 2>;
+      return &fwd_cl_tasks<VecAvx2, 6, 2>;
     case 3:
-      return &fwd_cl_tasks<4, 3>;
+      return &fwd_cl_tasks<VecAvx2, 4, 3>;
     default:
-      return &fwd_cl_tasks<3, 4>;
+      return &fwd_cl_tasks<VecAvx2, 3, 4>;
   }
 }
 
@@ -1113,12 +988,18 @@ void conv2d_bwd_weight_nchw_direct_avx2(const float* grad_out, const float* x, f
 }
 
 // channels_last: kN vectors of output channels (as few as cover Kg, at most four) by 12 / kN
-// pixels.
-DirectPlan direct_fwd_cl_plan(const ConvShape& s, int threads) {
+// pixels; with AVX-512, vectors of 16 channels by 24 / kN pixels (32 registers).
+DirectPlan direct_fwd_cl_plan(const ConvShape& s, int threads, bool avx512) {
   DirectPlan p{};
-  p.kK = static_cast<int>(std::min<int64_t>(4, ceil_div(s.Kg(), 8)));
-  p.kV = kMaxAcc / p.kK;
-  p.tiles = ceil_div(s.Kg(), 8 * p.kK);
+  p.lanes = avx512 ? 16 : 8;
+  p.kK = static_cast<int>(std::min<int64_t>(4, ceil_div(s.Kg(), p.lanes)));
+  p.kV = (avx512 ? 24 : kMaxAcc) / p.kK;
+  // AVX-512 rows narrower than that tile: half as many pixels where they waste fewer (LeNet's
+  // 10-pixel rows)
+  if (avx512 && ceil_div(s.OW, p.kV / 2) * (p.kV / 2) * 1.1 < ceil_div(s.OW, p.kV) * p.kV) {
+    p.kV /= 2;
+  }
+  p.tiles = ceil_div(s.Kg(), p.lanes * p.kK);
   p.Wph = phase_width(s, ceil_div(s.OW, p.kV) * p.kV);
   const int64_t images = s.N * s.G;
   int64_t rows = s.OH;
@@ -1129,12 +1010,12 @@ DirectPlan direct_fwd_cl_plan(const ConvShape& s, int threads) {
 }
 
 int64_t direct_cl_packed_size(const ConvShape& s, const DirectPlan& p) {
-  return s.G * p.tiles * s.Cg() * s.R * s.S * 8 * p.kK;
+  return s.G * p.tiles * s.Cg() * s.R * s.S * p.lanes * p.kK;
 }
 
 void direct_cl_pack(const float* w, const float* bias, float* packed, float* packed_bias,
                     const ConvShape& s, const DirectPlan& p) {
-  const int64_t Cg = s.Cg(), Kg = s.Kg(), RS = s.R * s.S, width = 8 * p.kK;
+  const int64_t Cg = s.Cg(), Kg = s.Kg(), RS = s.R * s.S, width = p.lanes * p.kK;
   for (int64_t g = 0; g < s.G; ++g) {
     for (int64_t t = 0; t < p.tiles; ++t) {
       float* dst = packed + (g * p.tiles + t) * RS * Cg * width;

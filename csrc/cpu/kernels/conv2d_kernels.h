@@ -24,6 +24,7 @@ struct DirectPlan {
   int64_t Wph = 0;         // width of one phase of a padded row (a row holds sW phases)
   int64_t rows = 0;        // forward: output rows per task; channels_last weight gradient: a block
   int64_t slices = 0;      // weight gradient: image slices, each summed apart, then in order
+  int lanes = 8;           // channels_last forward: floats per vector (16 for AVX-512)
 };
 
 DirectPlan direct_fwd_plan(const ConvShape& s, int threads);
@@ -46,9 +47,10 @@ void conv2d_bwd_weight_nchw_direct_avx2(const float* grad_out, const float* x, f
                                         int64_t t1);
 
 // channels_last forms: kK vectors of eight output channels x kV pixels (forward) or taps (weight
-// gradient). Weights packed as [G][tiles][R][S][Cg][8 kK] and the bias as [G][tiles][8 kK], zero
-// past Kg; the weight gradient's taps in (r, s, c) order.
-DirectPlan direct_fwd_cl_plan(const ConvShape& s, int threads);
+// gradient). Weights packed as [G][tiles][R][S][Cg][lanes kK] and the bias as
+// [G][tiles][lanes kK], zero past Kg; the weight gradient's taps in (r, s, c) order. The forward's
+// vectors are 16 channels with avx512 (conv2d_fwd_cl_direct_avx512 runs it), else 8.
+DirectPlan direct_fwd_cl_plan(const ConvShape& s, int threads, bool avx512 = false);
 int64_t direct_cl_packed_size(const ConvShape& s, const DirectPlan& p);
 void direct_cl_pack(const float* w, const float* bias, float* packed, float* packed_bias,
                     const ConvShape& s, const DirectPlan& p);
@@ -64,6 +66,11 @@ void conv2d_fwd_cl_direct_avx2(const float* x, const float* packed, const float*
                                const float* residual, bool relu, float* y, const ConvShape& s,
                                const DirectPlan& p, int64_t t0, int64_t t1,
                                const OutGeometry* out = nullptr);
+// The same with AVX-512 (conv2d_direct_avx512.cpp), for a plan made with avx512.
+void conv2d_fwd_cl_direct_avx512(const float* x, const float* packed, const float* packed_bias,
+                                 const float* residual, bool relu, float* y, const ConvShape& s,
+                                 const DirectPlan& p, int64_t t0, int64_t t1,
+                                 const OutGeometry* out = nullptr);
 DirectPlan direct_wgrad_cl_plan(const ConvShape& s);
 // Tasks [t0, t1) of (slice, g, tile), direct_wgrad_tasks(s, p) in all: partial[slice] (K x R S Cg).
 // nchw: grad_out and x are NCHW, each image's rows and grad_output blocks reordered as they are

@@ -1,0 +1,75 @@
+// AVX-512 form of the channels_last direct forward (direct_cl.h): vectors of 16 output channels,
+// register tiles of up to 24 accumulators. This file alone is compiled for AVX-512 (the pragma
+// below); it runs only where the CPU has AVX-512F.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu/kernels/conv2d_kernels.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")
+// GCC 12's _mm512_max_ps passes an undefined vector as the unused merge source, and warns of it
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#elif defined(__clang__)
+#pragma clang attribute push(                                                            \
+    __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c"))), \
+    apply_to = function)
+#endif
+
+// (after the pragma: compiled for AVX-512 here)
+#include "cpu/kernels/direct_cl.h"
+
+namespace pyconv::cpu {
+namespace {
+
+struct VecAvx512 {
+  using R = __m512;
+  static constexpr int W = 16;
+  static __mmask16 first(int64_t n) {
+    return static_cast<__mmask16>((1u << std::clamp<int64_t>(n, 0, 16)) - 1);
+  }
+  static R zero() { return _mm512_setzero_ps(); }
+  static R load(const float* p) { return _mm512_loadu_ps(p); }
+  static R load_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first(n), p); }
+  static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
+  static void store_first(float* p, R v, int64_t n) { _mm512_mask_storeu_ps(p, first(n), v); }
+  static R bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static R relu(R v) { return _mm512_max_ps(_mm512_setzero_ps(), v); }  // NaN stays NaN
+};
+
+}  // namespace
+
+void conv2d_fwd_cl_direct_avx512(const float* x, const float* packed, const float* packed_bias,
+                                 const float* residual, bool relu, float* y, const ConvShape& s,
+                                 const DirectPlan& p, int64_t t0, int64_t t1,
+                                 const OutGeometry* out) {
+  const OutGeometry contiguous{s.OH * s.OW * s.K, s.OW * s.K, s.K};
+  const FwdClArgs a{x, packed, packed_bias, residual, relu, y, &s, &p, out ? *out : contiguous};
+  const bool half = p.kV * p.kK < 24;  // the narrower tiles (direct_fwd_cl_plan)
+  switch (p.kK) {
+    case 1:
+      (half ? fwd_cl_tasks<VecAvx512, 12, 1> : fwd_cl_tasks<VecAvx512, 24, 1>)(a, t0, t1);
+      break;
+    case 2:
+      (half ? fwd_cl_tasks<VecAvx512, 6, 2> : fwd_cl_tasks<VecAvx512, 12, 2>)(a, t0, t1);
+      break;
+    case 3:
+      (half ? fwd_cl_tasks<VecAvx512, 4, 3> : fwd_cl_tasks<VecAvx512, 8, 3>)(a, t0, t1);
+      break;
+    default:
+      (half ? fwd_cl_tasks<VecAvx512, 3, 4> : fwd_cl_tasks<VecAvx512, 6, 4>)(a, t0, t1);
+  }
+}
+
+}  // namespace pyconv::cpu
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#elif defined(__clang__)
+#pragma clang attribute pop
+#endif
