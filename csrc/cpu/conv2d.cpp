@@ -583,7 +583,7 @@ void winograd_forward(const float* x, const float* w, const float* bias, const f
         winograd_fwd_input(x, s, cl, first, count, Tc, v, i0, i1, tile);
       });
       at::parallel_for(0, winograd_fwd_product_tasks(s, tile), 1, [&](int64_t j0, int64_t j1) {
-        winograd_fwd_products(v, u, m, s, Tc, j0, j1);
+        winograd_fwd_products(v, u, m, s, Tc, j0, j1, simd_is_avx512());
       });
       at::parallel_for(0, count, 6, [&](int64_t i0, int64_t i1) {
         winograd_fwd_output(m, bias, residual, relu, y, s, cl, first, Tc, i0, i1, tile, x, w,
@@ -595,7 +595,8 @@ void winograd_forward(const float* x, const float* w, const float* bias, const f
   const int64_t bt = winograd_block_tiles(s, tile);
   const int64_t blocks = (winograd_tiles(s, tile) + bt - 1) / bt;
   parallel_tasks(blocks, [&](int64_t b0, int64_t b1) {
-    conv2d_fwd_winograd_avx2(x, u, bias, residual, relu, y, s, cl, b0, b1, tile, w, flipped);
+    conv2d_fwd_winograd_avx2(x, u, bias, residual, relu, y, s, cl, b0, b1, tile, w, flipped,
+                             simd_is_avx512());
   });
 }
 

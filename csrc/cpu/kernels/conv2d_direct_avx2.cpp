@@ -656,13 +656,9 @@ struct VecAvx2 {
   static constexpr int W = 8;
   static R zero() { return _mm256_setzero_ps(); }
   static R load(const float* p) { return _mm256_loadu_ps(p); }
-  static R load_first(const float* p, int64_t n) {
-    return _mm256_maskload_ps(p, lanes_below(n));
-  }
+  static R load_first(const float* p, int64_t n) { return _mm256_maskload_ps(p, lanes_below(n)); }
   static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
-  static void store_first(float* p, R v, int64_t n) {
-    _mm256_maskstore_ps(p, lanes_below(n), v);
-  }
+  static void store_first(float* p, R v, int64_t n) { _mm256_maskstore_ps(p, lanes_below(n), v); }
   static R bcast(const float* p) { return _mm256_broadcast_ss(p); }
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static R add(R a, R b) { return _mm256_add_ps(a, b); }

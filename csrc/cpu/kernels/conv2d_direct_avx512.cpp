@@ -14,7 +14,7 @@
 // GCC 12's _mm512_max_ps passes an undefined vector as the unused merge source, and warns of it
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #elif defined(__clang__)
-#pragma clang attribute push(                                                            \
+#pragma clang attribute push(                                                    \
     __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c"))), \
     apply_to = function)
 #endif

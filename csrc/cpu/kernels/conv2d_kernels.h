@@ -92,9 +92,15 @@ void winograd_pack_weights(const float* w, float* u, const ConvShape& s, int64_t
 int64_t winograd_k16(const ConvShape& s);
 int64_t winograd_tiles(const ConvShape& s, int m = 2);
 int64_t winograd_block_tiles(const ConvShape& s, int m = 2);
+// avx512: the products on winograd_gemm_avx512's tiles (where the CPU has AVX-512F)
 void conv2d_fwd_winograd_avx2(const float* x, const float* u, const float* bias,
                               const float* residual, bool relu, float* y, const ConvShape& s,
-                              bool cl, int64_t b0, int64_t b1, int m, const float* w, bool flipped);
+                              bool cl, int64_t b0, int64_t b1, int m, const float* w, bool flipped,
+                              bool avx512 = false);
+// M (rows 6 or 12, panels 1 or 2 of 16 columns, row stride ldm) = [M +] A x B: A rows lda apart,
+// len long; B panels (len x 16, packed) b_next apart (winograd_avx512.cpp).
+void winograd_gemm_avx512(const float* a, int64_t lda, const float* b, int64_t b_next, int64_t len,
+                          float* m, int64_t ldm, int rows, int panels, bool accumulate);
 
 // The forward for large filter sets (U past what stays in cache across a block of tiles): tiles in
 // chunks of winograd_chunk_tiles(s) (at most kWinogradChunkTiles, a multiple of six), each chunk
@@ -110,7 +116,7 @@ void winograd_fwd_input(const float* x, const ConvShape& s, bool cl, int64_t fir
                         int64_t Tc, float* v, int64_t i0, int64_t i1, int m);
 int64_t winograd_fwd_product_tasks(const ConvShape& s, int m);
 void winograd_fwd_products(const float* v, const float* u, float* m, const ConvShape& s, int64_t Tc,
-                           int64_t j0, int64_t j1);
+                           int64_t j0, int64_t j1, bool avx512 = false);
 void winograd_fwd_output(const float* m, const float* bias, const float* residual, bool relu,
                          float* y, const ConvShape& s, bool cl, int64_t first, int64_t Tc,
                          int64_t i0, int64_t i1, int tile, const float* x, const float* w,

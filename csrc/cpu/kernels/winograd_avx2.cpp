@@ -518,7 +518,7 @@ void fwd_output_tiles(const float* m, const float* bias, const float* residual, 
 template <bool kCL, int kM>
 void winograd_fwd(const float* x, const float* u, const float* bias, const float* residual,
                   bool relu, float* y, const ConvShape& s, int64_t b0, int64_t b1, const float* w,
-                  bool flipped) {
+                  bool flipped, bool avx512) {
   constexpr int kXi = (kM + 2) * (kM + 2);
   const int64_t C8 = winograd_c8(s), K16 = winograd_k16(s), KP = K16 / 16;
   const int64_t T = winograd_tiles(s, kM);
@@ -530,6 +530,18 @@ void winograd_fwd(const float* x, const float* u, const float* bias, const float
     const int64_t t0 = blk * Tb, nt = std::min(Tb, T - t0);
     fwd_input_tiles<kCL, kM>(x, s, t0, nt, Tb, 0, Tb, v);
     for (int xi = 0; xi < kXi; ++xi) {  // the products
+      if (avx512) {                     // 12 rows by two panels at a time
+        for (int64_t kp = 0; kp < KP; kp += 2) {
+          const float* b = u + (xi * KP + kp) * C8 * 16;
+          const int panels = kp + 1 < KP ? 2 : 1;
+          for (int64_t r = 0; r < Tb; r += 12) {
+            winograd_gemm_avx512(v + (xi * Tb + r) * C8, C8, b, C8 * 16, C8,
+                                 m + (xi * Tb + r) * K16 + kp * 16, K16, r + 12 <= Tb ? 12 : 6,
+                                 panels, false);
+          }
+        }
+        continue;
+      }
       for (int64_t kp = 0; kp < KP; ++kp) {
         const float* b = u + (xi * KP + kp) * C8 * 16;
         for (int64_t r = 0; r < Tb; r += 6) {
@@ -546,14 +558,14 @@ void winograd_fwd(const float* x, const float* u, const float* bias, const float
 
 void conv2d_fwd_winograd_avx2(const float* x, const float* u, const float* bias,
                               const float* residual, bool relu, float* y, const ConvShape& s,
-                              bool cl, int64_t b0, int64_t b1, int m, const float* w,
-                              bool flipped) {
+                              bool cl, int64_t b0, int64_t b1, int m, const float* w, bool flipped,
+                              bool avx512) {
   if (m == 4) {
-    winograd_fwd<true, 4>(x, u, bias, residual, relu, y, s, b0, b1, w, flipped);
+    winograd_fwd<true, 4>(x, u, bias, residual, relu, y, s, b0, b1, w, flipped, avx512);
   } else if (cl) {
-    winograd_fwd<true, 2>(x, u, bias, residual, relu, y, s, b0, b1, w, flipped);
+    winograd_fwd<true, 2>(x, u, bias, residual, relu, y, s, b0, b1, w, flipped, avx512);
   } else {
-    winograd_fwd<false, 2>(x, u, bias, residual, relu, y, s, b0, b1, w, flipped);
+    winograd_fwd<false, 2>(x, u, bias, residual, relu, y, s, b0, b1, w, flipped, avx512);
   }
 }
 
@@ -582,7 +594,7 @@ int64_t winograd_fwd_product_tasks(const ConvShape& s, int m) {
 // Task j = (xi, panel of 16 output channels): that panel of U[xi] (C8 x 16) times every tile's
 // V[xi] row, the reduction in slices of 256 channels (16 KiB of the panel, kept in L1).
 void winograd_fwd_products(const float* v, const float* u, float* m, const ConvShape& s, int64_t Tc,
-                           int64_t j0, int64_t j1) {
+                           int64_t j0, int64_t j1, bool avx512) {
   const int64_t C8 = winograd_c8(s), K16 = winograd_k16(s), KP = K16 / 16;
   constexpr int64_t kSlice = 256;
   for (int64_t j = j0; j < j1; ++j) {
@@ -590,10 +602,13 @@ void winograd_fwd_products(const float* v, const float* u, float* m, const ConvS
     const float* b = u + (xi * KP + kp) * C8 * 16;
     for (int64_t c0 = 0; c0 < C8; c0 += kSlice) {
       const int64_t len = std::min(kSlice, C8 - c0);
-      for (int64_t r = 0; r < Tc; r += 6) {
+      for (int64_t r = 0; r < Tc; r += avx512 ? 12 : 6) {
         const float* a = v + (xi * Tc + r) * C8 + c0;
         float* mr = m + (xi * Tc + r) * K16 + kp * 16;
-        if (c0 > 0) {
+        if (avx512) {  // 12 rows (6 at the end) of the one panel
+          winograd_gemm_avx512(a, C8, b + c0 * 16, 0, len, mr, K16, r + 12 <= Tc ? 12 : 6, 1,
+                               c0 > 0);
+        } else if (c0 > 0) {
           gemm_6x16<true>(a, C8, b + c0 * 16, len, mr, K16);
         } else {
           gemm_6x16<false>(a, C8, b + c0 * 16, len, mr, K16);
