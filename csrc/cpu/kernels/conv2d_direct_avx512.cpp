@@ -1,5 +1,6 @@
-// AVX-512 form of the channels_last direct forward (direct_cl.h): vectors of 16 output channels,
-// register tiles of up to 24 accumulators. This file alone is compiled for AVX-512 (the pragma
+// AVX-512 forms of the direct forwards: NCHW (direct_nchw.h), vectors of 16 output columns, and
+// channels_last (direct_cl.h), vectors of 16 output channels; register tiles of up to 24
+// accumulators. This file alone is compiled for AVX-512 (the pragma
 // below); it runs only where the CPU has AVX-512F.
 #include <immintrin.h>
 
@@ -20,14 +21,14 @@
 #endif
 
 // (after the pragma: compiled for AVX-512 here)
-#include "cpu/kernels/direct_cl.h"
+#include "cpu/kernels/direct_nchw.h"
 
 namespace pyconv::cpu {
 namespace {
 
 struct VecAvx512 {
   using R = __m512;
-  static constexpr int W = 16;
+  static constexpr int W = 16, kAcc = 24, kRegs = 32;
   static __mmask16 first(int64_t n) {
     return static_cast<__mmask16>((1u << std::clamp<int64_t>(n, 0, 16)) - 1);
   }
@@ -36,13 +37,44 @@ struct VecAvx512 {
   static R load_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first(n), p); }
   static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
   static void store_first(float* p, R v, int64_t n) { _mm512_mask_storeu_ps(p, first(n), v); }
+  static void stream(float* p, R v) { _mm512_stream_ps(p, v); }
   static R bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static R set1(float v) { return _mm512_set1_ps(v); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
   static R relu(R v) { return _mm512_max_ps(_mm512_setzero_ps(), v); }  // NaN stays NaN
+  // v, opaque to the compiler: a loaded vector that feeds several FMAs stays in its register
+  static R keep(R v) {
+    __asm__("" : "+v"(v));
+    return v;
+  }
 };
 
+// The NCHW forward's register tiles: kK x kV of kH = 1 up to 24 accumulators (eight for kV = 1),
+// and taller ones for layers of few output channels.
+constexpr auto kFwdTiles512 = concat(
+    fwd_entries<VecAvx512, 1, 1>(std::make_integer_sequence<int, 8>{}),
+    fwd_entries<VecAvx512, 1, 2>(std::make_integer_sequence<int, 12>{}),
+    fwd_entries<VecAvx512, 1, 3>(std::make_integer_sequence<int, 8>{}),
+    fwd_entries<VecAvx512, 1, 4>(std::make_integer_sequence<int, 6>{}),
+    std::array<FwdTile, 12>{fwd_entry<VecAvx512, 1, 2, 2>(), fwd_entry<VecAvx512, 1, 2, 3>(),
+                            fwd_entry<VecAvx512, 1, 2, 4>(), fwd_entry<VecAvx512, 1, 3, 2>(),
+                            fwd_entry<VecAvx512, 1, 3, 3>(), fwd_entry<VecAvx512, 1, 3, 4>(),
+                            fwd_entry<VecAvx512, 1, 4, 2>(), fwd_entry<VecAvx512, 1, 4, 3>(),
+                            fwd_entry<VecAvx512, 1, 6, 2>(), fwd_entry<VecAvx512, 2, 2, 2>(),
+                            fwd_entry<VecAvx512, 2, 2, 3>(), fwd_entry<VecAvx512, 2, 3, 2>()});
+
 }  // namespace
+
+DirectPlan direct_fwd_plan_avx512(const ConvShape& s, int threads) {
+  return fwd_plan<VecAvx512>(s, threads, kFwdTiles512);
+}
+
+void conv2d_fwd_nchw_direct_avx512(const float* x, const float* packed, const float* bias,
+                                   const float* residual, bool relu, float* y, const ConvShape& s,
+                                   const DirectPlan& p, int64_t t0, int64_t t1) {
+  fwd_nchw_direct<VecAvx512>(x, packed, bias, residual, relu, y, s, p, t0, t1, kFwdTiles512);
+}
 
 void conv2d_fwd_cl_direct_avx512(const float* x, const float* packed, const float* packed_bias,
                                  const float* residual, bool relu, float* y, const ConvShape& s,

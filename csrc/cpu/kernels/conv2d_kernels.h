@@ -27,7 +27,9 @@ struct DirectPlan {
   int lanes = 8;           // channels_last forward: floats per vector (16 for AVX-512)
 };
 
-DirectPlan direct_fwd_plan(const ConvShape& s, int threads);
+// avx512: a plan for conv2d_fwd_nchw_direct_avx512 (vectors of 16 columns, up to 24 accumulators)
+DirectPlan direct_fwd_plan(const ConvShape& s, int threads, bool avx512 = false);
+DirectPlan direct_fwd_plan_avx512(const ConvShape& s, int threads);
 int64_t direct_fwd_tasks(const ConvShape& s, const DirectPlan& p);
 // Weights (K, Cg, R, S) as [G][tiles][Cg][R][S][kK], zero past Kg.
 int64_t direct_packed_size(const ConvShape& s, const DirectPlan& p);
@@ -37,6 +39,10 @@ void direct_pack_weights(const float* w, float* packed, const ConvShape& s, cons
 void conv2d_fwd_nchw_direct_avx2(const float* x, const float* packed, const float* bias,
                                  const float* residual, bool relu, float* y, const ConvShape& s,
                                  const DirectPlan& p, int64_t t0, int64_t t1);
+// The same with AVX-512 (conv2d_direct_avx512.cpp), for a plan made with avx512.
+void conv2d_fwd_nchw_direct_avx512(const float* x, const float* packed, const float* bias,
+                                   const float* residual, bool relu, float* y, const ConvShape& s,
+                                   const DirectPlan& p, int64_t t0, int64_t t1);
 
 DirectPlan direct_wgrad_plan(const ConvShape& s);
 int64_t direct_wgrad_tasks(const ConvShape& s, const DirectPlan& p);
