@@ -653,8 +653,9 @@ void winograd_backward_weight(const float* go, const float* x, float* gw, const 
     at::parallel_for(0, count, 8, [&](int64_t i0, int64_t i1) {
       winograd_wgrad_transform(go, x, s, cl, first, count, v, pg, i0, i1, tile);
     });
-    at::parallel_for(0, winograd_wgrad_tasks(s, tile), 1, [&](int64_t j0, int64_t j1) {
-      winograd_wgrad_products(v, pg, du, s, count, j0, j1, first == 0);
+    const bool avx512 = simd_is_avx512();
+    at::parallel_for(0, winograd_wgrad_tasks(s, tile, avx512), 1, [&](int64_t j0, int64_t j1) {
+      winograd_wgrad_products(v, pg, du, s, count, j0, j1, first == 0, avx512);
     });
   }
   at::parallel_for(0, s.K, 1, [&](int64_t k0, int64_t k1) {

@@ -141,9 +141,16 @@ int64_t winograd_c16(const ConvShape& s);
 void winograd_wgrad_transform(const float* go, const float* x, const ConvShape& s, bool cl,
                               int64_t first, int64_t count, float* v, float* pg, int64_t i0,
                               int64_t i1, int m);
-int64_t winograd_wgrad_tasks(const ConvShape& s, int m);
+// avx512: tasks of two k panels by two c panels, on winograd_wgrad_avx512's tile
+int64_t winograd_wgrad_tasks(const ConvShape& s, int m, bool avx512 = false);
+// du rows (6 or 12: one or two panels of P, a_next apart) x panels (1 or 2 of 16 columns of V,
+// b_next apart) (+)= the sum over count tiles, row stride ldd (winograd_avx512.cpp).
+void winograd_wgrad_avx512(const float* a, int64_t a_next, const float* b, int64_t b_next,
+                           int64_t count, float* d, int64_t ldd, int rows, int panels,
+                           bool accumulate);
 void winograd_wgrad_products(const float* v, const float* pg, float* du, const ConvShape& s,
-                             int64_t count, int64_t j0, int64_t j1, bool first_chunk);
+                             int64_t count, int64_t j0, int64_t j1, bool first_chunk,
+                             bool avx512 = false);
 // gw_cl: gw in the channels_last weight layout, (K, 3, 3, C) in memory
 void winograd_wgrad_finish(const float* du, float* gw, const ConvShape& s, int64_t k0, int64_t k1,
                            int m, bool gw_cl);

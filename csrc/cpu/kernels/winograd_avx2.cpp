@@ -859,16 +859,28 @@ void winograd_wgrad_transform(const float* go, const float* x, const ConvShape& 
   }
 }
 
-int64_t winograd_wgrad_tasks(const ConvShape& s, int m) {
-  return (m + 2) * (m + 2) * (winograd_k6(s) / 6) * (winograd_c16(s) / 16);
+int64_t winograd_wgrad_tasks(const ConvShape& s, int m, bool avx512) {
+  const int64_t KP = winograd_k6(s) / 6, CP = winograd_c16(s) / 16;
+  return (m + 2) * (m + 2) * (avx512 ? ceil_div(KP, 2) * ceil_div(CP, 2) : KP * CP);
 }
 
 // Task (xi, c panel, k panel): du[xi][k .. k + 5][c .. c + 15] += sum over the `count` tiles of
 // P[xi][t][k + r] V[xi][t][c ..], the tiles in order (deterministic). Consecutive tasks share
 // the c panel of V, which stays in L1 for them.
 void winograd_wgrad_products(const float* v, const float* pg, float* du, const ConvShape& s,
-                             int64_t count, int64_t j0, int64_t j1, bool first_chunk) {
+                             int64_t count, int64_t j0, int64_t j1, bool first_chunk, bool avx512) {
   const int64_t C16 = winograd_c16(s), K6 = winograd_k6(s), CP = C16 / 16, KP = K6 / 6;
+  const int64_t a_next = winograd_wgrad_panel(count * 6), b_next = winograd_wgrad_panel(count * 16);
+  if (avx512) {  // task (xi, pair of c panels, pair of k panels)
+    const int64_t KP2 = ceil_div(KP, 2), CP2 = ceil_div(CP, 2);
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t kp = j % KP2 * 2, cp = j / KP2 % CP2 * 2, xi = j / (CP2 * KP2);
+      winograd_wgrad_avx512(pg + (xi * KP + kp) * a_next, a_next, v + (xi * CP + cp) * b_next,
+                            b_next, count, du + (xi * K6 + kp * 6) * C16 + cp * 16, C16,
+                            kp + 1 < KP ? 12 : 6, cp + 1 < CP ? 2 : 1, !first_chunk);
+    }
+    return;
+  }
   for (int64_t j = j0; j < j1; ++j) {
     const int64_t kp = j % KP, cp = j / KP % CP, xi = j / (CP * KP);
     const float* a = pg + (xi * KP + kp) * winograd_wgrad_panel(count * 6);
