@@ -612,12 +612,11 @@ void forward_avx2(const float* x, const float* w, const float* bias, const float
     return;
   }
   const ConvShape s = as_long_rows(s_);
-  const bool avx512 = simd_is_avx512();
-  const DirectPlan p = direct_fwd_plan(s, at::get_num_threads(), avx512);
+  const DirectPlan p = direct_fwd_plan(s, at::get_num_threads(), simd_is_avx512());
   const Scratch<float> packed(direct_packed_size(s, p));
   direct_pack_weights(w, packed.data(), s, p);
   parallel_tasks(direct_fwd_tasks(s, p), [&](int64_t t0, int64_t t1) {
-    (avx512 ? conv2d_fwd_nchw_direct_avx512 : conv2d_fwd_nchw_direct_avx2)(
+    (p.lanes == 16 ? conv2d_fwd_nchw_direct_avx512 : conv2d_fwd_nchw_direct_avx2)(
         x, packed.data(), bias, residual, relu, y, s, p, t0, t1);
   });
 }

@@ -416,9 +416,15 @@ WgradClFn wgrad_cl_fn(int kN) {
 
 }  // namespace
 
-// The kK x kV tile of least estimated time per useful output (direct_nchw.h's fwd_plan).
+// The kK x kV tile of least estimated time per useful output (direct_nchw.h's fwd_plan); with
+// AVX-512, of either width: 16-column vectors waste more on narrow rows (LeNet's 24 columns are
+// three vectors of 8, or two of 16 with a quarter unused).
 DirectPlan direct_fwd_plan(const ConvShape& s, int threads, bool avx512) {
-  return avx512 ? direct_fwd_plan_avx512(s, threads) : fwd_plan<VecAvx2>(s, threads, kFwdTiles);
+  double narrow = 0.0, wide = 0.0;
+  const DirectPlan p = fwd_plan<VecAvx2>(s, threads, kFwdTiles, &narrow);
+  if (!avx512) return p;
+  const DirectPlan q = direct_fwd_plan_avx512(s, threads, &wide);
+  return wide <= narrow ? q : p;
 }
 
 int64_t direct_fwd_tasks(const ConvShape& s, const DirectPlan& p) {

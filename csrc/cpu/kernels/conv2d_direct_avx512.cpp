@@ -57,17 +57,21 @@ constexpr auto kFwdTiles512 = concat(
     fwd_entries<VecAvx512, 1, 2>(std::make_integer_sequence<int, 12>{}),
     fwd_entries<VecAvx512, 1, 3>(std::make_integer_sequence<int, 8>{}),
     fwd_entries<VecAvx512, 1, 4>(std::make_integer_sequence<int, 6>{}),
-    std::array<FwdTile, 12>{fwd_entry<VecAvx512, 1, 2, 2>(), fwd_entry<VecAvx512, 1, 2, 3>(),
+    std::array<FwdTile, 19>{fwd_entry<VecAvx512, 1, 2, 2>(), fwd_entry<VecAvx512, 1, 2, 3>(),
                             fwd_entry<VecAvx512, 1, 2, 4>(), fwd_entry<VecAvx512, 1, 3, 2>(),
                             fwd_entry<VecAvx512, 1, 3, 3>(), fwd_entry<VecAvx512, 1, 3, 4>(),
                             fwd_entry<VecAvx512, 1, 4, 2>(), fwd_entry<VecAvx512, 1, 4, 3>(),
                             fwd_entry<VecAvx512, 1, 6, 2>(), fwd_entry<VecAvx512, 2, 2, 2>(),
-                            fwd_entry<VecAvx512, 2, 2, 3>(), fwd_entry<VecAvx512, 2, 3, 2>()});
+                            fwd_entry<VecAvx512, 2, 2, 3>(), fwd_entry<VecAvx512, 2, 3, 2>(),
+                            fwd_entry<VecAvx512, 1, 8, 2>(), fwd_entry<VecAvx512, 1, 6, 3>(),
+                            fwd_entry<VecAvx512, 1, 4, 4>(), fwd_entry<VecAvx512, 1, 8, 3>(),
+                            fwd_entry<VecAvx512, 2, 4, 2>(), fwd_entry<VecAvx512, 2, 3, 3>(),
+                            fwd_entry<VecAvx512, 2, 6, 2>()});
 
 }  // namespace
 
-DirectPlan direct_fwd_plan_avx512(const ConvShape& s, int threads) {
-  return fwd_plan<VecAvx512>(s, threads, kFwdTiles512);
+DirectPlan direct_fwd_plan_avx512(const ConvShape& s, int threads, double* cost) {
+  return fwd_plan<VecAvx512>(s, threads, kFwdTiles512, cost);
 }
 
 void conv2d_fwd_nchw_direct_avx512(const float* x, const float* packed, const float* bias,

@@ -27,9 +27,11 @@ struct DirectPlan {
   int lanes = 8;           // channels_last forward: floats per vector (16 for AVX-512)
 };
 
-// avx512: a plan for conv2d_fwd_nchw_direct_avx512 (vectors of 16 columns, up to 24 accumulators)
+// avx512: a plan for conv2d_fwd_nchw_direct_avx512 (lanes 16: vectors of 16 columns, up to 24
+// accumulators) or, where its estimate is lower, for the AVX2 kernel (lanes 8).
 DirectPlan direct_fwd_plan(const ConvShape& s, int threads, bool avx512 = false);
-DirectPlan direct_fwd_plan_avx512(const ConvShape& s, int threads);
+// The AVX-512 plan alone, and its estimated cycles per output column and channel.
+DirectPlan direct_fwd_plan_avx512(const ConvShape& s, int threads, double* cost);
 int64_t direct_fwd_tasks(const ConvShape& s, const DirectPlan& p);
 // Weights (K, Cg, R, S) as [G][tiles][Cg][R][S][kK], zero past Kg.
 int64_t direct_packed_size(const ConvShape& s, const DirectPlan& p);

@@ -465,7 +465,8 @@ inline int64_t fwd_chunk(const ConvShape& s, const DirectPlan& p) {
 // The kK x kV tile of least estimated time per useful output (padding columns and channels
 // cost as much as useful ones).
 template <typename V, size_t kN>
-DirectPlan fwd_plan(const ConvShape& s, int threads, const std::array<FwdTile, kN>& tiles) {
+DirectPlan fwd_plan(const ConvShape& s, int threads, const std::array<FwdTile, kN>& tiles,
+                    double* cost = nullptr) {
   constexpr int W = V::W;
   DirectPlan best{};
   double best_cost = 0.0;
@@ -508,6 +509,8 @@ DirectPlan fwd_plan(const ConvShape& s, int threads, const std::array<FwdTile, k
       best.kV = t.kV;
     }
   }
+  // estimated cycles per output column and channel: each FMA computes W columns
+  if (cost != nullptr) *cost = best_cost / W;
   best.tiles = ceil_div(Kg, best.kK);
   best.lanes = W;
   best.Wph =
