@@ -5,9 +5,17 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <utility>
 
 #include "cpu/kernels/conv2d_kernels.h"
+#include "cpu/kernels/thread_scratch.h"
+// (every header with shared definitions is included before the pragma: an inline function or
+// template of external linkage compiled here for AVX-512 could be the copy the linker keeps for
+// the whole library, and run on a CPU without it)
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
@@ -52,21 +60,21 @@ struct VecAvx512 {
 
 // The NCHW forward's register tiles: kK x kV of kH = 1 up to 24 accumulators (eight for kV = 1),
 // and taller ones for layers of few output channels.
-constexpr auto kFwdTiles512 = concat(
-    fwd_entries<VecAvx512, 1, 1>(std::make_integer_sequence<int, 8>{}),
-    fwd_entries<VecAvx512, 1, 2>(std::make_integer_sequence<int, 12>{}),
-    fwd_entries<VecAvx512, 1, 3>(std::make_integer_sequence<int, 8>{}),
-    fwd_entries<VecAvx512, 1, 4>(std::make_integer_sequence<int, 6>{}),
-    std::array<FwdTile, 19>{fwd_entry<VecAvx512, 1, 2, 2>(), fwd_entry<VecAvx512, 1, 2, 3>(),
-                            fwd_entry<VecAvx512, 1, 2, 4>(), fwd_entry<VecAvx512, 1, 3, 2>(),
-                            fwd_entry<VecAvx512, 1, 3, 3>(), fwd_entry<VecAvx512, 1, 3, 4>(),
-                            fwd_entry<VecAvx512, 1, 4, 2>(), fwd_entry<VecAvx512, 1, 4, 3>(),
-                            fwd_entry<VecAvx512, 1, 6, 2>(), fwd_entry<VecAvx512, 2, 2, 2>(),
-                            fwd_entry<VecAvx512, 2, 2, 3>(), fwd_entry<VecAvx512, 2, 3, 2>(),
-                            fwd_entry<VecAvx512, 1, 8, 2>(), fwd_entry<VecAvx512, 1, 6, 3>(),
-                            fwd_entry<VecAvx512, 1, 4, 4>(), fwd_entry<VecAvx512, 1, 8, 3>(),
-                            fwd_entry<VecAvx512, 2, 4, 2>(), fwd_entry<VecAvx512, 2, 3, 3>(),
-                            fwd_entry<VecAvx512, 2, 6, 2>()});
+constexpr auto kFwdTiles512 =
+    concat(fwd_entries<VecAvx512, 1, 1>(std::make_integer_sequence<int, 8>{}),
+           fwd_entries<VecAvx512, 1, 2>(std::make_integer_sequence<int, 12>{}),
+           fwd_entries<VecAvx512, 1, 3>(std::make_integer_sequence<int, 8>{}),
+           fwd_entries<VecAvx512, 1, 4>(std::make_integer_sequence<int, 6>{}),
+           std::array<FwdTile, 19>{fwd_entry<VecAvx512, 1, 2, 2>(), fwd_entry<VecAvx512, 1, 2, 3>(),
+                                   fwd_entry<VecAvx512, 1, 2, 4>(), fwd_entry<VecAvx512, 1, 3, 2>(),
+                                   fwd_entry<VecAvx512, 1, 3, 3>(), fwd_entry<VecAvx512, 1, 3, 4>(),
+                                   fwd_entry<VecAvx512, 1, 4, 2>(), fwd_entry<VecAvx512, 1, 4, 3>(),
+                                   fwd_entry<VecAvx512, 1, 6, 2>(), fwd_entry<VecAvx512, 2, 2, 2>(),
+                                   fwd_entry<VecAvx512, 2, 2, 3>(), fwd_entry<VecAvx512, 2, 3, 2>(),
+                                   fwd_entry<VecAvx512, 1, 8, 2>(), fwd_entry<VecAvx512, 1, 6, 3>(),
+                                   fwd_entry<VecAvx512, 1, 4, 4>(), fwd_entry<VecAvx512, 1, 8, 3>(),
+                                   fwd_entry<VecAvx512, 2, 4, 2>(), fwd_entry<VecAvx512, 2, 3, 3>(),
+                                   fwd_entry<VecAvx512, 2, 6, 2>()});
 
 }  // namespace
 
