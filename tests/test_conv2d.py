@@ -972,6 +972,20 @@ def test_depthwise_channels_last_streamed_output(simd):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_depthwise_channels_last_row_blocks(simd, k):
+    # rows of unit stride and dilation along W (AVX-512: blocks of eight columns, each input vector
+    # loaded once for the k taps that read it): 48 channels, rows of 29 (blocks, then edge columns
+    # on both sides), stride and dilation along H, the fused epilogue, and the input gradient (the
+    # same forward on grad_output with the filters turned)
+    x = torch.randn(2, 48, 9, 29, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(48, 1, k, k, dtype=torch.float64)
+    b = torch.randn(48, dtype=torch.float64)
+    args = dict(stride=(2, 1), padding=(k // 2 + 1, k // 2), dilation=(2, 1), groups=48)
+    check_float32_layer(x, w, b, args, torch.channels_last)
+    check_float32_layer(x, w, b, dict(padding=k // 2, groups=48), torch.channels_last)
+
+
 @pytest.mark.parametrize("channels", [21, 32])
 @pytest.mark.parametrize("k, s, p, d", [(3, 1, 1, 1), (3, 2, 1, 1), (5, 2, 3, 2), (1, 1, 0, 1)])
 def test_depthwise_channels_last(simd, k, s, p, d, channels):

@@ -1574,6 +1574,16 @@ at::Tensor spread(const at::Tensor& t, const ConvShape& s) {
 }
 
 const int64_t kOne[2] = {1, 1};
+// The depthwise forward on AVX-512 where its kernel covers the shape, else on AVX2.
+void depthwise_fwd_cl(const float* x, const float* wt, const float* bias, const float* res,
+                      bool relu, float* y, const ConvShape& s, int64_t t0, int64_t t1) {
+  if (simd_is_avx512() && depthwise_fwd_cl_avx512_fits(s)) {
+    depthwise_fwd_cl_avx512(x, wt, bias, res, relu, y, s, t0, t1);
+  } else {
+    depthwise_fwd_cl_avx2(x, wt, bias, res, relu, y, s, t0, t1);
+  }
+}
+
 const int64_t kNoPad[4] = {0, 0, 0, 0};
 
 at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
@@ -1605,10 +1615,10 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
     const std::vector<float> wt = depthwise_weights(w, s);
     at::Tensor y = empty_cached({s.N, s.K, s.OH, s.OW}, input.options().dtype(ct), cl);
     at::parallel_for(0, s.N * s.OH, 1, [&](int64_t t0, int64_t t1) {
-      depthwise_fwd_cl_avx2(x.const_data_ptr<float>(), wt.data(),
-                            b.defined() ? b.const_data_ptr<float>() : nullptr,
-                            rs.defined() ? rs.const_data_ptr<float>() : nullptr, relu,
-                            y.mutable_data_ptr<float>(), s, t0, t1);
+      depthwise_fwd_cl(x.const_data_ptr<float>(), wt.data(),
+                       b.defined() ? b.const_data_ptr<float>() : nullptr,
+                       rs.defined() ? rs.const_data_ptr<float>() : nullptr, relu,
+                       y.mutable_data_ptr<float>(), s, t0, t1);
     });
     return y.to(input.scalar_type());
   }
@@ -1734,8 +1744,8 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
         std::copy_n(wt.data() + (RS - 1 - tap) * s.C, s.C, flipped.data() + tap * s.C);
       }
       at::parallel_for(0, s.N * s.H, 1, [&](int64_t t0, int64_t t1) {
-        depthwise_fwd_cl_avx2(go.const_data_ptr<float>(), flipped.data(), nullptr, nullptr, false,
-                              gi.mutable_data_ptr<float>(), t, t0, t1);
+        depthwise_fwd_cl(go.const_data_ptr<float>(), flipped.data(), nullptr, nullptr, false,
+                         gi.mutable_data_ptr<float>(), t, t0, t1);
       });
     } else {
       at::parallel_for(0, s.N * s.H, 1, [&](int64_t t0, int64_t t1) {

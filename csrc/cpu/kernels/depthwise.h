@@ -15,6 +15,12 @@ void depthwise_pack_weights(const float* w, float* wt, const ConvShape& s);
 void depthwise_fwd_cl_avx2(const float* x, const float* wt, const float* bias, const float* res,
                            bool relu, float* y, const ConvShape& s, int64_t t0, int64_t t1);
 
+// The same on AVX-512 (depthwise_avx512.cpp), where depthwise_fwd_cl_avx512_fits(s): channels a
+// multiple of 16, stride and dilation 1 along W, 3, 5 or 7 kernel columns.
+bool depthwise_fwd_cl_avx512_fits(const ConvShape& s);
+void depthwise_fwd_cl_avx512(const float* x, const float* wt, const float* bias, const float* res,
+                             bool relu, float* y, const ConvShape& s, int64_t t0, int64_t t1);
+
 // Input rows [t0, t1) of N * H (n, h) of the input gradient, each a gather (no races).
 void depthwise_bwd_input_cl_avx2(const float* go, const float* wt, float* gi, const ConvShape& s,
                                  int64_t t0, int64_t t1);
