@@ -632,13 +632,14 @@ def test_input_gradient_over_all_phases(monkeypatch, cin, cout, k, stride, pad, 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 def test_direct_kernel_register_tiles(monkeypatch, simd, stride, fmt):
     # the direct kernels on padded rows pick a register tile per shape (NCHW: 1 to 8 output
-    # channels x 1 to 4 vectors of columns; channels_last: 1 to 4 vectors of output channels x
-    # 12 to 3 pixels; channels x taps for the weight gradient): output channel counts and row
+    # channels x 1 to 4 vectors of columns, 12 x 2 with AVX-512; channels_last: 1 to 4 vectors of
+    # output channels x 12 to 3 pixels, 24 to 6 with AVX-512; channels x taps for the weight
+    # gradient): output channel counts (up to four 16-channel vectors and a tail) and row
     # widths that reach each tile, its channel and column tails (NCHW: a narrower last block of
     # 1 to 3 vectors, several rows tall), the fused epilogue and both
     # gradients (the input gradient of stride 1 runs on the same kernel, channels swapped)
     monkeypatch.setenv("PYCONV_CONV_GEMM", "0")
-    for cout in (1, 2, 3, 4, 5, 7, 9, 13, 16, 24, 33):
+    for cout in (1, 2, 3, 4, 5, 7, 9, 13, 16, 24, 33, 50, 64):
         for width in (5, 16, 27, 41, 70):
             x = torch.randn(3, 2, 6, width, dtype=torch.float64).contiguous(memory_format=fmt)
             w = torch.randn(cout, 2, 3, 3, dtype=torch.float64)

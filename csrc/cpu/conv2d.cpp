@@ -1981,12 +1981,14 @@ at::Tensor backward_weight(const at::Tensor& grad_output, const at::Tensor& inpu
     const bool both_nchw = s.Cg() <= 8 && grad_output.is_contiguous() && input.is_contiguous();
     const at::MemoryFormat fmt = both_nchw ? at::MemoryFormat::Contiguous : cl;
     const at::Tensor go = in_format(grad_output.to(ct), fmt), x = in_format(input.to(ct), fmt);
-    const DirectPlan p = direct_wgrad_cl_plan(s);
+    const bool avx512 = simd_is_avx512();
+    const DirectPlan p = direct_wgrad_cl_plan(s, avx512);
     const int64_t RS = s.R * s.S, Cg = s.Cg(), per = s.K * Cg * RS;
     std::vector<float> partial(static_cast<size_t>(p.slices * per));
     parallel_tasks(direct_wgrad_tasks(s, p), [&](int64_t t0, int64_t t1) {
-      conv2d_bwd_weight_cl_direct_avx2(go.const_data_ptr<float>(), x.const_data_ptr<float>(),
-                                       partial.data(), s, p, t0, t1, both_nchw);
+      (avx512 ? conv2d_bwd_weight_cl_direct_avx512 : conv2d_bwd_weight_cl_direct_avx2)(
+          go.const_data_ptr<float>(), x.const_data_ptr<float>(), partial.data(), s, p, t0, t1,
+          both_nchw);
     });
     for (int64_t sl = 1; sl < p.slices; ++sl) {  // the slices summed in order (deterministic)
       for (int64_t i = 0; i < per; ++i) partial[i] += partial[sl * per + i];

@@ -221,26 +221,6 @@ WgradFn wgrad_fn(int kK) {
 
 // ---------------------------------------------------------------- channels_last
 
-// pad_rows_cl from an NCHW image x (planes H W apart): each pixel's channels gathered.
-void pad_rows_cl_from_nchw(const float* x, const ConvShape& s, int64_t g, int64_t ih0, int64_t rows,
-                           int64_t Wph, float* buf) {
-  const int64_t Cg = s.Cg(), row = s.sW * Wph * Cg, plane = s.H * s.W;
-  for (int64_t i = 0; i < rows; ++i) {
-    float* dst = buf + i * row;
-    std::memset(dst, 0, sizeof(float) * row);
-    const int64_t ih = ih0 + i;
-    if (ih < 0 || ih >= s.H) continue;
-    const float* src = x + g * Cg * plane + ih * s.W;
-    for (int64_t ph = 0; ph < s.sW; ++ph) {
-      const int64_t iw0 = ((ph - s.pL) % s.sW + s.sW) % s.sW;
-      float* to = dst + (ph * Wph + (iw0 + s.pL) / s.sW) * Cg;
-      for (int64_t iw = iw0; iw < s.W; iw += s.sW, to += Cg) {
-        for (int64_t c = 0; c < Cg; ++c) to[c] = src[c * plane + iw];
-      }
-    }
-  }
-}
-
 using FwdClFn = void (*)(const FwdClArgs&, int64_t, int64_t);
 
 FwdClFn fwd_cl_fn(int kN) {
@@ -256,161 +236,18 @@ FwdClFn fwd_cl_fn(int kN) {
   }
 }
 
-struct WgradClArgs {
-  const float* go;  // channels_last, or NCHW where nchw
-  const float* x;   // channels_last, or NCHW where nchw
-  float* partial;   // [slices][K][R * S * Cg], taps in (r, q, c) order
-  const ConvShape* s;
-  const DirectPlan* plan;  // kK: vectors of 8 output channels (kN)
-  bool nchw = false;
-};
-
-// Accumulates kJ taps (buffer offsets off) x kN channel vectors over one image into acc_mem.
-template <int kJ, int kN>
-inline void wgrad_cl_tile(const float* go, int64_t pix, const float* xb, const int64_t (&off)[kJ],
-                          const ConvShape& s, int64_t row, int64_t left, int64_t oh0, int64_t oh1,
-                          float* acc_mem) {
-  __m256 acc[kJ][kN];
-#pragma GCC unroll 12
-  for (int j = 0; j < kJ; ++j) {
-#pragma GCC unroll 12
-    for (int v = 0; v < kN; ++v) acc[j][v] = _mm256_loadu_ps(acc_mem + (j * kN + v) * 8);
-  }
-  const int64_t Cg = s.Cg();
-  // the operand of fewer vectors in registers (kJ broadcast inputs or kN grad_output vectors),
-  // the other loaded where it is used: 16 registers with the kJ x kN accumulators. Channels past
-  // the group's end (a short last tile) are masked, the masks made where they are used.
-  auto rows = [&]<bool kFull>() {
-    auto load_g = [&](const float* gp, int v) {
-      if constexpr (kFull) return _mm256_loadu_ps(gp + 8 * v);
-      return _mm256_maskload_ps(gp + 8 * v, lanes_below(std::max<int64_t>(left - 8 * v, 0)));
-    };
-    for (int64_t oh = oh0; oh < oh1; ++oh) {
-      const float* xrow = xb + oh * s.sH * row;
-      const float* grow = go + oh * s.OW * pix;
-      for (int64_t ow = 0; ow < s.OW; ++ow) {
-        const float* gp = grow + ow * pix;
-        const float* xp = xrow + ow * Cg;
-        if constexpr (kJ <= kN) {
-          __m256 xv[kJ];
-#pragma GCC unroll 12
-          for (int j = 0; j < kJ; ++j) xv[j] = _mm256_broadcast_ss(xp + off[j]);
-#pragma GCC unroll 12
-          for (int v = 0; v < kN; ++v) {
-            const __m256 g = keep(load_g(gp, v));
-#pragma GCC unroll 12
-            for (int j = 0; j < kJ; ++j) acc[j][v] = _mm256_fmadd_ps(xv[j], g, acc[j][v]);
-          }
-        } else {
-          __m256 gv[kN];
-#pragma GCC unroll 12
-          for (int v = 0; v < kN; ++v) gv[v] = keep(load_g(gp, v));
-#pragma GCC unroll 12
-          for (int j = 0; j < kJ; ++j) {
-            const __m256 xv = _mm256_broadcast_ss(xp + off[j]);
-#pragma GCC unroll 12
-            for (int v = 0; v < kN; ++v) acc[j][v] = _mm256_fmadd_ps(xv, gv[v], acc[j][v]);
-          }
-        }
-      }
-    }
-  };
-  if (left >= 8 * kN) {
-    rows.template operator()<true>();
-  } else {
-    rows.template operator()<false>();
-  }
-#pragma GCC unroll 12
-  for (int j = 0; j < kJ; ++j) {
-#pragma GCC unroll 12
-    for (int v = 0; v < kN; ++v) _mm256_storeu_ps(acc_mem + (j * kN + v) * 8, acc[j][v]);
-  }
-}
-
-template <int kJ, int kN>
-void wgrad_cl_tasks(const WgradClArgs& a, int64_t t0, int64_t t1) {
-  const ConvShape& s = *a.s;
-  const DirectPlan& pl = *a.plan;
-  const int64_t Cg = s.Cg(), Kg = s.Kg(), taps = s.R * s.S * Cg, Wph = pl.Wph;
-  const int64_t row = s.sW * Wph * Cg, rows = (s.OH - 1) * s.sH + (s.R - 1) * s.dH + 1;
-  const int64_t chunks = ceil_div(taps, kJ), per_slice = ceil_div(s.N, pl.slices);
-  float* const buf = thread_scratch<float, 0>(static_cast<size_t>(rows * row));
-  const size_t acc_size = static_cast<size_t>(chunks * kJ * kN * 8);
-  float* const acc = thread_scratch<float, 1>(acc_size);
-  // NCHW grad_output: each block of output rows of the tile's channels transposed here into
-  // (pixel, 8 kN channels), zeros past the group's channels
-  constexpr int64_t L = 8 * kN;
-  const int64_t OHW = s.OH * s.OW, block_px = ceil_div(pl.rows * s.OW, 8) * 8;
-  float* const gl = thread_scratch<float, 2>(a.nchw ? static_cast<size_t>(block_px * L) : 0);
-  for (int64_t t = t0; t < t1; ++t) {  // t = (slice, g, tile)
-    const int64_t tile = t % pl.tiles, g = (t / pl.tiles) % s.G, slice = t / (pl.tiles * s.G);
-    const int64_t k0 = tile * 8 * kN, left = Kg - k0;
-    std::fill(acc, acc + acc_size, 0.0f);
-    const int64_t n1 = std::min(s.N, (slice + 1) * per_slice);
-    for (int64_t n = slice * per_slice; n < n1; ++n) {
-      if (a.nchw) {
-        pad_rows_cl_from_nchw(a.x + n * s.H * s.W * s.C, s, g, -s.pT, rows, Wph, buf);
-      } else {
-        pad_rows_cl(a.x + n * s.H * s.W * s.C, s, g, -s.pT, rows, Wph, buf);
-      }
-      const float* go = a.go + n * s.OH * s.OW * s.K + g * Kg + k0;
-      const float* gplanes = a.go + (n * s.K + g * Kg + k0) * OHW;  // NCHW: the tile's planes
-      // blocks of output rows whose grad_output (the tile's channels) is at most 16 KiB, each
-      // through every chunk of taps: it stays in L1 rather than streaming from L2 once a chunk
-      for (int64_t oh0 = 0; oh0 < s.OH; oh0 += pl.rows) {
-        const int64_t oh1 = std::min(s.OH, oh0 + pl.rows);
-        const float* gb = go;
-        int64_t pix = s.K;
-        if (a.nchw) {
-          const int64_t p0 = oh0 * s.OW, np = (oh1 - oh0) * s.OW, kc = std::min(L, left);
-          for (int64_t c0 = 0; c0 < L; c0 += 8) {  // 8 channels x 8 pixels at a time
-            int64_t i = 0;
-            if (c0 + 8 <= kc) {
-              for (; i + 8 <= np; i += 8) {
-                avx2::block(gplanes + c0 * OHW + p0 + i, OHW, gl + i * L + c0, L);
-              }
-            }
-            for (; i < np; ++i) {
-              for (int64_t c = c0; c < c0 + 8; ++c) {
-                gl[i * L + c] = c < kc ? gplanes[c * OHW + p0 + i] : 0.0f;
-              }
-            }
-          }
-          gb = gl - p0 * L;  // indexed from pixel 0 of the image, as go
-          pix = L;
-        }
-        for (int64_t ch = 0; ch < chunks; ++ch) {
-          int64_t off[kJ];
-          for (int j = 0; j < kJ; ++j) {  // taps past the end read tap 0 (results dropped)
-            const int64_t tap = ch * kJ + j < taps ? ch * kJ + j : 0;
-            off[j] = tap_offset_cl(s, tap / (s.S * Cg), tap / Cg % s.S, tap % Cg, Wph);
-          }
-          wgrad_cl_tile<kJ, kN>(gb, pix, buf, off, s, row, left, oh0, oh1, acc + ch * kJ * kN * 8);
-        }
-      }
-    }
-    float* dst = a.partial + (slice * s.K + g * Kg) * taps;
-    for (int64_t k = 0; k < std::min<int64_t>(8 * kN, left); ++k) {
-      for (int64_t tap = 0; tap < taps; ++tap) {
-        const int64_t ch = tap / kJ, j = tap % kJ;
-        dst[(k0 + k) * taps + tap] = acc[((ch * kJ + j) * kN + k / 8) * 8 + k % 8];
-      }
-    }
-  }
-}
-
 using WgradClFn = void (*)(const WgradClArgs&, int64_t, int64_t);
 
 WgradClFn wgrad_cl_fn(int kN) {
   switch (kN) {
     case 1:
-      return &wgrad_cl_tasks<12, 1>;
+      return &wgrad_cl_tasks<VecAvx2, 12, 1>;
     case 2:
-      return &wgrad_cl_tasks<6, 2>;
+      return &wgrad_cl_tasks<VecAvx2, 6, 2>;
     case 3:
-      return &wgrad_cl_tasks<4, 3>;
+      return &wgrad_cl_tasks<VecAvx2, 4, 3>;
     default:
-      return &wgrad_cl_tasks<3, 4>;
+      return &wgrad_cl_tasks<VecAvx2, 3, 4>;
   }
 }
 
@@ -535,13 +372,15 @@ void conv2d_fwd_cl_direct_avx2(const float* x, const float* packed, const float*
   fwd_cl_fn(p.kK)(a, t0, t1);
 }
 
-DirectPlan direct_wgrad_cl_plan(const ConvShape& s) {
+DirectPlan direct_wgrad_cl_plan(const ConvShape& s, bool avx512) {
   DirectPlan p{};
-  p.kK = static_cast<int>(std::min<int64_t>(4, ceil_div(s.Kg(), 8)));
-  p.tiles = ceil_div(s.Kg(), 8 * p.kK);
+  p.lanes = avx512 ? 16 : 8;
+  p.kK = static_cast<int>(std::min<int64_t>(4, ceil_div(s.Kg(), p.lanes)));
+  p.tiles = ceil_div(s.Kg(), p.lanes * p.kK);
   p.Wph = phase_width(s, s.OW);
   p.slices = std::min<int64_t>(s.N, std::max<int64_t>(1, ceil_div(32, s.G * p.tiles)));
-  p.rows = std::max<int64_t>(1, (16 << 10) / std::max<int64_t>(1, s.OW * 32 * p.kK));
+  // blocks of output rows whose grad_output (the tile's channels) is at most 16 KiB
+  p.rows = std::max<int64_t>(1, (16 << 10) / std::max<int64_t>(1, s.OW * 4 * p.lanes * p.kK));
   return p;
 }
 

@@ -1,5 +1,6 @@
 // AVX-512 forms of the direct forwards: NCHW (direct_nchw.h), vectors of 16 output columns, and
-// channels_last (direct_cl.h), vectors of 16 output channels; register tiles of up to 24
+// channels_last (direct_cl.h), vectors of 16 output channels; and of the channels_last weight
+// gradient (direct_cl.h), vectors of 16 output channels by taps; register tiles of up to 24
 // accumulators. This file alone is compiled for AVX-512 (the pragma
 // below); it runs only where the CPU has AVX-512F.
 #include <immintrin.h>
@@ -13,6 +14,7 @@
 
 #include "cpu/kernels/conv2d_kernels.h"
 #include "cpu/kernels/thread_scratch.h"
+#include "cpu/kernels/transpose_block.h"
 // (every header with shared definitions is included before the pragma: an inline function or
 // template of external linkage compiled here for AVX-512 could be the copy the linker keeps for
 // the whole library, and run on a CPU without it)
@@ -86,6 +88,25 @@ void conv2d_fwd_nchw_direct_avx512(const float* x, const float* packed, const fl
                                    const float* residual, bool relu, float* y, const ConvShape& s,
                                    const DirectPlan& p, int64_t t0, int64_t t1) {
   fwd_nchw_direct<VecAvx512>(x, packed, bias, residual, relu, y, s, p, t0, t1, kFwdTiles512);
+}
+
+void conv2d_bwd_weight_cl_direct_avx512(const float* grad_out, const float* x, float* partial,
+                                        const ConvShape& s, const DirectPlan& p, int64_t t0,
+                                        int64_t t1, bool nchw) {
+  const WgradClArgs a{grad_out, x, partial, &s, &p, nchw};
+  switch (p.kK) {
+    case 1:
+      wgrad_cl_tasks<VecAvx512, 24, 1>(a, t0, t1);
+      break;
+    case 2:
+      wgrad_cl_tasks<VecAvx512, 12, 2>(a, t0, t1);
+      break;
+    case 3:
+      wgrad_cl_tasks<VecAvx512, 8, 3>(a, t0, t1);
+      break;
+    default:
+      wgrad_cl_tasks<VecAvx512, 6, 4>(a, t0, t1);
+  }
 }
 
 void conv2d_fwd_cl_direct_avx512(const float* x, const float* packed, const float* packed_bias,

@@ -79,13 +79,18 @@ void conv2d_fwd_cl_direct_avx512(const float* x, const float* packed, const floa
                                  const float* residual, bool relu, float* y, const ConvShape& s,
                                  const DirectPlan& p, int64_t t0, int64_t t1,
                                  const OutGeometry* out = nullptr);
-DirectPlan direct_wgrad_cl_plan(const ConvShape& s);
+// avx512: vectors of 16 output channels for conv2d_bwd_weight_cl_direct_avx512, else 8
+DirectPlan direct_wgrad_cl_plan(const ConvShape& s, bool avx512 = false);
 // Tasks [t0, t1) of (slice, g, tile), direct_wgrad_tasks(s, p) in all: partial[slice] (K x R S Cg).
 // nchw: grad_out and x are NCHW, each image's rows and grad_output blocks reordered as they are
 // read (no channels_last copies).
 void conv2d_bwd_weight_cl_direct_avx2(const float* grad_out, const float* x, float* partial,
                                       const ConvShape& s, const DirectPlan& p, int64_t t0,
                                       int64_t t1, bool nchw = false);
+// The same with AVX-512 (conv2d_direct_avx512.cpp), for a plan made with avx512.
+void conv2d_bwd_weight_cl_direct_avx512(const float* grad_out, const float* x, float* partial,
+                                        const ConvShape& s, const DirectPlan& p, int64_t t0,
+                                        int64_t t1, bool nchw = false);
 
 // Winograd F(m x m, 3x3), m = 2 on channels_last (cl) or NCHW tensors, m = 4 on channels_last
 // (winograd_avx2.cpp): 3x3, stride 1, dilation 1, one group. Filters transformed once into
