@@ -280,12 +280,26 @@ void winograd_pack_weights(const float* w, float* u, const ConvShape& s, int64_t
   for (int64_t kp = p0; kp < p1; ++kp) {
     if (flipped) {
       for (int64_t c = 0; c < C8; ++c) {
+        if (c + 4 < s.C && kp * 16 < s.K) {  // the 576 bytes of a later channel
+          const char* next = reinterpret_cast<const char*>(w + (c + 4) * cstep + kp * 16 * kstep);
+          for (int l = 0; l < 9; ++l) _mm_prefetch(next + 64 * l, _MM_HINT_T0);
+        }
         pack8(kp * 16, c);
         pack8(kp * 16 + 8, c);
       }
     } else {
-      for (int64_t c = 0; c < C8; ++c) pack8(kp * 16, c);
-      for (int64_t c = 0; c < C8; ++c) pack8(kp * 16 + 8, c);
+      for (int64_t half = 0; half < 16; half += 8) {
+        const int64_t k0 = kp * 16 + half, rows = std::min<int64_t>(8, s.K - k0);
+        for (int64_t c = 0; c < C8; ++c) {
+          if (c + 8 < s.C) {  // a later channel's taps of the eight filters
+            for (int64_t l = 0; l < rows; ++l) {
+              _mm_prefetch(reinterpret_cast<const char*>(w + (k0 + l) * kstep + (c + 8) * cstep),
+                           _MM_HINT_T0);
+            }
+          }
+          pack8(k0, c);
+        }
+      }
     }
   }
 }
