@@ -1981,7 +1981,9 @@ at::Tensor backward_weight(const at::Tensor& grad_output, const at::Tensor& inpu
     const bool both_nchw = s.Cg() <= 8 && grad_output.is_contiguous() && input.is_contiguous();
     const at::MemoryFormat fmt = both_nchw ? at::MemoryFormat::Contiguous : cl;
     const at::Tensor go = in_format(grad_output.to(ct), fmt), x = in_format(input.to(ct), fmt);
-    const bool avx512 = simd_is_avx512();
+    // AVX-512 from two vectors of 16 output channels: 1.8x faster than AVX2 on the 64-channel
+    // stems, the same at 32 channels, 0.6-0.8x at 16 (one vector by 24 taps; measured)
+    const bool avx512 = simd_is_avx512() && s.Kg() > 16;
     const DirectPlan p = direct_wgrad_cl_plan(s, avx512);
     const int64_t RS = s.R * s.S, Cg = s.Cg(), per = s.K * Cg * RS;
     std::vector<float> partial(static_cast<size_t>(p.slices * per));
@@ -2003,11 +2005,12 @@ at::Tensor backward_weight(const at::Tensor& grad_output, const at::Tensor& inpu
     if (ct == at::kFloat && simd_is_avx2()) {
       const float* gp = go.const_data_ptr<float>();
       const float* xp = x.const_data_ptr<float>();
-      const DirectPlan p = direct_wgrad_plan(s);
+      const DirectPlan p = direct_wgrad_plan(s, simd_is_avx512());
       const int64_t per = s.K * s.Cg() * s.R * s.S;
       std::vector<float> partial(static_cast<size_t>(p.slices * per));
       parallel_tasks(direct_wgrad_tasks(s, p), [&](int64_t t0, int64_t t1) {
-        conv2d_bwd_weight_nchw_direct_avx2(gp, xp, partial.data(), s, p, t0, t1);
+        (p.lanes == 16 ? conv2d_bwd_weight_nchw_direct_avx512 : conv2d_bwd_weight_nchw_direct_avx2)(
+            gp, xp, partial.data(), s, p, t0, t1);
       });
       float* wp = gw.mutable_data_ptr<float>();  // the slices summed in order (deterministic)
       std::copy(partial.begin(), partial.begin() + per, wp);

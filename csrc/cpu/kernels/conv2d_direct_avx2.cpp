@@ -73,6 +73,12 @@ struct VecAvx2 {
   static R add(R a, R b) { return _mm256_add_ps(a, b); }
   static R relu(R v) { return relu8(v); }
   static R keep(R v) { return pyconv::cpu::keep(v); }
+  static float hsum(const float* p) {  // p[0] + ... + p[7]
+    const __m256 v = _mm256_loadu_ps(p);
+    const __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
+  }
 };
 
 // The register tiles compiled: every kK x kV of kH = 1 up to twelve accumulators (eight for
@@ -91,131 +97,18 @@ constexpr auto kFwdTiles =
 
 // ---------------------------------------------------------------- weight gradient
 
-struct WgradArgs {
-  const float* go;
-  const float* x;
-  float* partial;  // [slices][K][Cg * R * S]
-  const ConvShape* s;
-  const DirectPlan* plan;
-};
-
-// Accumulates the kK x kJ tile (output channels x taps at buffer offsets off) over one image's
-// output rows into acc (eight lanes per pair, kept in memory between images).
-template <int kK, int kJ>
-inline void wgrad_tile(const float* const (&go)[kK], const float* xb, const int64_t (&off)[kJ],
-                       const ConvShape& s, int64_t row, float* acc_mem) {
-  __m256 acc[kK][kJ];
-#pragma GCC unroll 12
-  for (int k = 0; k < kK; ++k) {
-#pragma GCC unroll 12
-    for (int j = 0; j < kJ; ++j) acc[k][j] = _mm256_loadu_ps(acc_mem + (k * kJ + j) * 8);
-  }
-  const int64_t full = s.OW / 8 * 8;
-  // grad_output vectors loaded where they are used (at o of each channel), not all beforehand:
-  // kK of them live next to the kK x kJ accumulators would not fit the 16 registers, and GCC then
-  // reloads each for every FMA; for the same reason the tail's mask is made in the tail only
-  auto step = [&]<bool kWhole>(const float* xp, int64_t o) {
-    auto load_g = [&](int k) {
-      if constexpr (kWhole) return _mm256_loadu_ps(go[k] + o);
-      return _mm256_maskload_ps(go[k] + o, lanes_below(s.OW - full));
-    };
-    if constexpr (kK <= kJ) {
-      __m256 g[kK];
-#pragma GCC unroll 12
-      for (int k = 0; k < kK; ++k) g[k] = load_g(k);
-#pragma GCC unroll 12
-      for (int j = 0; j < kJ; ++j) {
-        const __m256 xv = keep(_mm256_loadu_ps(xp + off[j]));
-#pragma GCC unroll 12
-        for (int k = 0; k < kK; ++k) acc[k][j] = _mm256_fmadd_ps(g[k], xv, acc[k][j]);
-      }
-    } else {
-      __m256 xv[kJ];
-#pragma GCC unroll 12
-      for (int j = 0; j < kJ; ++j) xv[j] = _mm256_loadu_ps(xp + off[j]);
-#pragma GCC unroll 12
-      for (int k = 0; k < kK; ++k) {
-        const __m256 g = load_g(k);
-#pragma GCC unroll 12
-        for (int j = 0; j < kJ; ++j) acc[k][j] = _mm256_fmadd_ps(g, xv[j], acc[k][j]);
-      }
-    }
-  };
-  for (int64_t oh = 0; oh < s.OH; ++oh) {
-    const float* xrow = xb + oh * s.sH * row;
-    const int64_t o = oh * s.OW;
-    for (int64_t ow = 0; ow < full; ow += 8) step.template operator()<true>(xrow + ow, o + ow);
-    if (full < s.OW) {  // lanes past the row's end: zeros
-      step.template operator()<false>(xrow + full, o + full);
-    }
-  }
-#pragma GCC unroll 12
-  for (int k = 0; k < kK; ++k) {
-#pragma GCC unroll 12
-    for (int j = 0; j < kJ; ++j) _mm256_storeu_ps(acc_mem + (k * kJ + j) * 8, acc[k][j]);
-  }
-}
-
-inline float hsum(__m256 v) {
-  const __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
-  return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
-}
-
-template <int kK, int kJ>
-void wgrad_tasks(const WgradArgs& a, int64_t t0, int64_t t1) {
-  const ConvShape& s = *a.s;
-  const DirectPlan& pl = *a.plan;
-  const int64_t Cg = s.Cg(), Kg = s.Kg(), RS = s.R * s.S, taps = Cg * RS;
-  const int64_t Wph = pl.Wph, row = s.sW * Wph, rows = (s.OH - 1) * s.sH + (s.R - 1) * s.dH + 1;
-  const int64_t chunks = ceil_div(taps, kJ), per_slice = ceil_div(s.N, pl.slices);
-  float* const buf = thread_scratch<float, 0>(static_cast<size_t>(Cg * chan_stride(rows, row)));
-  const size_t acc_size = static_cast<size_t>(chunks * kK * kJ * 8);
-  float* const acc = thread_scratch<float, 1>(acc_size);
-  for (int64_t t = t0; t < t1; ++t) {  // t = (slice, g, tile)
-    const int64_t tile = t % pl.tiles, g = (t / pl.tiles) % s.G, slice = t / (pl.tiles * s.G);
-    std::fill(acc, acc + acc_size, 0.0f);
-    const int64_t n1 = std::min(s.N, (slice + 1) * per_slice);
-    for (int64_t n = slice * per_slice; n < n1; ++n) {
-      pad_rows(a.x + (n * s.C + g * Cg) * s.H * s.W, s, Cg, -s.pT, rows, Wph, buf);
-      const float* go[kK];
-      for (int k = 0; k < kK; ++k) {  // channels past Kg read the tile's first (results dropped)
-        const int64_t kl = tile * kK + k < Kg ? tile * kK + k : tile * kK;
-        go[k] = a.go + (n * s.K + g * Kg + kl) * s.OH * s.OW;
-      }
-      for (int64_t ch = 0; ch < chunks; ++ch) {
-        int64_t off[kJ];
-        for (int j = 0; j < kJ; ++j) {  // taps past the end read tap 0 (results dropped)
-          const int64_t tap = ch * kJ + j < taps ? ch * kJ + j : 0;
-          const int64_t c = tap / RS, r = tap % RS / s.S, q = tap % s.S;
-          off[j] = tap_offset(s, c, r, q, rows, Wph);
-        }
-        wgrad_tile<kK, kJ>(go, buf, off, s, row, acc + ch * kK * kJ * 8);
-      }
-    }
-    float* dst = a.partial + (slice * s.K + g * Kg) * taps;
-    for (int k = 0; k < kK && tile * kK + k < Kg; ++k) {
-      for (int64_t tap = 0; tap < taps; ++tap) {
-        const int64_t ch = tap / kJ, j = tap % kJ;
-        dst[(tile * kK + k) * taps + tap] =
-            hsum(_mm256_loadu_ps(acc + ((ch * kK + k) * kJ + j) * 8));
-      }
-    }
-  }
-}
-
 using WgradFn = void (*)(const WgradArgs&, int64_t, int64_t);
 
 WgradFn wgrad_fn(int kK) {
   switch (kK) {
     case 1:
-      return &wgrad_tasks<1, 9>;
+      return &wgrad_tasks<VecAvx2, 1, 9>;
     case 2:
-      return &wgrad_tasks<2, 5>;
+      return &wgrad_tasks<VecAvx2, 2, 5>;
     case 3:
-      return &wgrad_tasks<3, 4>;
+      return &wgrad_tasks<VecAvx2, 3, 4>;
     default:
-      return &wgrad_tasks<4, 3>;
+      return &wgrad_tasks<VecAvx2, 4, 3>;
   }
 }
 
@@ -293,11 +186,14 @@ void conv2d_fwd_nchw_direct_avx2(const float* x, const float* packed, const floa
   fwd_nchw_direct<VecAvx2>(x, packed, bias, residual, relu, y, s, p, t0, t1, kFwdTiles);
 }
 
-DirectPlan direct_wgrad_plan(const ConvShape& s) {
+DirectPlan direct_wgrad_plan(const ConvShape& s, bool avx512) {
   DirectPlan p{};
+  // AVX-512 on rows of 32 columns or more: 1.3-1.45x faster than AVX2 at 56 columns (8 -> 64 3x3,
+  // 16 -> 32 3x3 stride 2), 0.77-0.87x at 10 and 24 (LeNet's 5x5 layers; measured)
+  p.lanes = avx512 && s.OW >= 32 ? 16 : 8;
   p.kK = static_cast<int>(std::min<int64_t>(s.Kg(), 4));
   p.tiles = ceil_div(s.Kg(), p.kK);
-  p.Wph = phase_width(s, ceil_div(s.OW, 8) * 8);
+  p.Wph = phase_width(s, ceil_div(s.OW, p.lanes) * p.lanes);
   // image slices, fixed by the shape (not the thread count) so that the sum's order is too
   p.slices = std::min<int64_t>(s.N, std::max<int64_t>(1, ceil_div(32, s.G * p.tiles)));
   return p;

@@ -53,6 +53,7 @@ struct VecAvx512 {
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
   static R relu(R v) { return _mm512_max_ps(_mm512_setzero_ps(), v); }  // NaN stays NaN
+  static float hsum(const float* p) { return _mm512_reduce_add_ps(_mm512_loadu_ps(p)); }
   // v, opaque to the compiler: a loaded vector that feeds several FMAs stays in its register
   static R keep(R v) {
     __asm__("" : "+v"(v));
@@ -88,6 +89,25 @@ void conv2d_fwd_nchw_direct_avx512(const float* x, const float* packed, const fl
                                    const float* residual, bool relu, float* y, const ConvShape& s,
                                    const DirectPlan& p, int64_t t0, int64_t t1) {
   fwd_nchw_direct<VecAvx512>(x, packed, bias, residual, relu, y, s, p, t0, t1, kFwdTiles512);
+}
+
+void conv2d_bwd_weight_nchw_direct_avx512(const float* grad_out, const float* x, float* partial,
+                                          const ConvShape& s, const DirectPlan& p, int64_t t0,
+                                          int64_t t1) {
+  const WgradArgs a{grad_out, x, partial, &s, &p};
+  switch (p.kK) {  // kK x kJ: up to 24 accumulators
+    case 1:
+      wgrad_tasks<VecAvx512, 1, 16>(a, t0, t1);
+      break;
+    case 2:
+      wgrad_tasks<VecAvx512, 2, 10>(a, t0, t1);
+      break;
+    case 3:
+      wgrad_tasks<VecAvx512, 3, 7>(a, t0, t1);
+      break;
+    default:
+      wgrad_tasks<VecAvx512, 4, 6>(a, t0, t1);
+  }
 }
 
 void conv2d_bwd_weight_cl_direct_avx512(const float* grad_out, const float* x, float* partial,

@@ -46,13 +46,19 @@ void conv2d_fwd_nchw_direct_avx512(const float* x, const float* packed, const fl
                                    const float* residual, bool relu, float* y, const ConvShape& s,
                                    const DirectPlan& p, int64_t t0, int64_t t1);
 
-DirectPlan direct_wgrad_plan(const ConvShape& s);
+// avx512: vectors of 16 columns (lanes 16) for conv2d_bwd_weight_nchw_direct_avx512 where rows
+// are wide enough, else 8
+DirectPlan direct_wgrad_plan(const ConvShape& s, bool avx512 = false);
 int64_t direct_wgrad_tasks(const ConvShape& s, const DirectPlan& p);
 // Tasks [t0, t1) of (slice, g, tile): the weight gradient of kK output channels summed over the
 // slice's images into partial[slice] (p.slices x K x Cg R S floats); the caller sums the slices.
 void conv2d_bwd_weight_nchw_direct_avx2(const float* grad_out, const float* x, float* partial,
                                         const ConvShape& s, const DirectPlan& p, int64_t t0,
                                         int64_t t1);
+// The same with AVX-512 (conv2d_direct_avx512.cpp), for a plan made with avx512.
+void conv2d_bwd_weight_nchw_direct_avx512(const float* grad_out, const float* x, float* partial,
+                                          const ConvShape& s, const DirectPlan& p, int64_t t0,
+                                          int64_t t1);
 
 // channels_last forms: kK vectors of eight output channels x kV pixels (forward) or taps (weight
 // gradient). Weights packed as [G][tiles][R][S][Cg][lanes kK] and the bias as

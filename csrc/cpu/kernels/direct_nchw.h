@@ -2,8 +2,8 @@
 // once for a vector type V of W floats along the output row (AVX2's 8, AVX-512's 16), with
 // V::kAcc accumulators to a tile and V::kRegs registers: included by conv2d_direct_avx2.cpp and
 // conv2d_direct_avx512.cpp after each one's target pragma, so that each compiles them for its own
-// instruction set (internal linkage: one copy per file). Also the padded-row helpers the weight
-// gradient shares.
+// instruction set (internal linkage: one copy per file). Also the NCHW weight gradient's loops
+// (vectors of W output columns), on the same padded rows.
 #pragma once
 
 #include <immintrin.h>
@@ -558,6 +558,116 @@ void fwd_nchw_direct(const float* x, const float* packed, const float* bias, con
     if (t.kK == p.kK && t.kH == p.kH && t.kV == p.kV) t.fn(a, t0, t1);
   }
   if (a.stream) _mm_sfence();
+}
+
+// ---------------------------------------------------------------- weight gradient
+
+struct WgradArgs {
+  const float* go;
+  const float* x;
+  float* partial;  // [slices][K][Cg * R * S]
+  const ConvShape* s;
+  const DirectPlan* plan;
+};
+
+// Accumulates the kK x kJ tile (output channels x taps at buffer offsets off) over one image's
+// output rows into acc (W lanes per pair, kept in memory between images).
+template <typename V, int kK, int kJ>
+inline void wgrad_tile(const float* const (&go)[kK], const float* xb, const int64_t (&off)[kJ],
+                       const ConvShape& s, int64_t row, float* acc_mem) {
+  constexpr int W = V::W;
+  typename V::R acc[kK][kJ];
+#pragma GCC unroll 12
+  for (int k = 0; k < kK; ++k) {
+#pragma GCC unroll 12
+    for (int j = 0; j < kJ; ++j) acc[k][j] = V::load(acc_mem + (k * kJ + j) * W);
+  }
+  const int64_t full = s.OW / W * W;
+  // grad_output vectors loaded where they are used (at o of each channel), not all beforehand:
+  // kK of them live next to the kK x kJ accumulators would not fit AVX2's 16 registers, and GCC
+  // then reloads each for every FMA; for the same reason the tail's mask is made in the tail only
+  auto step = [&]<bool kWhole>(const float* xp, int64_t o) {
+    auto load_g = [&](int k) {
+      if constexpr (kWhole) return V::load(go[k] + o);
+      return V::load_first(go[k] + o, s.OW - full);
+    };
+    if constexpr (kK <= kJ) {
+      typename V::R g[kK];
+#pragma GCC unroll 12
+      for (int k = 0; k < kK; ++k) g[k] = load_g(k);
+#pragma GCC unroll 12
+      for (int j = 0; j < kJ; ++j) {
+        const typename V::R xv = V::keep(V::load(xp + off[j]));
+#pragma GCC unroll 12
+        for (int k = 0; k < kK; ++k) acc[k][j] = V::fma(g[k], xv, acc[k][j]);
+      }
+    } else {
+      typename V::R xv[kJ];
+#pragma GCC unroll 12
+      for (int j = 0; j < kJ; ++j) xv[j] = V::load(xp + off[j]);
+#pragma GCC unroll 12
+      for (int k = 0; k < kK; ++k) {
+        const typename V::R g = load_g(k);
+#pragma GCC unroll 12
+        for (int j = 0; j < kJ; ++j) acc[k][j] = V::fma(g, xv[j], acc[k][j]);
+      }
+    }
+  };
+  for (int64_t oh = 0; oh < s.OH; ++oh) {
+    const float* xrow = xb + oh * s.sH * row;
+    const int64_t o = oh * s.OW;
+    for (int64_t ow = 0; ow < full; ow += W) step.template operator()<true>(xrow + ow, o + ow);
+    if (full < s.OW) {  // lanes past the row's end: zeros
+      step.template operator()<false>(xrow + full, o + full);
+    }
+  }
+#pragma GCC unroll 12
+  for (int k = 0; k < kK; ++k) {
+#pragma GCC unroll 12
+    for (int j = 0; j < kJ; ++j) V::store(acc_mem + (k * kJ + j) * W, acc[k][j]);
+  }
+}
+
+template <typename V, int kK, int kJ>
+void wgrad_tasks(const WgradArgs& a, int64_t t0, int64_t t1) {
+  constexpr int W = V::W;
+  const ConvShape& s = *a.s;
+  const DirectPlan& pl = *a.plan;
+  const int64_t Cg = s.Cg(), Kg = s.Kg(), RS = s.R * s.S, taps = Cg * RS;
+  const int64_t Wph = pl.Wph, row = s.sW * Wph, rows = (s.OH - 1) * s.sH + (s.R - 1) * s.dH + 1;
+  const int64_t chunks = ceil_div(taps, kJ), per_slice = ceil_div(s.N, pl.slices);
+  float* const buf = thread_scratch<float, 0>(static_cast<size_t>(Cg * chan_stride(rows, row)));
+  const size_t acc_size = static_cast<size_t>(chunks * kK * kJ * W);
+  float* const acc = thread_scratch<float, 1>(acc_size);
+  for (int64_t t = t0; t < t1; ++t) {  // t = (slice, g, tile)
+    const int64_t tile = t % pl.tiles, g = (t / pl.tiles) % s.G, slice = t / (pl.tiles * s.G);
+    std::fill(acc, acc + acc_size, 0.0f);
+    const int64_t n1 = std::min(s.N, (slice + 1) * per_slice);
+    for (int64_t n = slice * per_slice; n < n1; ++n) {
+      pad_rows(a.x + (n * s.C + g * Cg) * s.H * s.W, s, Cg, -s.pT, rows, Wph, buf);
+      const float* go[kK];
+      for (int k = 0; k < kK; ++k) {  // channels past Kg read the tile's first (results dropped)
+        const int64_t kl = tile * kK + k < Kg ? tile * kK + k : tile * kK;
+        go[k] = a.go + (n * s.K + g * Kg + kl) * s.OH * s.OW;
+      }
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        int64_t off[kJ];
+        for (int j = 0; j < kJ; ++j) {  // taps past the end read tap 0 (results dropped)
+          const int64_t tap = ch * kJ + j < taps ? ch * kJ + j : 0;
+          const int64_t c = tap / RS, r = tap % RS / s.S, q = tap % s.S;
+          off[j] = tap_offset(s, c, r, q, rows, Wph);
+        }
+        wgrad_tile<V, kK, kJ>(go, buf, off, s, row, acc + ch * kK * kJ * W);
+      }
+    }
+    float* dst = a.partial + (slice * s.K + g * Kg) * taps;
+    for (int k = 0; k < kK && tile * kK + k < Kg; ++k) {
+      for (int64_t tap = 0; tap < taps; ++tap) {
+        const int64_t ch = tap / kJ, j = tap % kJ;
+        dst[(tile * kK + k) * taps + tap] = V::hsum(acc + ((ch * kK + k) * kJ + j) * W);
+      }
+    }
+  }
 }
 
 }  // namespace
