@@ -1928,11 +1928,12 @@ at::Tensor backward_weight(const at::Tensor& grad_output, const at::Tensor& inpu
     const at::Tensor go = in_format(grad_output.to(ct), cl), x = in_format(input.to(ct), cl);
     const int64_t rows = s.N * s.OH, slices = std::min<int64_t>(rows, 16), RS = s.R * s.S;
     std::vector<float> part(static_cast<size_t>(slices * RS * s.C), 0.0f);
+    const bool avx512 = simd_is_avx512() && depthwise_bwd_weight_cl_avx512_fits(s);
     at::parallel_for(0, slices, 1, [&](int64_t a, int64_t b) {
       for (int64_t sl = a; sl < b; ++sl) {
-        depthwise_bwd_weight_cl_avx2(go.const_data_ptr<float>(), x.const_data_ptr<float>(),
-                                     part.data() + sl * RS * s.C, s, sl * rows / slices,
-                                     (sl + 1) * rows / slices);
+        (avx512 ? depthwise_bwd_weight_cl_avx512 : depthwise_bwd_weight_cl_avx2)(
+            go.const_data_ptr<float>(), x.const_data_ptr<float>(), part.data() + sl * RS * s.C, s,
+            sl * rows / slices, (sl + 1) * rows / slices);
       }
     });
     at::Tensor gw = at::empty(weight_size, grad_output.options().dtype(ct));

@@ -25,8 +25,13 @@ void depthwise_fwd_cl_avx512(const float* x, const float* wt, const float* bias,
 void depthwise_bwd_input_cl_avx2(const float* go, const float* wt, float* gi, const ConvShape& s,
                                  int64_t t0, int64_t t1);
 
-// Adds output rows [r0, r1) of N * OH to part (R * S, C): one slice of the weight gradient.
+// Adds output rows [r0, r1) of N * OH to part (R * S, C): one slice of the weight gradient. The
+// AVX-512 form (depthwise_avx512.cpp) where depthwise_bwd_weight_cl_avx512_fits(s): channels a
+// multiple of 16, 3x3 or 5x5 taps (any stride, dilation and padding).
 void depthwise_bwd_weight_cl_avx2(const float* go, const float* x, float* part, const ConvShape& s,
                                   int64_t r0, int64_t r1);
+bool depthwise_bwd_weight_cl_avx512_fits(const ConvShape& s);
+void depthwise_bwd_weight_cl_avx512(const float* go, const float* x, float* part,
+                                    const ConvShape& s, int64_t r0, int64_t r1);
 
 }  // namespace pyconv::cpu

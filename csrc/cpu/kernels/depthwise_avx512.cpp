@@ -1,8 +1,8 @@
 // AVX-512 float32 depthwise forward on channels_last tensors (see depthwise_avx2.cpp) for rows of
 // unit stride and dilation along W: vectors of 16 channels, eight output columns at a time, each
 // input vector of a kernel row loaded once for all the kS taps that read it (the AVX2 kernel loads
-// it once per tap). This file alone is compiled for AVX-512 (the pragma below); it runs only where
-// the CPU has AVX-512F.
+// it once per tap); and the weight gradient of 3x3 and 5x5 filters. This file alone is compiled for
+// AVX-512 (the pragma below); it runs only where the CPU has AVX-512F.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -91,7 +91,71 @@ void fwd_rows(const float* x, const float* wt, const float* bias, const float* r
   }
 }
 
+// The weight gradient of output rows [t0, t1) of N * OH added to part (R * S, C): for each block
+// of 16 channels, one accumulator per tap kept in registers over every row and column of the
+// range; each grad_output vector loaded once for all the taps it meets (the AVX2 kernel reloads
+// it per tap and sums each row's columns apart).
+template <int kTaps>
+void wgrad_rows(const float* go, const float* x, float* part, const ConvShape& s, int64_t t0,
+                int64_t t1) {
+  const int64_t C = s.C, R = s.R, S = s.S, H = s.H, W = s.W;
+  // output columns whose every tap lies inside the row: [lo, hi)
+  const int64_t lo = std::min(s.OW, (s.pL + s.sW - 1) / s.sW);
+  const int64_t span = W + s.pL - (S - 1) * s.dW;  // last tap inside <=> ow * sW < span
+  const int64_t hi = std::max(lo, std::min(s.OW, span > 0 ? (span + s.sW - 1) / s.sW : 0));
+  for (int64_t c = 0; c < C; c += 16) {
+    __m512 acc[kTaps];
+#pragma GCC unroll 25
+    for (int i = 0; i < kTaps; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t t = t0; t < t1; ++t) {  // t = (n, oh)
+      const int64_t n = t / s.OH, oh = t % s.OH;
+      const float* xr[kTaps];  // each tap's input row (null: above or below the image)
+#pragma GCC unroll 25
+      for (int i = 0; i < kTaps; ++i) {
+        const int64_t ih = oh * s.sH - s.pT + i / S * s.dH;
+        xr[i] = ih >= 0 && ih < H ? x + ((n * H + ih) * W + i % S * s.dW - s.pL) * C + c : nullptr;
+      }
+      const float* g = go + (n * s.OH + oh) * s.OW * C + c;
+      auto column = [&](int64_t ow, bool edge) {
+        const __m512 gv = _mm512_loadu_ps(g + ow * C);
+#pragma GCC unroll 25
+        for (int i = 0; i < kTaps; ++i) {
+          if (xr[i] == nullptr) continue;
+          if (edge) {
+            const int64_t iw = ow * s.sW - s.pL + i % S * s.dW;
+            if (iw < 0 || iw >= W) continue;
+          }
+          acc[i] = _mm512_fmadd_ps(gv, _mm512_loadu_ps(xr[i] + ow * s.sW * C), acc[i]);
+        }
+      };
+      int64_t ow = 0;
+      for (; ow < lo; ++ow) column(ow, true);
+      for (; ow < hi; ++ow) column(ow, false);
+      for (; ow < s.OW; ++ow) column(ow, true);
+    }
+#pragma GCC unroll 25
+    for (int i = 0; i < kTaps; ++i) {
+      float* dst = part + i * C + c;
+      _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), acc[i]));
+    }
+  }
+  (void)R;
+}
+
 }  // namespace
+
+bool depthwise_bwd_weight_cl_avx512_fits(const ConvShape& s) {
+  return s.C % 16 == 0 && (s.R * s.S == 9 || s.R * s.S == 25);
+}
+
+void depthwise_bwd_weight_cl_avx512(const float* go, const float* x, float* part,
+                                    const ConvShape& s, int64_t t0, int64_t t1) {
+  if (s.R * s.S == 9) {
+    wgrad_rows<9>(go, x, part, s, t0, t1);
+  } else {
+    wgrad_rows<25>(go, x, part, s, t0, t1);
+  }
+}
 
 bool depthwise_fwd_cl_avx512_fits(const ConvShape& s) {
   return s.C % 16 == 0 && s.sW == 1 && s.dW == 1 && (s.S == 3 || s.S == 5 || s.S == 7);
