@@ -205,9 +205,9 @@ inline void wgrad_cl_tile(const float* go, int64_t pix, const float* xb, const i
                           float* acc_mem) {
   constexpr int W = V::W;
   typename V::R acc[kJ][kN];
-#pragma GCC unroll 12
+#pragma GCC unroll 32
   for (int j = 0; j < kJ; ++j) {
-#pragma GCC unroll 12
+#pragma GCC unroll 32
     for (int v = 0; v < kN; ++v) acc[j][v] = V::load(acc_mem + (j * kN + v) * W);
   }
   const int64_t Cg = s.Cg();
@@ -227,22 +227,22 @@ inline void wgrad_cl_tile(const float* go, int64_t pix, const float* xb, const i
         const float* xp = xrow + ow * Cg;
         if constexpr (kJ <= kN) {
           typename V::R xv[kJ];
-#pragma GCC unroll 12
+#pragma GCC unroll 32
           for (int j = 0; j < kJ; ++j) xv[j] = V::bcast(xp + off[j]);
-#pragma GCC unroll 12
+#pragma GCC unroll 32
           for (int v = 0; v < kN; ++v) {
             const typename V::R g = V::keep(load_g(gp, v));
-#pragma GCC unroll 12
+#pragma GCC unroll 32
             for (int j = 0; j < kJ; ++j) acc[j][v] = V::fma(xv[j], g, acc[j][v]);
           }
         } else {
           typename V::R gv[kN];
-#pragma GCC unroll 12
+#pragma GCC unroll 32
           for (int v = 0; v < kN; ++v) gv[v] = V::keep(load_g(gp, v));
-#pragma GCC unroll 12
+#pragma GCC unroll 32
           for (int j = 0; j < kJ; ++j) {
             const typename V::R xv = V::bcast(xp + off[j]);
-#pragma GCC unroll 12
+#pragma GCC unroll 32
             for (int v = 0; v < kN; ++v) acc[j][v] = V::fma(xv, gv[v], acc[j][v]);
           }
         }
@@ -254,9 +254,9 @@ inline void wgrad_cl_tile(const float* go, int64_t pix, const float* xb, const i
   } else {
     rows.template operator()<false>();
   }
-#pragma GCC unroll 12
+#pragma GCC unroll 32
   for (int j = 0; j < kJ; ++j) {
-#pragma GCC unroll 12
+#pragma GCC unroll 32
     for (int v = 0; v < kN; ++v) V::store(acc_mem + (j * kN + v) * W, acc[j][v]);
   }
 }

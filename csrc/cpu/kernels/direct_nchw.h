@@ -99,6 +99,7 @@ struct FwdArgs {
   const ConvShape* s;
   const DirectPlan* plan;
   bool stream = false;  // whole tiles of a single pass stored past the caches (see stream_output)
+  int64_t Kg = 0, taps = 0;  // s->Kg(), s->Cg() * R * S: divisions a tile need not repeat
 };
 
 // Stores the `left` (1..W or more) outputs at yp from o, adding the residual rp (or nullptr),
@@ -134,7 +135,9 @@ inline int narrow_vectors(const ConvShape& s, int kV, int W) {
 // xrow + ow, rows hstride floats apart, summed over the taps tr (buffer offsets off), then bias,
 // residual and relu as it is stored. The accumulators are a local array indexed only in fully
 // unrolled loops, copied out to an array the epilogue's loops index: GCC keeps an array indexed
-// at run time in memory, through the tap loop too.
+// at run time in memory, through the tap loop too. So every unroll pragma over the tile is at
+// least its trip count (up to 24): a partial unroll leaves run-time indices (and 16 accumulators
+// zeroed by `rep stos` and stored to the stack at every tile).
 template <typename V, int kK, int kH, int kV, int kR = 0>
 __attribute__((always_inline)) inline void fwd_rows(const FwdArgs& a, const float* xrow,
                                                     int64_t hstride, const int64_t* off,
@@ -144,12 +147,12 @@ __attribute__((always_inline)) inline void fwd_rows(const FwdArgs& a, const floa
   constexpr int W = V::W;
   const ConvShape& s = *a.s;
   const DirectPlan& pl = *a.plan;
-  const int64_t Kg = s.Kg(), taps = s.Cg() * s.R * s.S, plane = s.OH * s.OW;
+  const int64_t Kg = a.Kg, taps = a.taps, plane = s.OH * s.OW;
   const int64_t cols = s.OW - ow;
   const int kk = static_cast<int>(std::min<int64_t>(kK, Kg - tile * kK));  // channels in use
   constexpr int kN = kK * kH * kV;                                         // (k, h, v)
   R acc[kN];
-#pragma GCC unroll 12
+#pragma GCC unroll 32
   for (int i = 0; i < kN; ++i) acc[i] = V::zero();
   const float* wp = a.packed + ((g * pl.tiles + tile) * taps + tr.t0) * kK;
   const float* xb = xrow + ow;
@@ -188,7 +191,7 @@ __attribute__((always_inline)) inline void fwd_rows(const FwdArgs& a, const floa
     const int64_t lo = std::max<int64_t>(0, s.pT - (oh + kH - 1) * s.sH);
     const int64_t hi = s.H - 1 + s.pT - oh * s.sH;
     const int64_t r0 = lo <= 0 ? 0 : (lo + s.dH - 1) / s.dH;
-    const int64_t r1 = hi < 0 ? 0 : std::min<int64_t>(s.R, hi / s.dH + 1);
+    const int64_t r1 = hi < 0 ? 0 : std::min<int64_t>(s.R, (s.dH == 1 ? hi : hi / s.dH) + 1);
     const bool rows_cut = r0 > 0 || r1 < s.R;
     const int64_t seg = rows_cut ? std::max<int64_t>(r1 - r0, 0) * s.S : t1 - tr.t0;
     const int64_t step = rows_cut ? RS : t1 - tr.t0;  // segments [ta, ta + seg) every step taps
@@ -198,26 +201,26 @@ __attribute__((always_inline)) inline void fwd_rows(const FwdArgs& a, const floa
         const float* p = xb + off[t];
         if constexpr (kK <= kV * kH) {  // weights in registers, one input vector at a time
           R w[kK];
-#pragma GCC unroll 12
+#pragma GCC unroll 32
           for (int k = 0; k < kK; ++k) w[k] = V::bcast(wp + k);
-#pragma GCC unroll 12
+#pragma GCC unroll 32
           for (int i = 0; i < kH * kV; ++i) {
             const R xv = V::keep(V::load(p + (i / kV) * hstride + W * (i % kV)));
-#pragma GCC unroll 12
+#pragma GCC unroll 32
             for (int k = 0; k < kK; ++k) {
               acc[k * kH * kV + i] = V::fma(w[k], xv, acc[k * kH * kV + i]);
             }
           }
         } else {  // input vectors in registers, one weight at a time
           R xv[kH * kV];
-#pragma GCC unroll 12
+#pragma GCC unroll 32
           for (int i = 0; i < kH * kV; ++i) {
             xv[i] = V::load(p + (i / kV) * hstride + W * (i % kV));
           }
-#pragma GCC unroll 12
+#pragma GCC unroll 32
           for (int k = 0; k < kK; ++k) {
             const R w = V::bcast(wp + k);
-#pragma GCC unroll 12
+#pragma GCC unroll 32
             for (int i = 0; i < kH * kV; ++i) {
               acc[k * kH * kV + i] = V::fma(w, xv[i], acc[k * kH * kV + i]);
             }
@@ -226,34 +229,60 @@ __attribute__((always_inline)) inline void fwd_rows(const FwdArgs& a, const floa
       }
     }
   }
-  if (kk == kK && cols >= W * kV && tr.first) {
-    // the common case: every channel of the tile, whole vectors, no earlier pass to add; straight
-    // from the accumulators (constant indices only: they stay in registers)
-    const bool last = tr.last, relu = last && a.relu;
-    const float* const res = last ? a.residual : nullptr;
-#pragma GCC unroll 12
-    for (int k = 0; k < kK; ++k) {
-      const int64_t kg = g * Kg + tile * kK + k;
-      const R bias = V::set1(last && a.bias != nullptr ? a.bias[kg] : 0.0f);
-#pragma GCC unroll 12
-      for (int h = 0; h < kH; ++h) {
-        const int64_t o = (n * s.K + kg) * plane + (oh + h) * s.OW + ow;
-#pragma GCC unroll 12
-        for (int v = 0; v < kV; ++v) {
-          R r = V::add(acc[(k * kH + h) * kV + v], bias);
-          if (res != nullptr) r = V::add(r, V::load(res + o + W * v));
-          if (a.stream && last) {
-            V::stream(a.y + o + W * v, relu ? V::relu(r) : r);
-          } else {
-            V::store(a.y + o + W * v, relu ? V::relu(r) : r);
-          }
+  if (kk == kK && cols > W * (kV - 1) && tr.first) {
+    // the common case: every channel of the tile, no earlier pass to add; straight from the
+    // accumulators (constant indices only: they stay in registers), each option tested once a
+    // tile; the last vector may end past the row (rows of 24 columns in 16-column vectors),
+    // stored in part
+    const bool last = tr.last;
+    const int64_t tail = std::min<int64_t>(cols - W * (kV - 1), W);  // the last vector's columns
+    const int64_t first = (n * s.K + g * Kg + tile * kK) * plane + oh * s.OW + ow;
+    auto at = [&](int k, int h, int v) { return first + k * plane + h * s.OW + W * v; };
+    if (last && a.bias != nullptr) {
+      const float* const b = a.bias + g * Kg + tile * kK;
+#pragma GCC unroll 32
+      for (int k = 0; k < kK; ++k) {
+        const R bk = V::set1(b[k]);
+#pragma GCC unroll 32
+        for (int i = 0; i < kH * kV; ++i) acc[k * kH * kV + i] = V::add(acc[k * kH * kV + i], bk);
+      }
+    }
+    if (last && a.residual != nullptr) {
+      const float* const res = a.residual;
+#pragma GCC unroll 32
+      for (int i = 0; i < kN; ++i) {
+        const int k = i / (kH * kV), h = i / kV % kH, v = i % kV;
+        const R r = v < kV - 1 || tail == W ? V::load(res + at(k, h, v))
+                                            : V::load_first(res + at(k, h, v), tail);
+        acc[i] = V::add(acc[i], r);
+      }
+    }
+    if (last && a.relu) {
+#pragma GCC unroll 32
+      for (int i = 0; i < kN; ++i) acc[i] = V::relu(acc[i]);
+    }
+    float* const y = a.y;
+    if (tail == W && a.stream && last) {
+#pragma GCC unroll 32
+      for (int i = 0; i < kN; ++i) V::stream(y + at(i / (kH * kV), i / kV % kH, i % kV), acc[i]);
+    } else if (tail == W) {
+#pragma GCC unroll 32
+      for (int i = 0; i < kN; ++i) V::store(y + at(i / (kH * kV), i / kV % kH, i % kV), acc[i]);
+    } else {
+#pragma GCC unroll 32
+      for (int i = 0; i < kN; ++i) {
+        const int k = i / (kH * kV), h = i / kV % kH, v = i % kV;
+        if (v < kV - 1) {
+          V::store(y + at(k, h, v), acc[i]);
+        } else {
+          V::store_first(y + at(k, h, v), acc[i], tail);
         }
       }
     }
     return;
   }
   R out[kN];
-#pragma GCC unroll 12
+#pragma GCC unroll 32
   for (int i = 0; i < kN; ++i) out[i] = acc[i];
   const bool plain = cols >= W * kV && (!tr.last || (a.residual == nullptr && !a.relu));
   for (int k = 0; k < kk; ++k) {
@@ -554,6 +583,8 @@ void fwd_nchw_direct(const float* x, const float* packed, const float* bias, con
                      int64_t t1, const std::array<FwdTile, kN>& tiles) {
   FwdArgs a{x, packed, bias, residual, relu, y, &s, &p};
   a.stream = stream_output(s, p, y);
+  a.Kg = s.Kg();
+  a.taps = s.Cg() * s.R * s.S;
   for (const FwdTile& t : tiles) {
     if (t.kK == p.kK && t.kH == p.kH && t.kV == p.kV) t.fn(a, t0, t1);
   }
@@ -577,9 +608,9 @@ inline void wgrad_tile(const float* const (&go)[kK], const float* xb, const int6
                        const ConvShape& s, int64_t row, float* acc_mem) {
   constexpr int W = V::W;
   typename V::R acc[kK][kJ];
-#pragma GCC unroll 12
+#pragma GCC unroll 32
   for (int k = 0; k < kK; ++k) {
-#pragma GCC unroll 12
+#pragma GCC unroll 32
     for (int j = 0; j < kJ; ++j) acc[k][j] = V::load(acc_mem + (k * kJ + j) * W);
   }
   const int64_t full = s.OW / W * W;
@@ -593,22 +624,22 @@ inline void wgrad_tile(const float* const (&go)[kK], const float* xb, const int6
     };
     if constexpr (kK <= kJ) {
       typename V::R g[kK];
-#pragma GCC unroll 12
+#pragma GCC unroll 32
       for (int k = 0; k < kK; ++k) g[k] = load_g(k);
-#pragma GCC unroll 12
+#pragma GCC unroll 32
       for (int j = 0; j < kJ; ++j) {
         const typename V::R xv = V::keep(V::load(xp + off[j]));
-#pragma GCC unroll 12
+#pragma GCC unroll 32
         for (int k = 0; k < kK; ++k) acc[k][j] = V::fma(g[k], xv, acc[k][j]);
       }
     } else {
       typename V::R xv[kJ];
-#pragma GCC unroll 12
+#pragma GCC unroll 32
       for (int j = 0; j < kJ; ++j) xv[j] = V::load(xp + off[j]);
-#pragma GCC unroll 12
+#pragma GCC unroll 32
       for (int k = 0; k < kK; ++k) {
         const typename V::R g = load_g(k);
-#pragma GCC unroll 12
+#pragma GCC unroll 32
         for (int j = 0; j < kJ; ++j) acc[k][j] = V::fma(g, xv[j], acc[k][j]);
       }
     }
@@ -621,9 +652,9 @@ inline void wgrad_tile(const float* const (&go)[kK], const float* xb, const int6
       step.template operator()<false>(xrow + full, o + full);
     }
   }
-#pragma GCC unroll 12
+#pragma GCC unroll 32
   for (int k = 0; k < kK; ++k) {
-#pragma GCC unroll 12
+#pragma GCC unroll 32
     for (int j = 0; j < kJ; ++j) V::store(acc_mem + (k * kJ + j) * W, acc[k][j]);
   }
 }
