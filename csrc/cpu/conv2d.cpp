@@ -407,14 +407,25 @@ bool use_implicit_gemm(const ConvShape& s) {
   return s.Kg() >= 64 ? taps >= 576 : s.Kg() >= 8 && taps > 1600;
 }
 
-// NCHW forward through channels_last copies rather than the NCHW direct kernel; not for layers
-// of at most 4 input channels per group (RGB stems), where the NCHW kernel is as fast and the
-// copies (of an output 21x the input's size for ResNet's 7x7/2 stem) are not (1.25x faster on
-// that stem without them; measured).
+// NCHW forward through channels_last copies (or the NCHW implicit GEMM, below) rather than the
+// NCHW direct kernel; not for layers of at most 4 input channels per group (RGB stems), where the
+// NCHW kernel is as fast and the copies (of an output 21x the input's size for ResNet's 7x7/2
+// stem) are not (1.25x faster on that stem without them), nor (nchw_direct_forward) for up to 64
+// output channels per group with up to 16 input channels, or 32 on 5x5 and larger filters at stride
+// 1: the NCHW kernel there 1.3-1.7x faster at 6 -> 16 and 16 -> 32 5x5, 8 -> 64 and 16 -> 32 3x3
+// dilation 2, 8 -> 16 3x3 stride 2 on 112x112, 1.0-1.1x at 32 -> 32 and 32 -> 64 5x5 and 7x7, 16 ->
+// 32 and 16 -> 64 3x3 stride 2; 0.8-0.9x at 32 -> 64 3x3 dilation 2, 5x5 stride 2 and 64 -> 192 5x5
+// (AVX-512; AVX2 alike but 0.56x at 64 -> 64 3x3 dilation 2; measured).
+bool use_winograd(const ConvShape& s);
+bool nchw_direct_forward(const ConvShape& s) {
+  const int64_t Cg = s.Cg(), Kg = s.Kg();
+  const bool unit = s.sH == 1 && s.sW == 1;
+  return Kg <= 64 && (Cg <= 16 || (Cg <= 32 && s.R * s.S >= 25 && unit)) && !use_winograd(s);
+}
 bool nchw_forward_as_cl(const ConvShape& s) {
   bool v;
   if (force_gemm(v)) return v;
-  return s.Kg() >= 8 && s.Cg() > 4 && s.Cg() * s.R * s.S >= 64;
+  return s.Kg() >= 8 && s.Cg() > 4 && s.Cg() * s.R * s.S >= 64 && !nchw_direct_forward(s);
 }
 
 // The implicit GEMM on NCHW operands, for the input gradients formulated as forward convolutions
@@ -423,7 +434,8 @@ bool nchw_forward_as_cl(const ConvShape& s) {
 bool use_implicit_gemm_nchw(const ConvShape& s) {
   bool v;
   if (force_gemm(v)) return v;
-  return s.Kg() >= 8 && s.Cg() > 4 && s.Cg() * s.R * s.S >= 64 && s.sW == 1;
+  return s.Kg() >= 8 && s.Cg() > 4 && s.Cg() * s.R * s.S >= 64 && s.sW == 1 &&
+         !nchw_direct_forward(s);
 }
 
 // The stride-1 input gradient as a forward convolution of grad_output: channels swapped, padding
@@ -458,10 +470,16 @@ bool winograd_nchw_as_cl(const ConvShape& s) {
 
 // Input gradient, a forward convolution (per phase at strides above 1) with the channels swapped:
 // channels_last (natively or on copies) once there are 8 input channels per group to vectorise
-// over and, for NCHW tensors, a long reduction.
+// over and, for NCHW tensors, a long reduction; but NCHW at stride 1 where that forward is one
+// for the NCHW direct kernel (1.6-2.5x faster at 16 -> 32, 8 -> 16, 16 -> 16 and 12 -> 24 5x5,
+// 1.0-1.06x at 32 -> 32 and 32 -> 64 5x5, 16 -> 32 3x3 dilation 2; measured).
 bool input_grad_as_cl(const ConvShape& s, bool cl) {
   bool v;
   if (force_gemm(v) && v) return true;
+  if (!cl && s.sH == 1 && s.sW == 1) {  // NCHW, where the forward formulation runs on the NCHW
+    const ConvShape t = input_grad_as_forward(s);  // direct kernel (see nchw_direct_forward)
+    if (t.pT >= 0 && t.pB >= 0 && t.pL >= 0 && t.pR >= 0 && nchw_direct_forward(t)) return false;
+  }
   if (!cl && s.sH == 1 && s.sW == 1 && !winograd_nchw_as_cl(s)) {  // NCHW Winograd, without copies
     const ConvShape t = input_grad_as_forward(s);
     if (t.pT >= 0 && t.pB >= 0 && t.pL >= 0 && t.pR >= 0 && use_winograd(t)) return false;

@@ -39,41 +39,41 @@ inline int64_t chan_stride(int64_t rows, int64_t row) { return (rows * row + 15)
 // j % sW, index j / sW; zeros elsewhere.
 inline void pad_rows(const float* x, const ConvShape& s, int64_t channels, int64_t ih0,
                      int64_t rows, int64_t Wph, float* buf) {
-  const int64_t row = s.sW * Wph, cs = chan_stride(rows, row);
+  const int64_t row = s.sW * Wph, cs = chan_stride(rows, row), H = s.H, W = s.W, pL = s.pL;
   for (int64_t c = 0; c < channels; ++c) {
     for (int64_t i = 0; i < rows; ++i) {
       float* dst = buf + c * cs + i * row;
       const int64_t ih = ih0 + i;
-      if (ih < 0 || ih >= s.H) {
-        for (int64_t j = 0; j < row; j += 8) _mm256_storeu_ps(dst + j, _mm256_setzero_ps());
+      if (ih < 0 || ih >= H) {
+        std::memset(dst, 0, sizeof(float) * row);
         continue;
       }
-      const float* src = x + (c * s.H + ih) * s.W;
+      const float* src = x + (c * H + ih) * W;
       if (s.sW == 1) {
         // zeros over the left padding and from the input row's end to the buffer row's end (the
         // last vector ending there: a row is a multiple of 8), then the input row over them
-        for (int64_t j = 0; j < s.pL; j += 8) _mm256_storeu_ps(dst + j, _mm256_setzero_ps());
-        if (s.pL + s.W < row) {
-          for (int64_t j = s.pL + s.W; j + 8 < row; j += 8) {
+        for (int64_t j = 0; j < pL; j += 8) _mm256_storeu_ps(dst + j, _mm256_setzero_ps());
+        if (pL + W < row) {
+          for (int64_t j = pL + W; j + 8 < row; j += 8) {
             _mm256_storeu_ps(dst + j, _mm256_setzero_ps());
           }
           _mm256_storeu_ps(dst + row - 8, _mm256_setzero_ps());
         }
-        float* to = dst + s.pL;
+        float* to = dst + pL;
         int64_t iw = 0;
-        for (; iw + 8 <= s.W; iw += 8) _mm256_storeu_ps(to + iw, _mm256_loadu_ps(src + iw));
-        if (iw < s.W && s.W >= 8) {  // the row's last 8, overlapping the copy before
-          _mm256_storeu_ps(to + s.W - 8, _mm256_loadu_ps(src + s.W - 8));
+        for (; iw + 8 <= W; iw += 8) _mm256_storeu_ps(to + iw, _mm256_loadu_ps(src + iw));
+        if (iw < W && W >= 8) {  // the row's last 8, overlapping the copy before
+          _mm256_storeu_ps(to + W - 8, _mm256_loadu_ps(src + W - 8));
         } else {
-          for (; iw < s.W; ++iw) to[iw] = src[iw];
+          for (; iw < W; ++iw) to[iw] = src[iw];
         }
         continue;
       }
       std::memset(dst, 0, sizeof(float) * row);
       for (int64_t ph = 0; ph < s.sW; ++ph) {  // phase ph: padded columns ph, ph + sW, ...
-        const int64_t iw0 = ((ph - s.pL) % s.sW + s.sW) % s.sW;  // first input column in it
-        float* to = dst + ph * Wph + (iw0 + s.pL) / s.sW;
-        for (int64_t iw = iw0; iw < s.W; iw += s.sW) *to++ = src[iw];
+        const int64_t iw0 = ((ph - pL) % s.sW + s.sW) % s.sW;  // first input column in it
+        float* to = dst + ph * Wph + (iw0 + pL) / s.sW;
+        for (int64_t iw = iw0; iw < W; iw += s.sW) *to++ = src[iw];
       }
     }
   }
@@ -229,15 +229,24 @@ __attribute__((always_inline)) inline void fwd_rows(const FwdArgs& a, const floa
       }
     }
   }
-  if (kk == kK && cols > W * (kV - 1) && tr.first) {
-    // the common case: every channel of the tile, no earlier pass to add; straight from the
-    // accumulators (constant indices only: they stay in registers), each option tested once a
-    // tile; the last vector may end past the row (rows of 24 columns in 16-column vectors),
-    // stored in part
+  if (kk == kK && cols > W * (kV - 1)) {
+    // the common case: every channel of the tile; straight from the accumulators (constant
+    // indices only: they stay in registers), each option tested once a tile; the last vector may
+    // end past the row (rows of 24 columns in 16-column vectors), read and stored in part
     const bool last = tr.last;
     const int64_t tail = std::min<int64_t>(cols - W * (kV - 1), W);  // the last vector's columns
     const int64_t first = (n * s.K + g * Kg + tile * kK) * plane + oh * s.OW + ow;
     auto at = [&](int k, int h, int v) { return first + k * plane + h * s.OW + W * v; };
+    auto add_from = [&](const float* src) {  // acc += src's tile
+#pragma GCC unroll 32
+      for (int i = 0; i < kN; ++i) {
+        const int k = i / (kH * kV), h = i / kV % kH, v = i % kV;
+        const R r = v < kV - 1 || tail == W ? V::load(src + at(k, h, v))
+                                            : V::load_first(src + at(k, h, v), tail);
+        acc[i] = V::add(acc[i], r);
+      }
+    };
+    if (!tr.first) add_from(a.y);  // the sums of the earlier passes
     if (last && a.bias != nullptr) {
       const float* const b = a.bias + g * Kg + tile * kK;
 #pragma GCC unroll 32
@@ -247,22 +256,13 @@ __attribute__((always_inline)) inline void fwd_rows(const FwdArgs& a, const floa
         for (int i = 0; i < kH * kV; ++i) acc[k * kH * kV + i] = V::add(acc[k * kH * kV + i], bk);
       }
     }
-    if (last && a.residual != nullptr) {
-      const float* const res = a.residual;
-#pragma GCC unroll 32
-      for (int i = 0; i < kN; ++i) {
-        const int k = i / (kH * kV), h = i / kV % kH, v = i % kV;
-        const R r = v < kV - 1 || tail == W ? V::load(res + at(k, h, v))
-                                            : V::load_first(res + at(k, h, v), tail);
-        acc[i] = V::add(acc[i], r);
-      }
-    }
+    if (last && a.residual != nullptr) add_from(a.residual);
     if (last && a.relu) {
 #pragma GCC unroll 32
       for (int i = 0; i < kN; ++i) acc[i] = V::relu(acc[i]);
     }
     float* const y = a.y;
-    if (tail == W && a.stream && last) {
+    if (tail == W && a.stream && last && tr.first) {
 #pragma GCC unroll 32
       for (int i = 0; i < kN; ++i) V::stream(y + at(i / (kH * kV), i / kV % kH, i % kV), acc[i]);
     } else if (tail == W) {
