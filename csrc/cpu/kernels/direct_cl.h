@@ -90,8 +90,9 @@ struct FwdClArgs {
 
 // kP pixels x kN vectors of output channels at buffer position xb (pixel stride Cg).
 template <typename V, int kP, int kN>
-inline void fwd_cl_tile(const float* xb, const float* wp, const int64_t* off, int64_t taps,
-                        int64_t Cg, typename V::R (&out)[kP][kN]) {
+__attribute__((always_inline)) inline void fwd_cl_tile(const float* xb, const float* wp,
+                                                       const int64_t* off, int64_t taps, int64_t Cg,
+                                                       typename V::R (&out)[kP][kN]) {
   using R = typename V::R;
   constexpr int W = V::W;
   R acc[kP][kN];
@@ -161,15 +162,55 @@ void fwd_cl_tasks(const FwdClArgs& a, int64_t t0, int64_t t1) {
                                  off, taps, Cg, acc);
           const int64_t k0 = tile * W * kN;  // first channel of the tile inside the group
           const float* bias = a.bias + (g * pl.tiles + tile) * W * kN;
-          // pixel by pixel, its channel vectors in order: each output line is written by
-          // consecutive stores
+          if (pixels == kP && Kg - k0 >= W * kN) {
+            // the common whole tile: constant indices only (the accumulators stay in
+            // registers), each option tested once a tile
+            const int64_t o = n * a.out.sn + oh * a.out.sh + ow * a.out.sw + g * Kg + k0;
+#pragma GCC unroll 32
+            for (int v = 0; v < kN; ++v) {
+              const R b = V::load(bias + W * v);
+#pragma GCC unroll 32
+              for (int j = 0; j < kP; ++j) acc[j][v] = V::add(acc[j][v], b);
+            }
+            if (a.residual != nullptr) {
+              const float* rp = a.residual + ((n * s.OH + oh) * s.OW + ow) * s.K + g * Kg + k0;
+#pragma GCC unroll 32
+              for (int j = 0; j < kP; ++j) {
+#pragma GCC unroll 32
+                for (int v = 0; v < kN; ++v) {
+                  acc[j][v] = V::add(acc[j][v], V::load(rp + j * s.K + W * v));
+                }
+              }
+            }
+            if (a.relu) {
+#pragma GCC unroll 32
+              for (int j = 0; j < kP; ++j) {
+#pragma GCC unroll 32
+                for (int v = 0; v < kN; ++v) acc[j][v] = V::relu(acc[j][v]);
+              }
+            }
+            // pixel by pixel, its channel vectors in order: each output line is written by
+            // consecutive stores
+#pragma GCC unroll 32
+            for (int j = 0; j < kP; ++j) {
+#pragma GCC unroll 32
+              for (int v = 0; v < kN; ++v) V::store(a.y + o + j * a.out.sw + W * v, acc[j][v]);
+            }
+            continue;
+          }
+          R part[kP][kN];  // (indexed at run time below: a copy, so that acc stays in registers)
+#pragma GCC unroll 32
+          for (int j = 0; j < kP; ++j) {
+#pragma GCC unroll 32
+            for (int v = 0; v < kN; ++v) part[j][v] = acc[j][v];
+          }
           for (int64_t j = 0; j < pixels; ++j) {
             const int64_t ro = ((n * s.OH + oh) * s.OW + ow + j) * s.K + g * Kg + k0;
             const int64_t o = n * a.out.sn + oh * a.out.sh + (ow + j) * a.out.sw + g * Kg + k0;
             for (int v = 0; v < kN; ++v) {
               const int64_t left = Kg - k0 - W * v;
               if (left <= 0) break;
-              R r = V::add(acc[j][v], V::load(bias + W * v));
+              R r = V::add(part[j][v], V::load(bias + W * v));
               if (left >= W) {
                 if (a.residual != nullptr) r = V::add(r, V::load(a.residual + ro + W * v));
                 V::store(a.y + o + W * v, a.relu ? V::relu(r) : r);
