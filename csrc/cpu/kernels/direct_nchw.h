@@ -644,12 +644,46 @@ inline void wgrad_tile(const float* const (&go)[kK], const float* xb, const int6
       }
     }
   };
-  for (int64_t oh = 0; oh < s.OH; ++oh) {
-    const float* xrow = xb + oh * s.sH * row;
-    const int64_t o = oh * s.OW;
-    for (int64_t ow = 0; ow < full; ow += W) step.template operator()<true>(xrow + ow, o + ow);
-    if (full < s.OW) {  // lanes past the row's end: zeros
-      step.template operator()<false>(xrow + full, o + full);
+  if constexpr (V::kRegs == 32) {
+    // AVX-512 (32 registers): the taps' and channels' pointers kept in registers and stepped a
+    // row at a time (the loop below sets up both from memory at every row, as long as two
+    // vectors' FMAs: 1.1-1.25x faster on rows of 12 to 56 columns; measured)
+    const float* xp[kJ];
+    const float* gp[kK];
+#pragma GCC unroll 32
+    for (int j = 0; j < kJ; ++j) xp[j] = xb + off[j];
+#pragma GCC unroll 32
+    for (int k = 0; k < kK; ++k) gp[k] = go[k];
+    const int64_t xs = s.sH * row, gs = s.OW, tail = s.OW - full;
+    auto part = [&]<bool kWhole>(int64_t at) {
+      typename V::R g[kK];
+#pragma GCC unroll 32
+      for (int k = 0; k < kK; ++k) {
+        g[k] = kWhole ? V::load(gp[k] + at) : V::load_first(gp[k] + at, tail);
+      }
+#pragma GCC unroll 32
+      for (int j = 0; j < kJ; ++j) {
+        const typename V::R xv = V::keep(V::load(xp[j] + at));
+#pragma GCC unroll 32
+        for (int k = 0; k < kK; ++k) acc[k][j] = V::fma(g[k], xv, acc[k][j]);
+      }
+    };
+    for (int64_t oh = 0; oh < s.OH; ++oh) {
+      for (int64_t at = 0; at < full; at += W) part.template operator()<true>(at);
+      if (full < s.OW) part.template operator()<false>(full);
+#pragma GCC unroll 32
+      for (int j = 0; j < kJ; ++j) xp[j] += xs;
+#pragma GCC unroll 32
+      for (int k = 0; k < kK; ++k) gp[k] += gs;
+    }
+  } else {
+    for (int64_t oh = 0; oh < s.OH; ++oh) {
+      const float* xrow = xb + oh * s.sH * row;
+      const int64_t o = oh * s.OW;
+      for (int64_t ow = 0; ow < full; ow += W) step.template operator()<true>(xrow + ow, o + ow);
+      if (full < s.OW) {  // lanes past the row's end: zeros
+        step.template operator()<false>(xrow + full, o + full);
+      }
     }
   }
 #pragma GCC unroll 32
