@@ -352,6 +352,32 @@ def test_default_routing_of_first_and_mid_layers(simd, fmt):
         check_float32_layer(x, w, b, dict(stride=s, padding=p), fmt)
 
 
+@pytest.mark.parametrize("shape", [(1, 28, 24), (2, 16, 9)], ids=["blocks", "images"])
+def test_kept_padding_holds_no_stale_rows(simd, shape):
+    # the NCHW direct kernel's padded rows are kept per thread between tasks and calls, and only
+    # what changes is written: one shape run again on new inputs, its row blocks (one image: many
+    # blocks, padding above the first and below the last) meeting rows left by other blocks and
+    # by the call before, whose input held NaN and infinities
+    n, h, w_ = shape
+    w = torch.randn(32, 1, 5, 5, dtype=torch.float64)
+    before = torch.randn(n, 1, h, w_)
+    before[:, :, ::3, ::4] = float("nan")
+    before[:, :, 1::5, 2::3] = float("inf")
+    for _ in range(2):
+        PF.conv2d(before, w.float(), padding=3)
+        go = torch.randn(n, 32, h + 2, w_ + 2)
+        ops.conv2d_backward_input(go, w.float(), [n, 1, h, w_], [1, 1], [3, 3, 3, 3], [1, 1], 1)
+    for _ in range(2):
+        x = torch.randn(n, 1, h, w_, dtype=torch.float64)
+        close(PF.conv2d(x.float(), w.float(), padding=3), F.conv2d(x, w, padding=3), torch.float32)
+        go = torch.randn(n, 32, h + 2, w_ + 2, dtype=torch.float64)
+        got = ops.conv2d_backward_input(
+            go.float(), w.float(), [n, 1, h, w_], [1, 1], [3, 3, 3, 3], [1, 1], 1
+        )
+        want = torch.nn.grad.conv2d_input((n, 1, h, w_), w, go, padding=3)
+        close(got, want, torch.float32)
+
+
 @pytest.mark.parametrize("width", [9, 21, 37, 64])
 def test_wide_rows_every_kernel_path(simd, width):  # simd: each CPU path this machine has
     # rows wider than every register tile, with partial last blocks, at strides 1, 2 and 3, with
