@@ -46,7 +46,7 @@ inline int64_t chan_stride(int64_t rows, int64_t row) { return (rows * row + 15)
 struct PaddedRows {
   std::unique_ptr<float[]> data;
   size_t capacity = 0;
-  int64_t row = -1, cs = -1, rows = -1, pL = -1, W = -1, H = -1;  // the layout's geometry
+  int64_t row = -1, cs = -1, rows = -1, pL = -1, W = -1, H = -1, sW = -1;  // the layout
   std::vector<int64_t> first;  // per channel: its first input row, or kUnknown
   static constexpr int64_t kUnknown = std::numeric_limits<int64_t>::min();
 };
@@ -59,6 +59,43 @@ inline PaddedRows& padded_rows(size_t n) {
     b.first.clear();
   }
   return b;
+}
+
+// One input row's columns to their stride phases: column iw to phase (iw + pL) % sW, index
+// (iw + pL) / sW of a row of sW phases Wph floats apart; strides 2 and 4 eight columns of each
+// phase at a time (loads, then in-register shuffles), others one by one.
+inline void scatter_phases(const float* src, int64_t W, int64_t pL, int64_t sW, int64_t Wph,
+                           float* dst) {
+  int64_t iw = 0;
+  if (sW == 4) {  // 32 columns: an 8 x 4 transpose, then each phase's eight in order
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (; iw + 32 <= W; iw += 32) {
+      const __m256 v0 = _mm256_loadu_ps(src + iw), v1 = _mm256_loadu_ps(src + iw + 8);
+      const __m256 v2 = _mm256_loadu_ps(src + iw + 16), v3 = _mm256_loadu_ps(src + iw + 24);
+      const __m256 t0 = _mm256_unpacklo_ps(v0, v1), t1 = _mm256_unpackhi_ps(v0, v1);
+      const __m256 t2 = _mm256_unpacklo_ps(v2, v3), t3 = _mm256_unpackhi_ps(v2, v3);
+      const __m256 g[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
+                           _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
+      for (int64_t r = 0; r < 4; ++r) {  // columns iw + r, iw + r + 4, ...
+        const int64_t j = iw + r + pL;
+        _mm256_storeu_ps(dst + j % 4 * Wph + j / 4, _mm256_permutevar8x32_ps(g[r], order));
+      }
+    }
+  } else if (sW == 2) {  // 16 columns: even and odd ones
+    for (; iw + 16 <= W; iw += 16) {
+      const __m256 v0 = _mm256_loadu_ps(src + iw), v1 = _mm256_loadu_ps(src + iw + 8);
+      const __m256 g[2] = {_mm256_shuffle_ps(v0, v1, 0x88), _mm256_shuffle_ps(v0, v1, 0xDD)};
+      for (int64_t r = 0; r < 2; ++r) {
+        const int64_t j = iw + r + pL;
+        _mm256_storeu_ps(dst + j % 2 * Wph + j / 2,
+                         _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(g[r]), 0xD8)));
+      }
+    }
+  }
+  for (; iw < W; ++iw) {
+    const int64_t j = iw + pL;
+    dst[j % sW * Wph + j / sW] = src[iw];
+  }
 }
 
 // Copies input rows [ih0, ih0 + rows) of `channels` planes at x (plane stride H * W) into buf as
@@ -97,28 +134,21 @@ inline void pad_rows(const float* x, const ConvShape& s, int64_t channels, int64
         continue;
       }
       std::memset(dst, 0, sizeof(float) * row);
-      for (int64_t ph = 0; ph < s.sW; ++ph) {  // phase ph: padded columns ph, ph + sW, ...
-        const int64_t iw0 = ((ph - pL) % s.sW + s.sW) % s.sW;  // first input column in it
-        float* to = dst + ph * Wph + (iw0 + pL) / s.sW;
-        for (int64_t iw = iw0; iw < W; iw += s.sW) *to++ = src[iw];
-      }
+      scatter_phases(src, W, pL, s.sW, Wph, dst);
     }
   }
 }
 
 // pad_rows into b (see PaddedRows), writing only what differs from what b holds where the
-// layout is the one recorded (stride 1 along W).
+// layout is the one recorded.
 inline void pad_rows_kept(const float* x, const ConvShape& s, int64_t channels, int64_t ih0,
                           int64_t rows, int64_t Wph, PaddedRows& b) {
   float* const buf = b.data.get();
-  const int64_t row = Wph, cs = chan_stride(rows, row), H = s.H, W = s.W, pL = s.pL;
-  if (s.sW != 1) {
-    pad_rows(x, s, channels, ih0, rows, Wph, buf);
-    b.first.clear();
-    return;
-  }
-  if (b.row != row || b.cs != cs || b.rows != rows || b.pL != pL || b.W != W || b.H != H) {
-    b.row = row, b.cs = cs, b.rows = rows, b.pL = pL, b.W = W, b.H = H;
+  const int64_t sW = s.sW, row = sW * Wph, cs = chan_stride(rows, row), H = s.H, W = s.W;
+  const int64_t pL = s.pL;
+  if (b.row != row || b.cs != cs || b.rows != rows || b.pL != pL || b.W != W || b.H != H ||
+      b.sW != sW) {
+    b.row = row, b.cs = cs, b.rows = rows, b.pL = pL, b.W = W, b.H = H, b.sW = sW;
     b.first.clear();
   }
   if (static_cast<int64_t>(b.first.size()) < channels) {
@@ -136,8 +166,16 @@ inline void pad_rows_kept(const float* x, const ConvShape& s, int64_t channels, 
       const int64_t ih = ih0 + i;
       const bool in = ih >= 0 && ih < H;
       if (!in && (was + i < 0 || was + i >= H)) continue;  // zeros before and now
-      // the input columns alone: the input row, or zeros where it held one before
       const float* src = x + (c * H + ih) * W;
+      if (sW > 1) {  // each phase's input columns, or zeros where the row held input before
+        if (!in) {
+          std::memset(dst, 0, sizeof(float) * row);
+          continue;
+        }
+        scatter_phases(src, W, pL, sW, Wph, dst);
+        continue;
+      }
+      // the input columns alone: the input row, or zeros where it held one before
       float* to = dst + pL;
       auto vec = [&](int64_t iw) { return in ? _mm256_loadu_ps(src + iw) : _mm256_setzero_ps(); };
       int64_t iw = 0;
