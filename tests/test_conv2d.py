@@ -352,6 +352,37 @@ def test_default_routing_of_first_and_mid_layers(simd, fmt):
         check_float32_layer(x, w, b, dict(stride=s, padding=p), fmt)
 
 
+@pytest.mark.parametrize(
+    "cin, cout, size, k, pad",
+    [(8, 16, 14, 3, 0), (1, 8, 30, 3, 0), (16, 16, 8, 3, 1), (32, 32, 14, 3, 1)],
+    ids=["direct-tail", "direct-wide", "winograd-16", "winograd-32"],
+)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_weight_gradient_keeps_infinities_where_torch_does(simd, cin, cout, size, k, pad, fmt):
+    # an infinity in the input's last column (which the direct kernels' part-filled last vectors
+    # read past the row's end) or corner (which Winograd's transforms mix into every tap) reaches
+    # the taps it reaches in torch, and only those
+    x = torch.randn(2, cin, size, size, dtype=torch.float64)
+    x[:, 0, :, -1] = float("inf")
+    x[0, -1, 0, 0] = float("-inf")
+    out = size + 2 * pad - k + 1
+    go = torch.randn(2, cout, out, out, dtype=torch.float64)
+    want = torch.nn.grad.conv2d_weight(x, (cout, cin, k, k), go, padding=pad)
+    got = ops.conv2d_backward_weight(
+        go.float().contiguous(memory_format=fmt),
+        x.float().contiguous(memory_format=fmt),
+        [cout, cin, k, k],
+        [1, 1],
+        [pad] * 4,
+        [1, 1],
+        1,
+    ).double()
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.isinf(), want.isinf())
+    finite = want.isfinite()
+    torch.testing.assert_close(got[finite], want[finite], **tol32(want[finite], 3e-4))
+
+
 @pytest.mark.parametrize("shape", [(1, 28, 24), (2, 16, 9)], ids=["blocks", "images"])
 def test_kept_padding_holds_no_stale_rows(simd, shape):
     # the NCHW direct kernel's padded rows are kept per thread between tasks and calls, and only

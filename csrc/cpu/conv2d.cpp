@@ -543,10 +543,23 @@ bool input_grad_phase_gemm(const ConvShape& s, bool cl) {
 // PYCONV_CONV_WINOGRAD=0 turns it off, =1 forces it wherever it applies; forcing the GEMM or the
 // direct kernel (PYCONV_CONV_GEMM) turns it off too. Against the implicit GEMM: 1.7-2.2x at 128
 // and 256 channels, 1.5-2.4x at 384 and 512 (the forward's chunked schedule); measured.
+// Set while this thread recomputes a Winograd weight gradient that came out non-finite.
+thread_local bool winograd_declined = false;
+
+// Whether no element of p[0, n) is an infinity or NaN (exponent bits all set): integer ORs over
+// the bits, which the compiler vectorises.
+bool all_finite(const float* p, int64_t n) {
+  const auto* bits = reinterpret_cast<const uint32_t*>(p);
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i)
+    bad |= static_cast<uint32_t>((bits[i] & 0x7f800000u) == 0x7f800000u);
+  return bad == 0;
+}
+
 bool use_winograd(const ConvShape& s) {
   const bool applies = s.R == 3 && s.S == 3 && s.sH == 1 && s.sW == 1 && s.dH == 1 && s.dW == 1 &&
                        s.G == 1 && s.OH > 0 && s.OW > 0 && s.N > 0;
-  if (!applies) return false;
+  if (!applies || winograd_declined) return false;
   if (const char* e = std::getenv("PYCONV_CONV_WINOGRAD")) return e[0] == '1';
   if (std::getenv("PYCONV_CONV_GEMM") != nullptr) return false;
   return s.C >= 16 && s.K >= 16 && s.C <= 512 && s.K <= 512;
@@ -654,7 +667,9 @@ void forward_avx2(const float* x, const float* w, const float* bias, const float
 constexpr int64_t kWinogradWgradChunk = 128;
 constexpr int64_t kWinogradWgradChunk4 = 64;
 
-void winograd_backward_weight(const float* go, const float* x, float* gw, const ConvShape& s,
+// Returns whether every element of gw is finite (each task checks the filters it has just
+// written).
+bool winograd_backward_weight(const float* go, const float* x, float* gw, const ConvShape& s,
                               bool cl, bool gw_cl) {
   const int tile = winograd_tile(s, cl), xis = (tile + 2) * (tile + 2);
   const int64_t C16 = winograd_c16(s), K6 = winograd_k6(s), T = winograd_tiles(s, tile);
@@ -675,9 +690,13 @@ void winograd_backward_weight(const float* go, const float* x, float* gw, const 
       winograd_wgrad_products(v, pg, du, s, count, j0, j1, first == 0, avx512);
     });
   }
+  std::atomic<bool> finite{true};
   at::parallel_for(0, s.K, 1, [&](int64_t k0, int64_t k1) {
     winograd_wgrad_finish(du, gw, s, k0, k1, tile, gw_cl);
+    const int64_t per = s.C * 9;  // (C, 3, 3) or (3, 3, C): the filters of k0 .. k1 - 1
+    if (!all_finite(gw + k0 * per, (k1 - k0) * per)) finite = false;
   });
+  return finite;
 }
 
 // float32 channels_last forward: Winograd, the implicit GEMM or the direct kernel.
@@ -1972,9 +1991,26 @@ at::Tensor backward_weight(const at::Tensor& grad_output, const at::Tensor& inpu
     const bool gw_cl = want_cl && fmt == at::MemoryFormat::ChannelsLast;
     at::Tensor gw = at::empty(weight_size, grad_output.options().dtype(ct),
                               gw_cl ? fmt : at::MemoryFormat::Contiguous);
-    winograd_backward_weight(go.const_data_ptr<float>(), x.const_data_ptr<float>(),
-                             gw.mutable_data_ptr<float>(), s, fmt == at::MemoryFormat::ChannelsLast,
-                             gw_cl);
+    const bool finite = winograd_backward_weight(
+        go.const_data_ptr<float>(), x.const_data_ptr<float>(), gw.mutable_data_ptr<float>(), s,
+        fmt == at::MemoryFormat::ChannelsLast, gw_cl);
+    // Winograd mixes every input of a patch into every tap's sum: an infinity or NaN in the input
+    // or grad_output would reach taps whose sums in torch (and in the other kernels) never meet
+    // it. A non-finite result is computed again without Winograd (a pass over K C 9 floats when
+    // all is finite), so that such values reach the taps they reach in torch.
+    if (!finite) {
+      winograd_declined = true;
+      at::Tensor again;
+      try {
+        again = backward_weight(grad_output, input, weight_size, stride, padding, dilation, groups,
+                                want_cl);
+      } catch (...) {
+        winograd_declined = false;
+        throw;
+      }
+      winograd_declined = false;
+      return again;
+    }
     return gw.to(grad_output.scalar_type());
   }
   if (ct == at::kFloat && simd_is_avx2() && s.N * s.OH * s.OW > 0 &&

@@ -733,20 +733,26 @@ inline void wgrad_tile(const float* const (&go)[kK], const float* xb, const int6
       if constexpr (kWhole) return V::load(go[k] + o);
       return V::load_first(go[k] + o, s.OW - full);
     };
+    // the input too is read as zeros past the row's end: an infinity there (a column only other
+    // taps reach) times a zero of grad_output would make a NaN that torch's sum does not have
+    auto load_x = [&](int j) {
+      if constexpr (kWhole) return V::load(xp + off[j]);
+      return V::load_first(xp + off[j], s.OW - full);
+    };
     if constexpr (kK <= kJ) {
       typename V::R g[kK];
 #pragma GCC unroll 32
       for (int k = 0; k < kK; ++k) g[k] = load_g(k);
 #pragma GCC unroll 32
       for (int j = 0; j < kJ; ++j) {
-        const typename V::R xv = V::keep(V::load(xp + off[j]));
+        const typename V::R xv = V::keep(load_x(j));
 #pragma GCC unroll 32
         for (int k = 0; k < kK; ++k) acc[k][j] = V::fma(g[k], xv, acc[k][j]);
       }
     } else {
       typename V::R xv[kJ];
 #pragma GCC unroll 32
-      for (int j = 0; j < kJ; ++j) xv[j] = V::load(xp + off[j]);
+      for (int j = 0; j < kJ; ++j) xv[j] = load_x(j);
 #pragma GCC unroll 32
       for (int k = 0; k < kK; ++k) {
         const typename V::R g = load_g(k);
@@ -774,7 +780,8 @@ inline void wgrad_tile(const float* const (&go)[kK], const float* xb, const int6
       }
 #pragma GCC unroll 32
       for (int j = 0; j < kJ; ++j) {
-        const typename V::R xv = V::keep(V::load(xp[j] + at));
+        const typename V::R xv =
+            V::keep(kWhole ? V::load(xp[j] + at) : V::load_first(xp[j] + at, tail));
 #pragma GCC unroll 32
         for (int k = 0; k < kK; ++k) acc[k][j] = V::fma(g[k], xv, acc[k][j]);
       }
