@@ -188,10 +188,10 @@ void conv2d_fwd_nchw_direct_avx2(const float* x, const float* packed, const floa
 
 DirectPlan direct_wgrad_plan(const ConvShape& s, bool avx512) {
   DirectPlan p{};
-  // AVX-512 on rows of 32 columns or more, or whose last vector has more than 8 of its 16 (or all
-  // 16): 1.3-1.45x faster than AVX2 at 56 columns (8 -> 64 3x3, 16 -> 32 3x3 stride 2), 1.2-1.5x
-  // at 12, 14, 26, 28 and 30, the same at 10 and 24 (measured)
-  p.lanes = avx512 && (s.OW >= 32 || s.OW % 16 == 0 || s.OW % 16 > 8) ? 16 : 8;
+  // AVX-512 on rows of more than 8 columns (those whose last vector is at most half full take two
+  // rows' last parts in one vector): 1.3-1.45x faster than AVX2 at 56 columns (8 -> 64 3x3,
+  // 16 -> 32 3x3 stride 2), 1.2-1.5x at 12 to 30; AVX2 as fast on rows of 8 or fewer (measured)
+  p.lanes = avx512 && s.OW > 8 ? 16 : 8;
   p.kK = static_cast<int>(std::min<int64_t>(s.Kg(), 4));
   p.tiles = ceil_div(s.Kg(), p.kK);
   p.Wph = phase_width(s, ceil_div(s.OW, p.lanes) * p.lanes);

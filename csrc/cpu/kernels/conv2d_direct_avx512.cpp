@@ -49,6 +49,12 @@ struct VecAvx512 {
   static void store_first(float* p, R v, int64_t n) { _mm512_mask_storeu_ps(p, first(n), v); }
   static void stream(float* p, R v) { _mm512_stream_ps(p, v); }
   static R bcast(const float* p) { return _mm512_set1_ps(*p); }
+  // the first n (at most 8) floats at p in the low half, those at q in the high half, zeros past
+  static R load_halves(const float* p, const float* q, int64_t n) {
+    const auto m = static_cast<__mmask8>(first(n));
+    return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_maskz_loadu_ps(m, p)),
+                              _mm256_maskz_loadu_ps(m, q), 1);
+  }
   static R set1(float v) { return _mm512_set1_ps(v); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }

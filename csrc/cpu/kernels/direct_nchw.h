@@ -772,21 +772,51 @@ inline void wgrad_tile(const float* const (&go)[kK], const float* xb, const int6
 #pragma GCC unroll 32
     for (int k = 0; k < kK; ++k) gp[k] = go[k];
     const int64_t xs = s.sH * row, gs = s.OW, tail = s.OW - full;
-    auto part = [&]<bool kWhole>(int64_t at) {
+    auto part = [&]<bool kWhole>(int64_t at, int64_t r = 0) {  // row r after the pointers'
       typename V::R g[kK];
+      const int64_t ag = at + r * gs, ax = at + r * xs;
 #pragma GCC unroll 32
       for (int k = 0; k < kK; ++k) {
-        g[k] = kWhole ? V::load(gp[k] + at) : V::load_first(gp[k] + at, tail);
+        g[k] = kWhole ? V::load(gp[k] + ag) : V::load_first(gp[k] + ag, tail);
       }
 #pragma GCC unroll 32
       for (int j = 0; j < kJ; ++j) {
         const typename V::R xv =
-            V::keep(kWhole ? V::load(xp[j] + at) : V::load_first(xp[j] + at, tail));
+            V::keep(kWhole ? V::load(xp[j] + ax) : V::load_first(xp[j] + ax, tail));
 #pragma GCC unroll 32
         for (int k = 0; k < kK; ++k) acc[k][j] = V::fma(g[k], xv, acc[k][j]);
       }
     };
-    for (int64_t oh = 0; oh < s.OH; ++oh) {
+    // rows whose last vector is at most half full: two rows' last parts in one vector (the
+    // sums are per lane until the end, so which row a lane holds does not matter)
+    // (1 -> 32 5x5 on rows of 24: 0.166 -> 0.130 ms; 1.1x on rows of 40 and 56; measured)
+    const bool paired = tail > 0 && tail <= W / 2;
+    auto pair = [&]() {
+      typename V::R g[kK];
+#pragma GCC unroll 32
+      for (int k = 0; k < kK; ++k) g[k] = V::load_halves(gp[k] + full, gp[k] + gs + full, tail);
+#pragma GCC unroll 32
+      for (int j = 0; j < kJ; ++j) {
+        const typename V::R xv = V::keep(V::load_halves(xp[j] + full, xp[j] + xs + full, tail));
+#pragma GCC unroll 32
+        for (int k = 0; k < kK; ++k) acc[k][j] = V::fma(g[k], xv, acc[k][j]);
+      }
+    };
+    int64_t oh = 0;
+    if (paired) {
+      for (; oh + 2 <= s.OH; oh += 2) {
+        for (int64_t at = 0; at < full; at += W) {
+          part.template operator()<true>(at);
+          part.template operator()<true>(at, 1);
+        }
+        pair();
+#pragma GCC unroll 32
+        for (int j = 0; j < kJ; ++j) xp[j] += 2 * xs;
+#pragma GCC unroll 32
+        for (int k = 0; k < kK; ++k) gp[k] += 2 * gs;
+      }
+    }
+    for (; oh < s.OH; ++oh) {
       for (int64_t at = 0; at < full; at += W) part.template operator()<true>(at);
       if (full < s.OW) part.template operator()<false>(full);
 #pragma GCC unroll 32
