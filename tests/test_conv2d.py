@@ -733,6 +733,34 @@ def test_direct_kernel_channel_passes(monkeypatch, simd, stride):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=3e-4)
 
 
+@pytest.mark.parametrize(
+    "n, cin, cout, k, pad, dil, h, width",
+    [
+        (32, 1, 32, 5, 0, 1, 28, 28),  # read in place; 25 taps in tiles of 5 (AVX-512)
+        (5, 2, 12, 3, 0, 2, 19, 41),  # in place, dilated, 18 taps (tiles of 6), a row tail
+        (40, 3, 32, 3, 1, 1, 60, 60),  # padded, the slices' images in two groups
+        (23, 3, 8, 5, 2, 1, 50, 37),  # padded, groups that do not divide the slices
+    ],
+)
+def test_nchw_weight_gradient_in_place_and_image_groups(simd, n, cin, cout, k, pad, dil, h, width):
+    # the NCHW direct weight gradient reads the input in place where no tap reaches the padding,
+    # and otherwise pads as many of a slice's images at a time as fit 256 KiB, each register tile
+    # summed over every image of the group before it is stored; and the input gradient of the
+    # same layers (1 -> 32 5x5: one output channel on the direct kernel, tiles of 7 rows of 28)
+    x = torch.randn(n, cin, h, width, dtype=torch.float64)
+    w = torch.randn(cout, cin, k, k, dtype=torch.float64)
+    ref = F.conv2d(x, w, None, padding=pad, dilation=dil)
+    grad = torch.randn_like(ref)
+    geometry = ([1, 1], [pad] * 4, [dil] * 2, 1)
+    want = torch.nn.grad.conv2d_weight(x, w.shape, grad, padding=pad, dilation=dil)
+    got = ops.conv2d_backward_weight(grad.float(), x.float(), list(w.shape), *geometry)
+    # sums of up to 144000 products in float32: tolerance relative to the largest
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
+    want = torch.nn.grad.conv2d_input(x.shape, w, grad, padding=pad, dilation=dil)
+    got = ops.conv2d_backward_input(grad.float(), w.float(), list(x.shape), *geometry)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_direct_kernel_padding_rows(monkeypatch, simd, stride):
     # the NCHW direct kernel skips the kernel rows that meet only padding rows above or below the

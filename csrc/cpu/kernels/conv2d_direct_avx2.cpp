@@ -193,6 +193,10 @@ DirectPlan direct_wgrad_plan(const ConvShape& s, bool avx512) {
   // 16 -> 32 3x3 stride 2), 1.2-1.5x at 12 to 30; AVX2 as fast on rows of 8 or fewer (measured)
   p.lanes = avx512 && s.OW > 8 ? 16 : 8;
   p.kK = static_cast<int>(std::min<int64_t>(s.Kg(), 4));
+  // AVX-512 tiles of four channels: 6 or 5 taps, whichever computes fewer taps past the end
+  // (5x5 of one channel, 25 taps: 5 x 5 rather than 5 x 6; 1.15x faster, measured)
+  const int64_t taps = s.Cg() * s.R * s.S;
+  if (p.lanes == 16 && p.kK == 4) p.kV = ceil_div(taps, 5) * 5 < ceil_div(taps, 6) * 6 ? 5 : 6;
   p.tiles = ceil_div(s.Kg(), p.kK);
   p.Wph = phase_width(s, ceil_div(s.OW, p.lanes) * p.lanes);
   // image slices, fixed by the shape (not the thread count) so that the sum's order is too

@@ -69,21 +69,21 @@ struct VecAvx512 {
 
 // The NCHW forward's register tiles: kK x kV of kH = 1 up to 24 accumulators (eight for kV = 1),
 // and taller ones for layers of few output channels.
-constexpr auto kFwdTiles512 =
-    concat(fwd_entries<VecAvx512, 1, 1>(std::make_integer_sequence<int, 8>{}),
-           fwd_entries<VecAvx512, 1, 2>(std::make_integer_sequence<int, 12>{}),
-           fwd_entries<VecAvx512, 1, 3>(std::make_integer_sequence<int, 8>{}),
-           fwd_entries<VecAvx512, 1, 4>(std::make_integer_sequence<int, 6>{}),
-           std::array<FwdTile, 19>{fwd_entry<VecAvx512, 1, 2, 2>(), fwd_entry<VecAvx512, 1, 2, 3>(),
-                                   fwd_entry<VecAvx512, 1, 2, 4>(), fwd_entry<VecAvx512, 1, 3, 2>(),
-                                   fwd_entry<VecAvx512, 1, 3, 3>(), fwd_entry<VecAvx512, 1, 3, 4>(),
-                                   fwd_entry<VecAvx512, 1, 4, 2>(), fwd_entry<VecAvx512, 1, 4, 3>(),
-                                   fwd_entry<VecAvx512, 1, 6, 2>(), fwd_entry<VecAvx512, 2, 2, 2>(),
-                                   fwd_entry<VecAvx512, 2, 2, 3>(), fwd_entry<VecAvx512, 2, 3, 2>(),
-                                   fwd_entry<VecAvx512, 1, 8, 2>(), fwd_entry<VecAvx512, 1, 6, 3>(),
-                                   fwd_entry<VecAvx512, 1, 4, 4>(), fwd_entry<VecAvx512, 1, 8, 3>(),
-                                   fwd_entry<VecAvx512, 2, 4, 2>(), fwd_entry<VecAvx512, 2, 3, 3>(),
-                                   fwd_entry<VecAvx512, 2, 6, 2>()});
+constexpr auto kFwdTiles512 = concat(
+    fwd_entries<VecAvx512, 1, 1>(std::make_integer_sequence<int, 8>{}),
+    fwd_entries<VecAvx512, 1, 2>(std::make_integer_sequence<int, 12>{}),
+    fwd_entries<VecAvx512, 1, 3>(std::make_integer_sequence<int, 8>{}),
+    fwd_entries<VecAvx512, 1, 4>(std::make_integer_sequence<int, 6>{}),
+    std::array<FwdTile, 20>{fwd_entry<VecAvx512, 1, 2, 2>(), fwd_entry<VecAvx512, 1, 2, 3>(),
+                            fwd_entry<VecAvx512, 1, 2, 4>(), fwd_entry<VecAvx512, 1, 3, 2>(),
+                            fwd_entry<VecAvx512, 1, 3, 3>(), fwd_entry<VecAvx512, 1, 3, 4>(),
+                            fwd_entry<VecAvx512, 1, 4, 2>(), fwd_entry<VecAvx512, 1, 4, 3>(),
+                            fwd_entry<VecAvx512, 1, 6, 2>(), fwd_entry<VecAvx512, 2, 2, 2>(),
+                            fwd_entry<VecAvx512, 2, 2, 3>(), fwd_entry<VecAvx512, 2, 3, 2>(),
+                            fwd_entry<VecAvx512, 1, 8, 2>(), fwd_entry<VecAvx512, 1, 6, 3>(),
+                            fwd_entry<VecAvx512, 1, 4, 4>(), fwd_entry<VecAvx512, 1, 8, 3>(),
+                            fwd_entry<VecAvx512, 2, 4, 2>(), fwd_entry<VecAvx512, 2, 3, 3>(),
+                            fwd_entry<VecAvx512, 2, 6, 2>(), fwd_entry<VecAvx512, 1, 7, 2>()});
 
 }  // namespace
 
@@ -112,7 +112,7 @@ void conv2d_bwd_weight_nchw_direct_avx512(const float* grad_out, const float* x,
       wgrad_tasks<VecAvx512, 3, 7>(a, t0, t1);
       break;
     default:
-      wgrad_tasks<VecAvx512, 4, 6>(a, t0, t1);
+      (p.kV == 5 ? wgrad_tasks<VecAvx512, 4, 5> : wgrad_tasks<VecAvx512, 4, 6>)(a, t0, t1);
   }
 }
 

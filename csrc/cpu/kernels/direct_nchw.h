@@ -277,15 +277,15 @@ __attribute__((always_inline)) inline void fwd_rows(const FwdArgs& a, const floa
     for (int64_t t = tr.t0; t < t1; t += kR * S, wp += kR * S) {  // channel by channel
       for (int64_t q = 0; q < S; ++q) {
         R w[kR];
-#pragma GCC unroll 8
+#pragma GCC unroll 32
         for (int r = 0; r < kR; ++r) w[r] = V::bcast(wp + r * S + q);
         const float* p = xb + off[t + q];  // tap (c, 0, q)
-#pragma GCC unroll 16
+#pragma GCC unroll 32
         for (int j = 0; j < kH + kR - 1; ++j) {
-#pragma GCC unroll 4
+#pragma GCC unroll 32
           for (int v = 0; v < kV; ++v) {
             const R xv = V::keep(V::load(p + j * hstride + W * v));
-#pragma GCC unroll 8
+#pragma GCC unroll 32
             for (int h = 0; h < kH; ++h) {
               if (j - h >= 0 && j - h < kR) {
                 acc[h * kV + v] = V::fma(w[j - h], xv, acc[h * kV + v]);
@@ -616,9 +616,12 @@ DirectPlan fwd_plan(const ConvShape& s, int threads, const std::array<FwdTile, k
   auto per_fma = [&](int kK, int kH, int kV, bool reuse = true) {
     if (const int kR = reuse ? reuse_rows(s, kK, kH, kV, V::kRegs) : 0;
         kR > 0) {  // a kernel column a step
-      // each accumulator takes kR dependent FMAs a step
+      // each accumulator takes kR dependent FMAs a step; AVX-512 tiles whose FMAs only just
+      // cover that chain ran slower than taller ones (a 1-channel input gradient, 5x5 on rows of
+      // 28: 4 rows 0.172 ms, 7 rows 0.148 ms), so there the chain counts half as long again
       const double fmas = kH * kR * kV, loads = (kH + kR - 1) * kV + kR;
-      return std::max({fmas / 2.0, loads / 2.0, 4.0 * kR}) / fmas;
+      const double chain = (W == 16 ? 6.0 : 4.0) * kR;
+      return std::max({fmas / 2.0, loads / 2.0, chain}) / fmas;
     }
     const int n = kK * kH * kV;
     return std::max({n / 2.0, (kK + kH * kV) / 2.0, 5.0}) / n;
@@ -704,6 +707,13 @@ void fwd_nchw_direct(const float* x, const float* packed, const float* bias, con
 
 // ---------------------------------------------------------------- weight gradient
 
+// Whether the weight gradient reads the input in place: every tap of every output inside the
+// image (no padding reached) and stride 1 along W.
+inline bool wgrad_in_place(const ConvShape& s) {
+  return s.pT == 0 && s.pL == 0 && s.sW == 1 && (s.OW - 1) + (s.S - 1) * s.dW <= s.W - 1 &&
+         (s.OH - 1) * s.sH + (s.R - 1) * s.dH <= s.H - 1;
+}
+
 struct WgradArgs {
   const float* go;
   const float* x;
@@ -712,11 +722,14 @@ struct WgradArgs {
   const DirectPlan* plan;
 };
 
-// Accumulates the kK x kJ tile (output channels x taps at buffer offsets off) over one image's
-// output rows into acc (W lanes per pair, kept in memory between images).
+// Accumulates the kK x kJ tile (output channels x taps at offsets off from each image's xb) over
+// the output rows of `images` images into acc (W lanes per pair, kept in memory between calls):
+// image i's channels at go[k] + i * gstep, its input (padded rows, or the input itself) at
+// xb + i * xstep, output rows xs floats apart there.
 template <typename V, int kK, int kJ>
-inline void wgrad_tile(const float* const (&go)[kK], const float* xb, const int64_t (&off)[kJ],
-                       const ConvShape& s, int64_t row, float* acc_mem) {
+inline void wgrad_tile(const float* const (&go)[kK], int64_t gstep, const float* xb, int64_t xstep,
+                       int64_t images, const int64_t (&off)[kJ], const ConvShape& s, int64_t xs,
+                       float* acc_mem) {
   constexpr int W = V::W;
   typename V::R acc[kK][kJ];
 #pragma GCC unroll 32
@@ -767,11 +780,7 @@ inline void wgrad_tile(const float* const (&go)[kK], const float* xb, const int6
     // vectors' FMAs: 1.1-1.25x faster on rows of 12 to 56 columns; measured)
     const float* xp[kJ];
     const float* gp[kK];
-#pragma GCC unroll 32
-    for (int j = 0; j < kJ; ++j) xp[j] = xb + off[j];
-#pragma GCC unroll 32
-    for (int k = 0; k < kK; ++k) gp[k] = go[k];
-    const int64_t xs = s.sH * row, gs = s.OW, tail = s.OW - full;
+    const int64_t gs = s.OW, tail = s.OW - full;
     auto part = [&]<bool kWhole>(int64_t at, int64_t r = 0) {  // row r after the pointers'
       typename V::R g[kK];
       const int64_t ag = at + r * gs, ax = at + r * xs;
@@ -802,35 +811,43 @@ inline void wgrad_tile(const float* const (&go)[kK], const float* xb, const int6
         for (int k = 0; k < kK; ++k) acc[k][j] = V::fma(g[k], xv, acc[k][j]);
       }
     };
-    int64_t oh = 0;
-    if (paired) {
-      for (; oh + 2 <= s.OH; oh += 2) {
-        for (int64_t at = 0; at < full; at += W) {
-          part.template operator()<true>(at);
-          part.template operator()<true>(at, 1);
+    for (int64_t i = 0; i < images; ++i) {
+#pragma GCC unroll 32
+      for (int j = 0; j < kJ; ++j) xp[j] = xb + i * xstep + off[j];
+#pragma GCC unroll 32
+      for (int k = 0; k < kK; ++k) gp[k] = go[k] + i * gstep;
+      int64_t oh = 0;
+      if (paired) {
+        for (; oh + 2 <= s.OH; oh += 2) {
+          for (int64_t at = 0; at < full; at += W) {
+            part.template operator()<true>(at);
+            part.template operator()<true>(at, 1);
+          }
+          pair();
+#pragma GCC unroll 32
+          for (int j = 0; j < kJ; ++j) xp[j] += 2 * xs;
+#pragma GCC unroll 32
+          for (int k = 0; k < kK; ++k) gp[k] += 2 * gs;
         }
-        pair();
+      }
+      for (; oh < s.OH; ++oh) {
+        for (int64_t at = 0; at < full; at += W) part.template operator()<true>(at);
+        if (full < s.OW) part.template operator()<false>(full);
 #pragma GCC unroll 32
-        for (int j = 0; j < kJ; ++j) xp[j] += 2 * xs;
+        for (int j = 0; j < kJ; ++j) xp[j] += xs;
 #pragma GCC unroll 32
-        for (int k = 0; k < kK; ++k) gp[k] += 2 * gs;
+        for (int k = 0; k < kK; ++k) gp[k] += gs;
       }
     }
-    for (; oh < s.OH; ++oh) {
-      for (int64_t at = 0; at < full; at += W) part.template operator()<true>(at);
-      if (full < s.OW) part.template operator()<false>(full);
-#pragma GCC unroll 32
-      for (int j = 0; j < kJ; ++j) xp[j] += xs;
-#pragma GCC unroll 32
-      for (int k = 0; k < kK; ++k) gp[k] += gs;
-    }
   } else {
-    for (int64_t oh = 0; oh < s.OH; ++oh) {
-      const float* xrow = xb + oh * s.sH * row;
-      const int64_t o = oh * s.OW;
-      for (int64_t ow = 0; ow < full; ow += W) step.template operator()<true>(xrow + ow, o + ow);
-      if (full < s.OW) {  // lanes past the row's end: zeros
-        step.template operator()<false>(xrow + full, o + full);
+    for (int64_t i = 0; i < images; ++i) {
+      for (int64_t oh = 0; oh < s.OH; ++oh) {
+        const float* xrow = xb + i * xstep + oh * xs;
+        const int64_t o = i * gstep + oh * s.OW;
+        for (int64_t ow = 0; ow < full; ow += W) step.template operator()<true>(xrow + ow, o + ow);
+        if (full < s.OW) {  // lanes past the row's end: zeros
+          step.template operator()<false>(xrow + full, o + full);
+        }
       }
     }
   }
@@ -847,17 +864,41 @@ void wgrad_tasks(const WgradArgs& a, int64_t t0, int64_t t1) {
   const ConvShape& s = *a.s;
   const DirectPlan& pl = *a.plan;
   const int64_t Cg = s.Cg(), Kg = s.Kg(), RS = s.R * s.S, taps = Cg * RS;
-  const int64_t Wph = pl.Wph, row = s.sW * Wph, rows = (s.OH - 1) * s.sH + (s.R - 1) * s.dH + 1;
+  const int64_t rows = (s.OH - 1) * s.sH + (s.R - 1) * s.dH + 1;
   const int64_t chunks = ceil_div(taps, kJ), per_slice = ceil_div(s.N, pl.slices);
-  float* const buf = thread_scratch<float, 0>(static_cast<size_t>(Cg * chan_stride(rows, row)));
+  // the input read in place where every tap of every output is inside the image (no padding
+  // reached, stride 1 along W): rows of W; otherwise padded rows of the slice's images, as many
+  // images at a time as fit 256 KiB
+  const bool in_place = wgrad_in_place(s);
+  const int64_t row = in_place ? s.W : s.sW * pl.Wph;
+  const int64_t cs = in_place ? s.H * s.W : chan_stride(rows, row);
+  const int64_t xstep = in_place ? s.C * s.H * s.W : Cg * cs, gstep = s.K * s.OH * s.OW;
+  const int64_t group =
+      in_place ? per_slice : std::clamp<int64_t>((64 << 10) / xstep, 1, per_slice);
+  float* const buf =
+      in_place ? nullptr : thread_scratch<float, 0>(static_cast<size_t>(group * xstep));
   const size_t acc_size = static_cast<size_t>(chunks * kK * kJ * W);
   float* const acc = thread_scratch<float, 1>(acc_size);
+  int64_t* const offs = thread_scratch<int64_t, 2>(static_cast<size_t>(chunks * kJ));
+  for (int64_t tap = 0; tap < chunks * kJ; ++tap) {  // taps past the end read tap 0 (dropped)
+    const int64_t t = tap < taps ? tap : 0;
+    const int64_t c = t / RS, r = t % RS / s.S, q = t % s.S;
+    offs[tap] = c * cs + r * s.dH * row +
+                (s.sW == 1 ? q * s.dW : q * s.dW % s.sW * pl.Wph + q * s.dW / s.sW);
+  }
   for (int64_t t = t0; t < t1; ++t) {  // t = (slice, g, tile)
     const int64_t tile = t % pl.tiles, g = (t / pl.tiles) % s.G, slice = t / (pl.tiles * s.G);
     std::fill(acc, acc + acc_size, 0.0f);
     const int64_t n1 = std::min(s.N, (slice + 1) * per_slice);
-    for (int64_t n = slice * per_slice; n < n1; ++n) {
-      pad_rows(a.x + (n * s.C + g * Cg) * s.H * s.W, s, Cg, -s.pT, rows, Wph, buf);
+    for (int64_t n = slice * per_slice; n < n1; n += group) {
+      const int64_t count = std::min(group, n1 - n);
+      const float* xb = a.x + (n * s.C + g * Cg) * s.H * s.W;
+      if (!in_place) {
+        for (int64_t i = 0; i < count; ++i) {
+          pad_rows(xb + i * s.C * s.H * s.W, s, Cg, -s.pT, rows, pl.Wph, buf + i * xstep);
+        }
+        xb = buf;
+      }
       const float* go[kK];
       for (int k = 0; k < kK; ++k) {  // channels past Kg read the tile's first (results dropped)
         const int64_t kl = tile * kK + k < Kg ? tile * kK + k : tile * kK;
@@ -865,12 +906,9 @@ void wgrad_tasks(const WgradArgs& a, int64_t t0, int64_t t1) {
       }
       for (int64_t ch = 0; ch < chunks; ++ch) {
         int64_t off[kJ];
-        for (int j = 0; j < kJ; ++j) {  // taps past the end read tap 0 (results dropped)
-          const int64_t tap = ch * kJ + j < taps ? ch * kJ + j : 0;
-          const int64_t c = tap / RS, r = tap % RS / s.S, q = tap % s.S;
-          off[j] = tap_offset(s, c, r, q, rows, Wph);
-        }
-        wgrad_tile<V, kK, kJ>(go, buf, off, s, row, acc + ch * kK * kJ * W);
+        for (int j = 0; j < kJ; ++j) off[j] = offs[ch * kJ + j];
+        wgrad_tile<V, kK, kJ>(go, gstep, xb, xstep, count, off, s, s.sH * row,
+                              acc + ch * kK * kJ * W);
       }
     }
     float* dst = a.partial + (slice * s.K + g * Kg) * taps;
