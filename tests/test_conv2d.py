@@ -746,7 +746,8 @@ def test_nchw_weight_gradient_in_place_and_image_groups(simd, n, cin, cout, k, p
     # the NCHW direct weight gradient reads the input in place where no tap reaches the padding,
     # and otherwise pads as many of a slice's images at a time as fit 256 KiB, each register tile
     # summed over every image of the group before it is stored; and the input gradient of the
-    # same layers (1 -> 32 5x5: one output channel on the direct kernel, tiles of 7 rows of 28)
+    # same layers (1 -> 32 5x5: one output channel on the direct kernel, tiles of 7 rows of 28,
+    # with AVX-512 reading grad_output in place: its padding rows skipped, its lanes masked)
     x = torch.randn(n, cin, h, width, dtype=torch.float64)
     w = torch.randn(cout, cin, k, k, dtype=torch.float64)
     ref = F.conv2d(x, w, None, padding=pad, dilation=dil)

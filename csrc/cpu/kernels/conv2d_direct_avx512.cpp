@@ -45,6 +45,11 @@ struct VecAvx512 {
   static R zero() { return _mm512_setzero_ps(); }
   static R load(const float* p) { return _mm512_loadu_ps(p); }
   static R load_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first(n), p); }
+  // lanes [lo, hi) (either may lie outside [0, 16]), and a load of those lanes alone (zeros in
+  // the others, which are not read)
+  using M = __mmask16;
+  static M range(int64_t lo, int64_t hi) { return static_cast<M>(first(hi) & ~first(lo)); }
+  static R load_mask(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
   static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
   static void store_first(float* p, R v, int64_t n) { _mm512_mask_storeu_ps(p, first(n), v); }
   static void stream(float* p, R v) { _mm512_stream_ps(p, v); }
