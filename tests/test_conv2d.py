@@ -762,6 +762,24 @@ def test_nchw_weight_gradient_in_place_and_image_groups(simd, n, cin, cout, k, p
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize(
+    "cin, cout, k, stride, pad, h, width",
+    [
+        (1, 32, 5, 1, 0, 28, 28),  # rows of 24 in pairs
+        (32, 36, 5, 1, 0, 25, 27),  # two channel passes, a channel tail, an odd row left over
+        (3, 20, 3, 1, 1, 25, 20),  # rows of 20
+        (3, 16, 3, 2, 1, 33, 47),  # stride 2, rows of 24
+    ],
+)
+def test_direct_kernel_row_pairs(simd, cin, cout, k, stride, pad, h, width):
+    # AVX-512 NCHW forwards on rows whose last vector is at most half full compute two rows at a
+    # time, both rows' last parts in one vector: the fused epilogue, both gradients
+    x = torch.randn(3, cin, h, width, dtype=torch.float64)
+    w = torch.randn(cout, cin, k, k, dtype=torch.float64) / (cin * k) ** 0.5
+    b = torch.randn(cout, dtype=torch.float64)
+    check_float32_layer(x, w, b, dict(stride=stride, padding=pad))
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_direct_kernel_padding_rows(monkeypatch, simd, stride):
     # the NCHW direct kernel skips the kernel rows that meet only padding rows above or below the

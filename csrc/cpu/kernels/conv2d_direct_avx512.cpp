@@ -60,6 +60,12 @@ struct VecAvx512 {
     return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_maskz_loadu_ps(m, p)),
                               _mm256_maskz_loadu_ps(m, q), 1);
   }
+  // the first n (at most 8) lanes of v's low half to p, of its high half to q
+  static void store_halves(float* p, float* q, R v, int64_t n) {
+    const auto m = static_cast<__mmask8>(first(n));
+    _mm256_mask_storeu_ps(p, m, _mm512_castps512_ps256(v));
+    _mm256_mask_storeu_ps(q, m, _mm512_extractf32x8_ps(v, 1));
+  }
   static R set1(float v) { return _mm512_set1_ps(v); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }

@@ -21,6 +21,7 @@ struct DirectPlan {
   int64_t chunk = 0;       // forward: input channels per pass over the task's output rows
   bool row_major = false;  // forward: output rows outermost (every channel tile of a row in turn)
   bool in_place = false;   // forward: the input read in place, no padded rows (fwd_in_place)
+  bool pairs = false;      // forward: rows in pairs, their last parts in one vector (fwd_pairs)
   int64_t tiles = 0;       // channel tiles per group: ceil(Kg / kK)
   int64_t Wph = 0;         // width of one phase of a padded row (a row holds sW phases)
   int64_t rows = 0;        // forward: output rows per task; channels_last weight gradient: a block

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -506,6 +507,94 @@ inline void fwd_in_place_rows(int reuse, const FwdArgs& a, const float* xin, con
   }
 }
 
+// Whether the kK x 1 x kV tile can take its rows in pairs (fwd_pair_rows): AVX-512, rows of one
+// block whose last vector is at most half full, the pair's 2 kV - 1 vectors kAcc at most.
+inline bool fwd_pairs(const ConvShape& s, int W, int kAcc, int kK, int kH, int kV) {
+  const int64_t tail = s.OW - W * (kV - 1);
+  return W == 16 && kH == 1 && tail >= 1 && tail <= W / 2 && kK * (2 * kV - 1) <= kAcc;
+}
+
+// Output rows oh and oh + 1 of channel tile `tile`: each row kF whole vectors and a last part of
+// at most W / 2 columns, both rows' last parts in one vector (lanes [0, W / 2) row oh's, the
+// others row oh + 1's): 2 kF + 1 vectors for the two rows rather than 2 kF + 2 (rows of 24
+// columns: 3 vectors, not 4). Input vectors in registers, one weight at a time.
+template <typename V, int kK, int kF>
+void fwd_pair_rows(const FwdArgs& a, const float* xrow, int64_t hstride, const int64_t* off,
+                   const TapRange& tr, int64_t n, int64_t g, int64_t tile, int64_t oh) {
+  using R = typename V::R;
+  constexpr int W = V::W, kP = 2 * kF + 1, kN = kK * kP;  // (k, vector): row oh, oh + 1, pair
+  const ConvShape& s = *a.s;
+  const DirectPlan& pl = *a.plan;
+  const int64_t tail = s.OW - W * kF;
+  R acc[kN];
+#pragma GCC unroll 32
+  for (int i = 0; i < kN; ++i) acc[i] = V::zero();
+  const float* wp = a.packed + ((g * pl.tiles + tile) * a.taps + tr.t0) * kK;
+  for (int64_t t = tr.t0; t < tr.t1; ++t, wp += kK) {
+    const float* p = xrow + off[t];
+    R xv[kP];
+#pragma GCC unroll 32
+    for (int f = 0; f < kF; ++f) {
+      xv[f] = V::load(p + W * f);
+      xv[kF + f] = V::load(p + hstride + W * f);
+    }
+    xv[2 * kF] = V::load_halves(p + W * kF, p + hstride + W * kF, tail);
+#pragma GCC unroll 32
+    for (int k = 0; k < kK; ++k) {
+      const R w = V::bcast(wp + k);
+#pragma GCC unroll 32
+      for (int i = 0; i < kP; ++i) acc[k * kP + i] = V::fma(w, xv[i], acc[k * kP + i]);
+    }
+  }
+  const int64_t Kg = a.Kg, plane = s.OH * s.OW;
+  const int64_t kk = std::min<int64_t>(kK, Kg - tile * kK);  // channels in use
+  const bool last = tr.last;
+#pragma GCC unroll 32
+  for (int k = 0; k < kK; ++k) {
+    if (k >= kk) break;
+    const int64_t first = (n * s.K + g * Kg + tile * kK + k) * plane + oh * s.OW;
+    float* const y0 = a.y + first;
+    float* const y1 = y0 + s.OW;
+    auto add_from = [&](const float* src, R* r) {  // r += src's rows
+#pragma GCC unroll 32
+      for (int f = 0; f < kF; ++f) {
+        r[f] = V::add(r[f], V::load(src + W * f));
+        r[kF + f] = V::add(r[kF + f], V::load(src + s.OW + W * f));
+      }
+      r[2 * kF] = V::add(r[2 * kF], V::load_halves(src + W * kF, src + s.OW + W * kF, tail));
+    };
+    R r[kP];
+#pragma GCC unroll 32
+    for (int i = 0; i < kP; ++i) r[i] = acc[k * kP + i];
+    if (!tr.first) add_from(y0, r);  // the sums of the earlier passes
+    if (last && a.bias != nullptr) {
+      const R b = V::set1(a.bias[g * Kg + tile * kK + k]);
+#pragma GCC unroll 32
+      for (int i = 0; i < kP; ++i) r[i] = V::add(r[i], b);
+    }
+    if (last && a.residual != nullptr) add_from(a.residual + first, r);
+    if (last && a.relu) {
+#pragma GCC unroll 32
+      for (int i = 0; i < kP; ++i) r[i] = V::relu(r[i]);
+    }
+#pragma GCC unroll 32
+    for (int f = 0; f < kF; ++f) {
+      V::store(y0 + W * f, r[f]);
+      V::store(y1 + W * f, r[kF + f]);
+    }
+    V::store_halves(y0 + W * kF, y1 + W * kF, r[2 * kF], tail);
+  }
+}
+
+// fwd_pair_rows for the plan's kK x 1 x kV tile (where fwd_pairs allows it).
+template <typename V, int kK, int kV>
+inline void fwd_pair(const FwdArgs& a, const float* xrow, int64_t hstride, const int64_t* off,
+                     const TapRange& tr, int64_t n, int64_t g, int64_t tile, int64_t oh) {
+  if constexpr (V::W == 16 && kK * (2 * kV - 1) <= V::kAcc) {
+    fwd_pair_rows<V, kK, kV - 1>(a, xrow, hstride, off, tr, n, g, tile, oh);
+  }
+}
+
 // Rows of a tile kVr vectors wide for the last column block, narrower than the tile's kV: that
 // many rows at a time as keep about twelve accumulators (rather than a whole kV block computed on
 // columns past the image). Output rows [oh, oh1); the buffer's first row is output row base's.
@@ -613,6 +702,11 @@ void fwd_tasks(const FwdArgs& a, int64_t t0, int64_t t1) {
       // (planes of 4 KiB multiples share cache sets; all of a group's would thrash them)
       for (int64_t tile = 0; tile < pl.tiles; ++tile) {
         int64_t oh = oh0;
+        if (pl.pairs) {  // see fwd_pairs
+          for (; oh + 2 <= oh1; oh += 2) {
+            fwd_pair<V, kK, kV>(a, buf + (oh - oh0) * hstride, hstride, off, tr, n, g, tile, oh);
+          }
+        }
         for (; oh + kH <= oh1; oh += kH) {
           const float* xrow = buf + (oh - oh0) * hstride;
           for (int64_t b = 0; b < blocks; ++b) {
@@ -725,6 +819,15 @@ DirectPlan fwd_plan(const ConvShape& s, int threads, const std::array<FwdTile, k
     const int64_t cols =
         rv > 0 ? s.OW / (W * t.kV) * W * t.kV : ceil_div(s.OW, W * t.kV) * W * t.kV;
     double work = column(t.kH, t.kV, true) * static_cast<double>(cols);
+    if (rv == 0 && s.OW <= W * t.kV && fwd_pairs(s, W, V::kAcc, t.kK, t.kH, t.kV)) {
+      // rows in pairs: 2 kV - 1 vectors a pair (loads: kK weights, 2 kV input vectors), and two
+      // cycles a tap more for the halves' insert and the narrower tile's overheads (AlexNet's
+      // 11x11 stem on rows of 55 ran its 3 x 7 pair tile 1.1x slower than 8 x 2 unpaired, which
+      // the estimate had put 1% behind; rows of 24: 1.2x faster; measured)
+      const int kP = 2 * t.kV - 1, n = t.kK * kP;
+      const double per = (std::max({n / 2.0, (t.kK + 2 * t.kV) / 2.0, 5.0}) + 2.0) / n;
+      work = per * kP * W / 2.0;
+    }
     if (rv > 0) work += column(std::clamp(V::kAcc / (t.kK * rv), 1, 4), rv, false) * W * rv;
     const double cost = work * static_cast<double>(chans) / static_cast<double>(s.OW * Kg);
     if (best.kK == 0 || cost < best_cost - 1e-9) {
@@ -761,6 +864,8 @@ DirectPlan fwd_plan(const ConvShape& s, int threads, const std::array<FwdTile, k
     best.chunk = s.Cg();
     best.row_major = true;
   }
+  best.pairs = !best.row_major && narrow_vectors(s, best.kV, W) == 0 && s.OW <= W * best.kV &&
+               fwd_pairs(s, W, V::kAcc, best.kK, best.kH, best.kV);
   return best;
 }
 
