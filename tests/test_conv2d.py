@@ -1080,9 +1080,10 @@ def test_depthwise_channels_last_streamed_output(simd):
 @pytest.mark.parametrize("k", [3, 5, 7])
 def test_depthwise_channels_last_row_blocks(simd, k):
     # rows of unit stride and dilation along W (AVX-512: blocks of eight columns, each input vector
-    # loaded once for the k taps that read it): 48 channels, rows of 29 (blocks, then edge columns
-    # on both sides), stride and dilation along H, the fused epilogue, and the input gradient (the
-    # same forward on grad_output with the filters turned)
+    # loaded once for the k taps that read it): 48 channels, rows of 29 (blocks, the last one
+    # overlapping the one before, then edge columns on both sides), stride and dilation along H,
+    # the fused epilogue, and the input gradient (the same forward on grad_output with the filters
+    # turned)
     x = torch.randn(2, 48, 9, 29, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     w = torch.randn(48, 1, k, k, dtype=torch.float64)
     b = torch.randn(48, dtype=torch.float64)

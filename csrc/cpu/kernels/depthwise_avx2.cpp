@@ -185,6 +185,10 @@ void depthwise_fwd_cl_avx2(const float* x, const float* wt, const float* bias, c
     }
     for (; ow + 8 <= hi; ow += 8) block(std::integral_constant<int, 8>{}, ow);
     for (; ow + 4 <= hi; ow += 4) block(std::integral_constant<int, 4>{}, ow);
+    if (ow < hi && hi - lo >= 4) {  // the columns left: a block ending at hi (overlapping)
+      block(std::integral_constant<int, 4>{}, hi - 4);
+      ow = hi;
+    }
     for (; ow < s.OW; ++ow) one(ow);
   }
   if (stream) _mm_sfence();

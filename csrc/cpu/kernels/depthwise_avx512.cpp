@@ -58,9 +58,7 @@ void fwd_rows(const float* x, const float* wt, const float* bias, const float* r
         finish(acc, orow + ow * C + c, rrow ? rrow + ow * C + c : nullptr);
       }
     };
-    int64_t ow = 0;
-    for (; ow < lo; ++ow) one(ow);
-    for (; ow + kCols <= hi; ow += kCols) {
+    auto block = [&](int64_t ow) {  // columns [ow, ow + kCols), inside the row
       for (int64_t c = 0; c < C; c += 16) {
         const __m512 b = bias ? _mm512_loadu_ps(bias + c) : _mm512_setzero_ps();
         __m512 a[kCols];
@@ -86,6 +84,13 @@ void fwd_rows(const float* x, const float* wt, const float* bias, const float* r
           finish(a[j], orow + (ow + j) * C + c, rrow ? rrow + (ow + j) * C + c : nullptr);
         }
       }
+    };
+    int64_t ow = 0;
+    for (; ow < lo; ++ow) one(ow);
+    for (; ow + kCols <= hi; ow += kCols) block(ow);
+    if (ow < hi && hi - lo >= kCols) {  // the columns left: a block ending at hi (overlapping)
+      block(hi - kCols);
+      ow = hi;
     }
     for (; ow < s.OW; ++ow) one(ow);
   }
