@@ -860,6 +860,70 @@ def test_winograd(monkeypatch, simd, fmt, tile):
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_winograd_5x5(monkeypatch, simd, fmt):
+    # Winograd F(2x2, 5x5) (6x6 patches, F(4x4, 3x3)'s input transform), forced wherever it
+    # applies (5x5, stride 1, no dilation, one group; channels_last, NCHW layers on copies):
+    # channel counts with and without vector tails, outputs that end in partial tiles, padding 0
+    # to 2, the fused epilogue, and the input gradient (the same kernel, filters turned); the
+    # weight gradient stays on the GEMM or the direct kernels
+    monkeypatch.setenv("PYCONV_CONV_WINOGRAD", "1")
+    for cin, cout, h, w, p in [
+        (16, 16, 8, 8, 2),
+        (5, 19, 9, 7, 2),
+        (33, 8, 6, 11, 0),
+        (8, 40, 7, 6, 1),
+        (70, 20, 7, 9, 2),
+    ]:
+        x = torch.randn(2, cin, h, w, dtype=torch.float64).contiguous(memory_format=fmt)
+        wt = torch.randn(cout, cin, 5, 5, dtype=torch.float64) / (cin * 25) ** 0.5
+        b = torch.randn(cout, dtype=torch.float64)
+        check_float32_layer(x, wt, b, dict(padding=p), fmt)
+
+
+@pytest.mark.parametrize("chunked", ["0", "1"])
+def test_winograd_5x5_error_and_non_finite_inputs(monkeypatch, simd, chunked):
+    # F(2x2, 5x5)'s error against float64 with unscaled weights is within WINOGRAD_F4_ERROR of the
+    # largest output, as F(4x4, 3x3)'s (AlexNet's 64 -> 192 among the layers); a NaN or infinite
+    # input reaches only the outputs whose windows hold it (the tiles whose patch holds one are
+    # computed directly), forward and input gradient, both schedules
+    monkeypatch.setenv("PYCONV_CONV_WINOGRAD", "1")
+    monkeypatch.setenv("PYCONV_WINOGRAD_CHUNKED", chunked)
+    cl = torch.channels_last
+    for cin, cout, h, w in [(21, 37, 29, 31), (64, 192, 27, 27), (256, 64, 8, 9)]:
+        x = torch.randn(2, cin, h, w, dtype=torch.float64).contiguous(memory_format=cl)
+        wt = torch.randn(cout, cin, 5, 5, dtype=torch.float64)
+        want = F.conv2d(x, wt, padding=2)
+        got = PF.conv2d(x.float(), wt.float(), padding=2).double()
+        assert (got - want).abs().max() <= WINOGRAD_F4_ERROR * want.abs().max()
+        g = torch.randn_like(want)
+        want = torch.nn.grad.conv2d_input(x.shape, wt, g, padding=2)
+        got = ops.conv2d_backward_input(
+            g.float(), wt.float(), list(x.shape), [1, 1], [2] * 4, [1, 1], 1
+        ).double()
+        assert (got - want).abs().max() <= WINOGRAD_F4_ERROR * want.abs().max()
+    x = torch.randn(2, 16, 12, 13, dtype=torch.float64)
+    x[0, :, 5, 6] = float("nan")
+    x[1, 3, 2, 9] = float("inf")
+    x = x.contiguous(memory_format=cl)
+    wt = torch.randn(24, 16, 5, 5, dtype=torch.float64).abs()
+    b = torch.randn(24, dtype=torch.float64)
+    want = torch.relu(F.conv2d(x, wt, b, padding=2))
+    got = PF.conv2d(x.float(), wt.float(), b.float(), padding=2, activation="relu")
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    torch.testing.assert_close(
+        got.double(), want, equal_nan=True, **tol32(want.nan_to_num(0, 0, 0), 1e-4)
+    )
+    g = torch.zeros(2, 24, 12, 13, dtype=torch.float64)
+    g[1, :, 4, 4] = float("nan")
+    g = g.contiguous(memory_format=cl)
+    want = torch.nn.grad.conv2d_input(x.shape, wt, g, padding=2)
+    got = ops.conv2d_backward_input(
+        g.float(), wt.float(), list(x.shape), [1, 1], [2] * 4, [1, 1], 1
+    )
+    assert torch.equal(got.isnan(), want.isnan()) and want.isnan().sum() == 16 * 25
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 def test_dilated_layers_as_phases(simd, fmt):
     # 3x3 layers of dilation d and padding d on images of sides multiple of d run as d x d
     # undilated layers, one per phase of the image, stacked along the batch (on Winograd): d = 2

@@ -100,13 +100,13 @@ void conv2d_bwd_weight_cl_direct_avx512(const float* grad_out, const float* x, f
                                         const ConvShape& s, const DirectPlan& p, int64_t t0,
                                         int64_t t1, bool nchw = false);
 
-// Winograd F(m x m, 3x3), m = 2 on channels_last (cl) or NCHW tensors, m = 4 on channels_last
-// (winograd_avx2.cpp): 3x3, stride 1, dilation 1, one group. Filters transformed once into
-// winograd_packed_size(s, m) floats, panels [p0, p1) of winograd_k16(s) / 16 (16 output channels
-// each) at a time; the forward in blocks [b0, b1) of winograd_block_tiles(s, m) m x m output tiles
-// each, ceil(winograd_tiles(s, m) / block) in all.
+// Winograd F(m x m, 3x3), m = 2 on channels_last (cl) or NCHW tensors, m = 4 on channels_last,
+// and F(2x2, 5x5) on channels_last, code m = 5 (winograd_avx2.cpp): stride 1, dilation 1, one
+// group. Filters transformed once into winograd_packed_size(s, m) floats, panels [p0, p1) of
+// winograd_k16(s) / 16 (16 output channels each) at a time; the forward in blocks [b0, b1) of
+// winograd_block_tiles(s, m) output tiles each, ceil(winograd_tiles(s, m) / block) in all.
 int64_t winograd_packed_size(const ConvShape& s, int m = 2);
-// flipped: w is (C, K, 3, 3), the weights of the layer whose input gradient s is the forward
+// flipped: w is (C, K, R, S), the weights of the layer whose input gradient s is the forward
 // formulation of; the filters used are those turned by 180 degrees, K and C swapped.
 void winograd_pack_weights(const float* w, float* u, const ConvShape& s, int64_t p0, int64_t p1,
                            bool flipped = false, int m = 2);
@@ -129,8 +129,8 @@ void winograd_gemm_avx512(const float* a, int64_t lda, const float* b, int64_t b
 // chunk from tile `first` (count of them) into v ([16][Tc][C8]); the products, tasks [j0, j1) of
 // winograd_fwd_product_tasks(s), each one panel of U read once for all the chunk's tiles, into m
 // ([16][Tc][K16]); the output transform of chunk tiles [i0, i1) (< count). m x m tiles (xis =
-// (m + 2)^2 in place of 16); m = 4: a tile with any non-finite output is computed again directly
-// from x and the weights w (flipped as for winograd_pack_weights).
+// (m + 2)^2 in place of 16; 36 for m = 5); m = 4 and 5: a tile with any non-finite output is
+// computed again directly from x and the weights w (flipped as for winograd_pack_weights).
 constexpr int64_t kWinogradChunkTiles = 192;
 int64_t winograd_chunk_tiles(const ConvShape& s, int m);
 void winograd_fwd_input(const float* x, const ConvShape& s, bool cl, int64_t first, int64_t count,
@@ -144,10 +144,10 @@ void winograd_fwd_output(const float* m, const float* bias, const float* residua
                          bool flipped);
 int64_t winograd_c8(const ConvShape& s);
 
-// Winograd weight gradient on m x m tiles (m = 2, or 4 on channels_last; xis = (m + 2)^2), in
-// chunks of `count` tiles from tile `first`: transform tiles [i0, i1) of the chunk into v (xis x
-// winograd_c16 / 16 panels of [count][16]) and pg (xis x winograd_k6 / 6 panels of [count][6]),
-// each panel winograd_wgrad_panel(its floats) apart; add the chunk's products into du
+// Winograd weight gradient (3x3 only) on m x m tiles (m = 2, or 4 on channels_last; xis =
+// (m + 2)^2), in chunks of `count` tiles from tile `first`: transform tiles [i0, i1) of the chunk
+// into v (xis x winograd_c16 / 16 panels of [count][16]) and pg (xis x winograd_k6 / 6 panels of
+// [count][6]), each panel winograd_wgrad_panel(its floats) apart; add the chunk's products into du
 // ([xis][winograd_k6][winograd_c16]; the first chunk writes them), tasks [j0, j1) of
 // winograd_wgrad_tasks(s, m); finally gw (K, C, 3, 3) from du, output channels [k0, k1).
 int64_t winograd_k6(const ConvShape& s);

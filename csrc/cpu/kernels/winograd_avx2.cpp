@@ -11,8 +11,10 @@
 // The forward also runs F(4x4, 3x3) on channels_last (blocked schedule): 6x6 patches, 36
 // products, 36 multiplies per 4x4 tile and channel pair (4x fewer than direct), larger rounding
 // error (about 1e-5 of the output's magnitude), and tiles whose patch holds a NaN or an infinity
-// computed directly so that those reach only the outputs that read them. This file alone is
-// compiled for AVX2.
+// computed directly so that those reach only the outputs that read them; and F(2x2, 5x5) on
+// channels_last, forward only (the input gradient is one): the same 6x6 patches and input
+// transform, 36 multiplies per 2x2 tile and channel pair instead of 100 (2.8x fewer), error and
+// non-finite inputs as F(4x4, 3x3)'s. This file alone is compiled for AVX2.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -31,6 +33,13 @@ namespace pyconv::cpu {
 namespace {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The transforms by their code m: 2 = F(2x2, 3x3), 4 = F(4x4, 3x3), 5 = F(2x2, 5x5) (6x6 patches
+// as F(4x4, 3x3)'s, with the same input transform B^T: the same six points, the filter polynomial
+// evaluated at them to degree 4 and the output read at two of them).
+constexpr int wino_out(int m) { return m == 5 ? 2 : m; }        // the output tile's side
+constexpr int wino_alpha(int m) { return m == 5 ? 6 : m + 2; }  // the patch's side
+constexpr int wino_taps(int m) { return m == 5 ? 25 : 9; }      // the filter's taps
 
 inline __m256i lanes_below(int64_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))),
@@ -197,7 +206,7 @@ int64_t winograd_c8(const ConvShape& s) { return ceil_div(s.C, 8) * 8; }
 int64_t winograd_k16(const ConvShape& s) { return ceil_div(s.K, 16) * 16; }
 
 int64_t winograd_packed_size(const ConvShape& s, int m) {
-  return (m + 2) * (m + 2) * winograd_c8(s) * winograd_k16(s);
+  return wino_alpha(m) * wino_alpha(m) * winograd_c8(s) * winograd_k16(s);
 }
 
 // U = G g G^T with G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1], packed as
@@ -222,12 +231,10 @@ inline void g6(__m256 a, __m256 b, __m256 c, __m256 (&r)[6]) {
 }  // namespace
 
 namespace {
-// g[j] lane l = rows[l][j], j < 9: eight 3x3 filters' taps, one vector a tap (loads of the first
-// eight taps and an 8 x 8 transpose in registers: faster than nine gathers, which took about 60%
+// g[j] lane l = rows[l][j], j < kTaps (9 or 25): eight filters' taps, one vector a tap (loads of
+// eight taps and 8 x 8 transposes in registers: faster than a gather a tap, which took about 60%
 // of the packing, measured on 512 -> 512)
-inline void load_filters8(const float* const (&rows)[8], __m256 (&g)[9]) {
-  __m256 r[8];
-  for (int l = 0; l < 8; ++l) r[l] = _mm256_loadu_ps(rows[l]);
+inline void transpose_8x8(const __m256 (&r)[8], __m256* g) {
   const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
   const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
   const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
@@ -248,26 +255,58 @@ inline void load_filters8(const float* const (&rows)[8], __m256 (&g)[9]) {
   g[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
   g[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
   g[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
-  g[8] = _mm256_setr_ps(rows[0][8], rows[1][8], rows[2][8], rows[3][8], rows[4][8], rows[5][8],
-                        rows[6][8], rows[7][8]);
 }
 
-alignas(32) constexpr float kZeroFilter[9] = {};
+template <int kTaps>
+inline void load_filters8(const float* const (&rows)[8], __m256 (&g)[kTaps]) {
+  for (int j0 = 0; j0 + 8 <= kTaps; j0 += 8) {
+    __m256 r[8];
+    for (int l = 0; l < 8; ++l) r[l] = _mm256_loadu_ps(rows[l] + j0);
+    transpose_8x8(r, g + j0);
+  }
+  constexpr int kLast = kTaps - 1;  // 9 and 25 taps: one past the whole eights
+  g[kLast] = _mm256_setr_ps(rows[0][kLast], rows[1][kLast], rows[2][kLast], rows[3][kLast],
+                            rows[4][kLast], rows[5][kLast], rows[6][kLast], rows[7][kLast]);
+}
+
+alignas(32) constexpr float kZeroFilter[25] = {};
+
+// F(2x2, 5x5): G = [1/4 0 0 0 0; -1/6 -1/6 -1/6 -1/6 -1/6; -1/6 1/6 -1/6 1/6 -1/6;
+// 1/24 1/12 1/6 1/3 2/3; 1/24 -1/12 1/6 -1/3 2/3; 0 0 0 0 1] (F(4x4, 3x3)'s rows, the filter
+// evaluated to degree 4) applied to five vectors.
+inline void g6_5(const __m256 (&v)[5], __m256 (&r)[6]) {
+  const __m256 even = _mm256_add_ps(_mm256_add_ps(v[0], v[2]), v[4]);
+  const __m256 odd = _mm256_add_ps(v[1], v[3]);
+  const __m256 sixth = _mm256_set1_ps(-1.0f / 6.0f);
+  r[0] = _mm256_mul_ps(_mm256_set1_ps(0.25f), v[0]);
+  r[1] = _mm256_mul_ps(sixth, _mm256_add_ps(even, odd));
+  r[2] = _mm256_mul_ps(sixth, _mm256_sub_ps(even, odd));
+  // (a + 4c + 16e) / 24 and (2b + 8d) / 24
+  const __m256 e =
+      _mm256_fmadd_ps(_mm256_set1_ps(1.0f / 24.0f), v[0],
+                      _mm256_fmadd_ps(_mm256_set1_ps(1.0f / 6.0f), v[2],
+                                      _mm256_mul_ps(_mm256_set1_ps(2.0f / 3.0f), v[4])));
+  const __m256 o = _mm256_fmadd_ps(_mm256_set1_ps(1.0f / 12.0f), v[1],
+                                   _mm256_mul_ps(_mm256_set1_ps(1.0f / 3.0f), v[3]));
+  r[3] = _mm256_add_ps(e, o);
+  r[4] = _mm256_sub_ps(e, o);
+  r[5] = v[4];
+}
 }  // namespace
 
 void winograd_pack_weights(const float* w, float* u, const ConvShape& s, int64_t p0, int64_t p1,
                            bool flipped, int m) {
   const int64_t C8 = winograd_c8(s), KP = winograd_k16(s) / 16;
   const __m256 half = _mm256_set1_ps(0.5f);
-  // tap (k, c, j) at w[k * kstep + c * cstep + tap(j)]; flipped: w is (C, K, 3, 3), each filter
+  // tap (k, c, j) at w[k * kstep + c * cstep + tap(j)]; flipped: w is (C, K, R, S), each filter
   // turned by 180 degrees
-  const int64_t kstep = flipped ? 9 : s.C * 9, cstep = flipped ? s.K * 9 : 9;
+  const int64_t RS = wino_taps(m), kstep = flipped ? RS : s.C * RS, cstep = flipped ? s.K * RS : RS;
   const int64_t xstride = KP * C8 * 16;  // between the xi
   // eight filters (k0 ..) at input channel c
   const auto pack8 = [&](int64_t k0, int64_t c) {
     float* dst = u + (k0 / 16 * C8 + c) * 16 + k0 % 16;
     if (c >= s.C || k0 >= s.K) {
-      for (int xi = 0; xi < (m + 2) * (m + 2); ++xi) {
+      for (int xi = 0; xi < wino_alpha(m) * wino_alpha(m); ++xi) {
         _mm256_storeu_ps(dst + xi * xstride, _mm256_setzero_ps());
       }
       return;
@@ -275,6 +314,23 @@ void winograd_pack_weights(const float* w, float* u, const ConvShape& s, int64_t
     const float* wk = w + k0 * kstep + c * cstep;
     const float* rows[8];  // filters past K read as zeros
     for (int l = 0; l < 8; ++l) rows[l] = k0 + l < s.K ? wk + l * kstep : kZeroFilter;
+    if (m == 5) {
+      __m256 g[25];
+      load_filters8(rows, g);
+      if (flipped) std::reverse(g, g + 25);  // each filter turned by 180 degrees
+      __m256 t[5][6];                        // (G g)^T: t[j][i] = (G g)[i][j]
+      for (int j = 0; j < 5; ++j) {
+        const __m256 col[5] = {g[j], g[5 + j], g[10 + j], g[15 + j], g[20 + j]};
+        g6_5(col, t[j]);
+      }
+      for (int i = 0; i < 6; ++i) {  // (G g) G^T, row i
+        const __m256 row[5] = {t[0][i], t[1][i], t[2][i], t[3][i], t[4][i]};
+        __m256 r[6];
+        g6_5(row, r);
+        for (int j = 0; j < 6; ++j) _mm256_storeu_ps(dst + (i * 6 + j) * xstride, r[j]);
+      }
+      return;
+    }
     __m256 g[9];
     load_filters8(rows, g);
     if (flipped) std::reverse(g, g + 9);  // each filter turned by 180 degrees
@@ -311,9 +367,9 @@ void winograd_pack_weights(const float* w, float* u, const ConvShape& s, int64_t
   for (int64_t kp = p0; kp < p1; ++kp) {
     if (flipped) {
       for (int64_t c = 0; c < C8; ++c) {
-        if (c + 4 < s.C && kp * 16 < s.K) {  // the 576 bytes of a later channel
+        if (c + 4 < s.C && kp * 16 < s.K) {  // the 16 filters of a later channel (576 bytes)
           const char* next = reinterpret_cast<const char*>(w + (c + 4) * cstep + kp * 16 * kstep);
-          for (int l = 0; l < 9; ++l) _mm_prefetch(next + 64 * l, _MM_HINT_T0);
+          for (int l = 0; l < RS; ++l) _mm_prefetch(next + 64 * l, _MM_HINT_T0);
         }
         pack8(kp * 16, c);
         pack8(kp * 16 + 8, c);
@@ -336,13 +392,13 @@ void winograd_pack_weights(const float* w, float* u, const ConvShape& s, int64_t
 }
 
 int64_t winograd_tiles(const ConvShape& s, int m) {
-  return s.N * ceil_div(s.OH, m) * ceil_div(s.OW, m);
+  return s.N * ceil_div(s.OH, wino_out(m)) * ceil_div(s.OW, wino_out(m));
 }
 
 // Tiles per block: a multiple of six (the product's row tile) with the block's transformed
 // inputs and products ((m + 2)^2 x tiles x (C8 + K16) floats) within about 256 KiB.
 int64_t winograd_block_tiles(const ConvShape& s, int m) {
-  const int64_t per_tile = (m + 2) * (m + 2) * (winograd_c8(s) + winograd_k16(s)) * 4;
+  const int64_t per_tile = wino_alpha(m) * wino_alpha(m) * (winograd_c8(s) + winograd_k16(s)) * 4;
   return std::clamp<int64_t>((256 << 10) / per_tile / 6, 1, 16) * 6;
 }
 
@@ -412,14 +468,15 @@ inline void store_tile_nchw(const __m256 (&out)[2][2], float* y, const float* re
 
 // Input transform of tiles [i0, i1) of the block of tiles from t0 (nt of them, the rest zeros)
 // into v ([16][Tb][C8]).
-// kM: the output tile, 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3), channels_last only).
+// kM: the transforms' code (wino_out), 2 (F(2x2, 3x3)), 4 (F(4x4, 3x3)) or 5 (F(2x2, 5x5)), the
+// last two on channels_last only.
 template <bool kCL, int kM = 2>
 void fwd_input_tiles(const float* x, const ConvShape& s, int64_t t0, int64_t nt, int64_t Tb,
                      int64_t i0, int64_t i1, float* v) {
-  constexpr int kA = kM + 2, kXi = kA * kA;
-  static_assert(kM == 2 || (kM == 4 && kCL));
+  constexpr int kA = wino_alpha(kM), kXi = kA * kA, kO = wino_out(kM);
+  static_assert(kM == 2 || ((kM == 4 || kM == 5) && kCL));
   const int64_t C8 = winograd_c8(s);
-  const int64_t TH = ceil_div(s.OH, kM), TW = ceil_div(s.OW, kM);
+  const int64_t TH = ceil_div(s.OH, kO), TW = ceil_div(s.OW, kO);
   for (int64_t i = i0; i < i1; ++i) {
     float* vt = v + i * C8;
     if (i >= nt) {
@@ -427,7 +484,7 @@ void fwd_input_tiles(const float* x, const ConvShape& s, int64_t t0, int64_t nt,
       continue;
     }
     const int64_t t = t0 + i, n = t / (TH * TW), ty = t / TW % TH, tx = t % TW;
-    const int64_t h0 = kM * ty - s.pT, w0 = kM * tx - s.pL;
+    const int64_t h0 = kO * ty - s.pT, w0 = kO * tx - s.pL;
     const bool inside = h0 >= 0 && w0 >= 0 && h0 + kA <= s.H && w0 + kA <= s.W;
     for (int64_t c = 0; c < C8; c += 8) {
       __m256 d[kA][kA];
@@ -442,29 +499,30 @@ void fwd_input_tiles(const float* x, const ConvShape& s, int64_t t0, int64_t nt,
   }
 }
 
-// F(4x4, 3x3) mixes every input of a 6x6 patch into every output of its 4x4 tile: a NaN or an
-// infinity would reach outputs whose windows do not hold it (F(2x2, 3x3) keeps each input in the
-// outputs that read it). A tile that computed any non-finite output (which it does whenever its
-// patch holds one) is computed again directly, as torch sums it: 4x4 tile (ty, tx) of image n,
-// channels_last, with the weights w as winograd_pack_weights reads them.
+// F(4x4, 3x3) and F(2x2, 5x5) mix every input of a 6x6 patch into every output of the tile: a NaN
+// or an infinity would reach outputs whose windows do not hold it (F(2x2, 3x3) keeps each input in
+// the outputs that read it). A tile that computed any non-finite output (which it does whenever
+// its patch holds one) is computed again directly, as torch sums it: tile (ty, tx) of side `side`
+// of image n, channels_last, with the weights w (R x S filters) as winograd_pack_weights reads
+// them.
 void fwd_direct_tile(const float* x, const float* w, bool flipped, const float* bias,
                      const float* residual, bool relu, float* y, const ConvShape& s, int64_t n,
-                     int64_t ty, int64_t tx) {
-  const int64_t kstep = flipped ? 9 : s.C * 9, cstep = flipped ? s.K * 9 : 9;
+                     int64_t ty, int64_t tx, int64_t side) {
+  const int64_t RS = s.R * s.S, kstep = flipped ? RS : s.C * RS, cstep = flipped ? s.K * RS : RS;
   {
-    for (int64_t oh = 4 * ty; oh < std::min(s.OH, 4 * ty + 4); ++oh) {
-      for (int64_t ow = 4 * tx; ow < std::min(s.OW, 4 * tx + 4); ++ow) {
+    for (int64_t oh = side * ty; oh < std::min(s.OH, side * ty + side); ++oh) {
+      for (int64_t ow = side * tx; ow < std::min(s.OW, side * tx + side); ++ow) {
         const int64_t o = ((n * s.OH + oh) * s.OW + ow) * s.K;
         for (int64_t k = 0; k < s.K; ++k) {
           float acc = bias != nullptr ? bias[k] : 0.0f;
-          for (int64_t r = 0; r < 3; ++r) {
+          for (int64_t r = 0; r < s.R; ++r) {
             const int64_t ih = oh - s.pT + r;
             if (ih < 0 || ih >= s.H) continue;
-            for (int64_t q = 0; q < 3; ++q) {
+            for (int64_t q = 0; q < s.S; ++q) {
               const int64_t iw = ow - s.pL + q;
               if (iw < 0 || iw >= s.W) continue;
               const float* xp = x + ((n * s.H + ih) * s.W + iw) * s.C;
-              const float* wp = w + k * kstep + (flipped ? 8 - (r * 3 + q) : r * 3 + q);
+              const float* wp = w + k * kstep + (flipped ? RS - 1 - (r * s.S + q) : r * s.S + q);
               for (int64_t c = 0; c < s.C; ++c) acc += xp[c] * wp[c * cstep];
             }
           }
@@ -490,12 +548,53 @@ inline void at6(const __m256 (&m)[6], __m256 (&o)[4]) {
 }
 
 // x, w, flipped (F(4x4)): the layer's input and weights, for fwd_direct_tile.
+// F(2x2, 5x5): A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 1] applied to six vectors.
+inline void at2_6(const __m256 (&m)[6], __m256 (&o)[2]) {
+  const __m256 a = _mm256_add_ps(m[1], m[2]), b = _mm256_sub_ps(m[1], m[2]);
+  const __m256 c = _mm256_add_ps(m[3], m[4]), d = _mm256_sub_ps(m[3], m[4]);
+  o[0] = _mm256_add_ps(_mm256_add_ps(m[0], a), c);
+  o[1] = _mm256_add_ps(_mm256_fmadd_ps(_mm256_set1_ps(2.0f), d, b), m[5]);
+}
+
 template <bool kCL, int kM = 2>
 void fwd_output_tiles(const float* m, const float* bias, const float* residual, bool relu, float* y,
                       const ConvShape& s, int64_t t0, int64_t Tb, int64_t i0, int64_t i1,
                       const float* x = nullptr, const float* w = nullptr, bool flipped = false) {
   const int64_t K16 = winograd_k16(s);
-  const int64_t TH = ceil_div(s.OH, kM), TW = ceil_div(s.OW, kM);
+  const int64_t TH = ceil_div(s.OH, wino_out(kM)), TW = ceil_div(s.OW, wino_out(kM));
+  if constexpr (kM == 5) {
+    static_assert(kCL);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = t0 + i, n = t / (TH * TW), ty = t / TW % TH, tx = t % TW;
+      __m256 nonfinite = _mm256_setzero_ps();  // v - v is NaN exactly where v is NaN or infinite
+      for (int64_t k = 0; k < s.K; k += 8) {
+        const float* mt = m + i * K16 + k;
+        __m256 p[6][2];  // (A^T M)^T: p[b][a] = (A^T M)[a][b]
+        for (int b = 0; b < 6; ++b) {
+          __m256 col[6];
+          for (int a = 0; a < 6; ++a) col[a] = _mm256_loadu_ps(mt + (a * 6 + b) * Tb * K16);
+          at2_6(col, p[b]);
+        }
+        const __m256 bv = bias == nullptr ? _mm256_setzero_ps()
+                          : k + 8 <= s.K  ? _mm256_loadu_ps(bias + k)
+                                          : _mm256_maskload_ps(bias + k, lanes_below(s.K - k));
+        __m256 out[2][2];
+        for (int a = 0; a < 2; ++a) {
+          const __m256 row[6] = {p[0][a], p[1][a], p[2][a], p[3][a], p[4][a], p[5][a]};
+          at2_6(row, out[a]);
+          for (int b = 0; b < 2; ++b) {
+            out[a][b] = _mm256_add_ps(out[a][b], bv);
+            nonfinite = _mm256_or_ps(nonfinite, _mm256_sub_ps(out[a][b], out[a][b]));
+          }
+        }
+        store_tile_cl(out, y, residual, relu, s, n, 2 * ty, 2 * tx, k);
+      }
+      if (_mm256_movemask_ps(_mm256_cmp_ps(nonfinite, nonfinite, _CMP_UNORD_Q)) != 0) {
+        fwd_direct_tile(x, w, flipped, bias, residual, relu, y, s, n, ty, tx, 2);
+      }
+    }
+    return;
+  }
   if constexpr (kM == 4) {
     static_assert(kCL);
     for (int64_t i = i0; i < i1; ++i) {
@@ -524,7 +623,7 @@ void fwd_output_tiles(const float* m, const float* bias, const float* residual, 
         store_tile_cl(out, y, residual, relu, s, n, 4 * ty, 4 * tx, k);
       }
       if (_mm256_movemask_ps(_mm256_cmp_ps(nonfinite, nonfinite, _CMP_UNORD_Q)) != 0) {
-        fwd_direct_tile(x, w, flipped, bias, residual, relu, y, s, n, ty, tx);
+        fwd_direct_tile(x, w, flipped, bias, residual, relu, y, s, n, ty, tx, 4);
       }
     }
     return;
@@ -564,7 +663,7 @@ template <bool kCL, int kM>
 void winograd_fwd(const float* x, const float* u, const float* bias, const float* residual,
                   bool relu, float* y, const ConvShape& s, int64_t b0, int64_t b1, const float* w,
                   bool flipped, bool avx512) {
-  constexpr int kXi = (kM + 2) * (kM + 2);
+  constexpr int kXi = wino_alpha(kM) * wino_alpha(kM);
   const int64_t C8 = winograd_c8(s), K16 = winograd_k16(s), KP = K16 / 16;
   const int64_t T = winograd_tiles(s, kM);
   const int64_t Tb = winograd_block_tiles(s, kM);
@@ -607,6 +706,8 @@ void conv2d_fwd_winograd_avx2(const float* x, const float* u, const float* bias,
                               bool avx512) {
   if (m == 4) {
     winograd_fwd<true, 4>(x, u, bias, residual, relu, y, s, b0, b1, w, flipped, avx512);
+  } else if (m == 5) {
+    winograd_fwd<true, 5>(x, u, bias, residual, relu, y, s, b0, b1, w, flipped, avx512);
   } else if (cl) {
     winograd_fwd<true, 2>(x, u, bias, residual, relu, y, s, b0, b1, w, flipped, avx512);
   } else {
@@ -616,7 +717,7 @@ void conv2d_fwd_winograd_avx2(const float* x, const float* u, const float* bias,
 
 int64_t winograd_chunk_tiles(const ConvShape& s, int m) {
   // the same transformed inputs a chunk as F(2x2)'s 192 tiles
-  const int64_t most = kWinogradChunkTiles * 16 / ((m + 2) * (m + 2)) / 6 * 6;
+  const int64_t most = kWinogradChunkTiles * 16 / (wino_alpha(m) * wino_alpha(m)) / 6 * 6;
   const int64_t T = winograd_tiles(s, m), chunks = ceil_div(T, most);
   return ceil_div(ceil_div(T, chunks), 6) * 6;
 }
@@ -625,6 +726,8 @@ void winograd_fwd_input(const float* x, const ConvShape& s, bool cl, int64_t fir
                         int64_t Tc, float* v, int64_t i0, int64_t i1, int m) {
   if (m == 4) {
     fwd_input_tiles<true, 4>(x, s, first, count, Tc, i0, i1, v);
+  } else if (m == 5) {
+    fwd_input_tiles<true, 5>(x, s, first, count, Tc, i0, i1, v);
   } else if (cl) {
     fwd_input_tiles<true>(x, s, first, count, Tc, i0, i1, v);
   } else {
@@ -633,7 +736,7 @@ void winograd_fwd_input(const float* x, const ConvShape& s, bool cl, int64_t fir
 }
 
 int64_t winograd_fwd_product_tasks(const ConvShape& s, int m) {
-  return (m + 2) * (m + 2) * (winograd_k16(s) / 16);
+  return wino_alpha(m) * wino_alpha(m) * (winograd_k16(s) / 16);
 }
 
 // Task j = (xi, panel of 16 output channels): that panel of U[xi] (C8 x 16) times every tile's
@@ -669,6 +772,8 @@ void winograd_fwd_output(const float* m, const float* bias, const float* residua
                          bool flipped) {
   if (tile == 4) {
     fwd_output_tiles<true, 4>(m, bias, residual, relu, y, s, first, Tc, i0, i1, x, w, flipped);
+  } else if (tile == 5) {
+    fwd_output_tiles<true, 5>(m, bias, residual, relu, y, s, first, Tc, i0, i1, x, w, flipped);
   } else if (cl) {
     fwd_output_tiles<true>(m, bias, residual, relu, y, s, first, Tc, i0, i1);
   } else {
