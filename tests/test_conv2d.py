@@ -354,8 +354,14 @@ def test_default_routing_of_first_and_mid_layers(simd, fmt):
 
 @pytest.mark.parametrize(
     "cin, cout, size, k, pad",
-    [(8, 16, 14, 3, 0), (1, 8, 30, 3, 0), (16, 16, 8, 3, 1), (32, 32, 14, 3, 1)],
-    ids=["direct-tail", "direct-wide", "winograd-16", "winograd-32"],
+    [
+        (8, 16, 14, 3, 0),
+        (1, 8, 30, 3, 0),
+        (16, 16, 8, 3, 1),
+        (32, 32, 14, 3, 1),
+        (16, 24, 11, 5, 2),
+    ],
+    ids=["direct-tail", "direct-wide", "winograd-16", "winograd-32", "winograd-5x5"],
 )
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 def test_weight_gradient_keeps_infinities_where_torch_does(simd, cin, cout, size, k, pad, fmt):
@@ -883,9 +889,10 @@ def test_winograd_5x5(monkeypatch, simd, fmt):
 @pytest.mark.parametrize("chunked", ["0", "1"])
 def test_winograd_5x5_error_and_non_finite_inputs(monkeypatch, simd, chunked):
     # F(2x2, 5x5)'s error against float64 with unscaled weights is within WINOGRAD_F4_ERROR of the
-    # largest output, as F(4x4, 3x3)'s (AlexNet's 64 -> 192 among the layers); a NaN or infinite
-    # input reaches only the outputs whose windows hold it (the tiles whose patch holds one are
-    # computed directly), forward and input gradient, both schedules
+    # largest output, as F(4x4, 3x3)'s (AlexNet's 64 -> 192 among the layers), and within twice
+    # that of the largest tap in the weight gradient (its sums are over every tile); a NaN or
+    # infinite input reaches only the outputs whose windows hold it (the tiles whose patch holds
+    # one are computed directly), forward and input gradient, both schedules
     monkeypatch.setenv("PYCONV_CONV_WINOGRAD", "1")
     monkeypatch.setenv("PYCONV_WINOGRAD_CHUNKED", chunked)
     cl = torch.channels_last
@@ -901,6 +908,11 @@ def test_winograd_5x5_error_and_non_finite_inputs(monkeypatch, simd, chunked):
             g.float(), wt.float(), list(x.shape), [1, 1], [2] * 4, [1, 1], 1
         ).double()
         assert (got - want).abs().max() <= WINOGRAD_F4_ERROR * want.abs().max()
+        want = torch.nn.grad.conv2d_weight(x, wt.shape, g, padding=2)
+        got = ops.conv2d_backward_weight(
+            g.float(), x.float(), list(wt.shape), [1, 1], [2] * 4, [1, 1], 1
+        ).double()
+        assert (got - want).abs().max() <= 2 * WINOGRAD_F4_ERROR * want.abs().max()
     x = torch.randn(2, 16, 12, 13, dtype=torch.float64)
     x[0, :, 5, 6] = float("nan")
     x[1, 3, 2, 9] = float("inf")

@@ -543,8 +543,9 @@ bool input_grad_phase_gemm(const ConvShape& s, bool cl) {
 // 512 channels each way, and F(2x2, 5x5) for 5x5 ones (channels_last; NCHW layers on copies):
 // against the implicit GEMM or the direct kernel, forward and input gradient 1.3-2x faster at 16
 // -> 32, 32 -> 32, 32 -> 64, 64 -> 64 and 128 -> 128 on 7x7 to 56x56, 1.5-2x at AlexNet's 64 ->
-// 192 on 27x27 (the same at 16 -> 16 on 14x14 NCHW; measured); its weight gradient stays on the
-// GEMM.
+// 192 on 27x27 (the same at 16 -> 16 on 14x14 NCHW), weight gradient 1.1-1.15x there (its 2x2
+// gradient tiles grow to 6x6 transforms: the transforms' traffic, not the products, bounds it);
+// measured.
 // PYCONV_CONV_WINOGRAD=0 turns it off, =1 forces it wherever it applies; forcing the GEMM or the
 // direct kernel (PYCONV_CONV_GEMM) turns it off too. Against the implicit GEMM: 1.7-2.2x at 128
 // and 256 channels, 1.5-2.4x at 384 and 512 (the forward's chunked schedule); measured.
@@ -682,10 +683,10 @@ constexpr int64_t kWinogradWgradChunk4 = 64;
 // written).
 bool winograd_backward_weight(const float* go, const float* x, float* gw, const ConvShape& s,
                               bool cl, bool gw_cl) {
-  const int tile = winograd_tile(s, cl), xis = (tile + 2) * (tile + 2);
+  const int tile = winograd_tile(s, cl), xis = tile == 5 ? 36 : (tile + 2) * (tile + 2);
   const int64_t C16 = winograd_c16(s), K6 = winograd_k6(s), T = winograd_tiles(s, tile);
-  const int64_t chunk =
-      std::min<int64_t>(T, tile == 4 ? kWinogradWgradChunk4 : kWinogradWgradChunk);
+  const int64_t chunk =  // F(2x2, 5x5) as F(4x4, 3x3): 36 products
+      std::min<int64_t>(T, tile >= 4 ? kWinogradWgradChunk4 : kWinogradWgradChunk);
   const Scratch<float> vt(xis * C16 / 16 * winograd_wgrad_panel(chunk * 16)),
       pgt(xis * K6 / 6 * winograd_wgrad_panel(chunk * 6)), dut(xis * K6 * C16);
   float* const v = vt.data();
@@ -704,7 +705,7 @@ bool winograd_backward_weight(const float* go, const float* x, float* gw, const 
   std::atomic<bool> finite{true};
   at::parallel_for(0, s.K, 1, [&](int64_t k0, int64_t k1) {
     winograd_wgrad_finish(du, gw, s, k0, k1, tile, gw_cl);
-    const int64_t per = s.C * 9;  // (C, 3, 3) or (3, 3, C): the filters of k0 .. k1 - 1
+    const int64_t per = s.C * s.R * s.S;  // (C, R, S) or (R, S, C): the filters of k0 .. k1 - 1
     if (!all_finite(gw + k0 * per, (k1 - k0) * per)) finite = false;
   });
   return finite;
@@ -1995,7 +1996,7 @@ at::Tensor backward_weight(const at::Tensor& grad_output, const at::Tensor& inpu
     }
     return gw.to(grad_output.scalar_type());
   }
-  if (ct == at::kFloat && simd_is_avx2() && use_winograd(s) && s.R == 3) {  // either layout
+  if (ct == at::kFloat && simd_is_avx2() && use_winograd(s)) {  // either layout as it comes
     const at::MemoryFormat fmt =
         winograd_nchw_as_cl(s) ? at::MemoryFormat::ChannelsLast : format_of(grad_output);
     const at::Tensor go = in_format(grad_output.to(ct), fmt), x = in_format(input.to(ct), fmt);

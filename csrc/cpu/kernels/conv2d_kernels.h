@@ -144,12 +144,13 @@ void winograd_fwd_output(const float* m, const float* bias, const float* residua
                          bool flipped);
 int64_t winograd_c8(const ConvShape& s);
 
-// Winograd weight gradient (3x3 only) on m x m tiles (m = 2, or 4 on channels_last; xis =
-// (m + 2)^2), in chunks of `count` tiles from tile `first`: transform tiles [i0, i1) of the chunk
-// into v (xis x winograd_c16 / 16 panels of [count][16]) and pg (xis x winograd_k6 / 6 panels of
-// [count][6]), each panel winograd_wgrad_panel(its floats) apart; add the chunk's products into du
+// Winograd weight gradient on m x m tiles (m = 2, or 4 on channels_last; xis = (m + 2)^2; and
+// F(2x2, 5x5) on channels_last, m = 5, xis = 36), in chunks of `count` tiles from tile `first`:
+// transform tiles [i0, i1) of the chunk into v (xis x winograd_c16 / 16 panels of [count][16]) and
+// pg (xis x winograd_k6 / 6 panels of [count][6]), each panel winograd_wgrad_panel(its floats)
+// apart; add the chunk's products into du
 // ([xis][winograd_k6][winograd_c16]; the first chunk writes them), tasks [j0, j1) of
-// winograd_wgrad_tasks(s, m); finally gw (K, C, 3, 3) from du, output channels [k0, k1).
+// winograd_wgrad_tasks(s, m); finally gw (K, C, R, S) from du, output channels [k0, k1).
 int64_t winograd_k6(const ConvShape& s);
 int64_t winograd_wgrad_panel(int64_t floats);  // an odd number of 64-byte lines
 int64_t winograd_c16(const ConvShape& s);

@@ -12,9 +12,9 @@
 // products, 36 multiplies per 4x4 tile and channel pair (4x fewer than direct), larger rounding
 // error (about 1e-5 of the output's magnitude), and tiles whose patch holds a NaN or an infinity
 // computed directly so that those reach only the outputs that read them; and F(2x2, 5x5) on
-// channels_last, forward only (the input gradient is one): the same 6x6 patches and input
-// transform, 36 multiplies per 2x2 tile and channel pair instead of 100 (2.8x fewer), error and
-// non-finite inputs as F(4x4, 3x3)'s. This file alone is compiled for AVX2.
+// channels_last, forward (the input gradient is one) and weight gradient: the same 6x6 patches and
+// input transform, 36 multiplies per 2x2 tile and channel pair instead of 100 (2.8x fewer), error
+// and non-finite inputs as F(4x4, 3x3)'s. This file alone is compiled for AVX2.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -889,6 +889,28 @@ inline void transform_grad(const __m256 (&y)[4][4], float* p, int64_t stride) {
   }
 }
 
+// F(2x2, 5x5): P = A dY A^T for the 2x2 tile y, A = [1 0; 1 1; 1 -1; 1 2; 1 -2; 0 1] (A^T the
+// forward's output transform), stored at p + xi * stride.
+inline void a6_2(__m256 y0, __m256 y1, __m256 (&r)[6]) {
+  const __m256 y2 = _mm256_add_ps(y1, y1);
+  r[0] = y0;
+  r[1] = _mm256_add_ps(y0, y1);
+  r[2] = _mm256_sub_ps(y0, y1);
+  r[3] = _mm256_add_ps(y0, y2);
+  r[4] = _mm256_sub_ps(y0, y2);
+  r[5] = y1;
+}
+
+inline void transform_grad_5(const __m256 (&y)[2][2], float* p, int64_t stride) {
+  __m256 t[2][6];  // (A dY)^T: t[b][i] = (A dY)[i][b]
+  for (int b = 0; b < 2; ++b) a6_2(y[0][b], y[1][b], t[b]);
+  for (int i = 0; i < 6; ++i) {  // row i of (A dY) A^T
+    __m256 r[6];
+    a6_2(t[0][i], t[1][i], r);
+    for (int j = 0; j < 6; ++j) _mm256_storeu_ps(p + (i * 6 + j) * stride, r[j]);
+  }
+}
+
 // A tile's P from buf ([xi][K8], K8 >= K6 + 2) into its panels at pg (tile t's rows: pg + t * 6).
 // Unless `exact`, each run of six is stored as eight floats, the last two landing on the next
 // tile's row of the panel, which the caller stores later (one store a run, not two).
@@ -911,19 +933,20 @@ inline void grad_panels(const float* buf, int64_t K6, int64_t K8, int64_t panel,
   }
 }
 
-// kM: the tile, 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3), channels_last only).
+// kM: the transforms' code (wino_out): 2 (F(2x2, 3x3)), 4 (F(4x4, 3x3)) or 5 (F(2x2, 5x5)), the
+// last two on channels_last only.
 template <bool kCL, int kM = 2>
 void wgrad_transform(const float* go, const float* x, const ConvShape& s, int64_t first,
                      int64_t count, float* v, float* pg, int64_t i0, int64_t i1) {
-  constexpr int kA = kM + 2, kXi = kA * kA;
-  static_assert(kM == 2 || (kM == 4 && kCL));
+  constexpr int kA = wino_alpha(kM), kXi = kA * kA, kO = wino_out(kM);
+  static_assert(kM == 2 || ((kM == 4 || kM == 5) && kCL));
   const int64_t C16 = winograd_c16(s), K6 = winograd_k6(s), K8 = ceil_div(K6 + 2, 8) * 8;
   const int64_t vp = winograd_wgrad_panel(count * 16), pp = winograd_wgrad_panel(count * 6);
-  const int64_t TH = ceil_div(s.OH, kM), TW = ceil_div(s.OW, kM);
+  const int64_t TH = ceil_div(s.OH, kO), TW = ceil_div(s.OW, kO);
   float* const tmp = thread_scratch<float, 0>(static_cast<size_t>(2 * kXi * K8));
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t t = first + i, n = t / (TH * TW), ty = t / TW % TH, tx = t % TW;
-    const int64_t h0 = kM * ty - s.pT, w0 = kM * tx - s.pL;
+    const int64_t h0 = kO * ty - s.pT, w0 = kO * tx - s.pL;
     const bool inside = h0 >= 0 && w0 >= 0 && h0 + kA <= s.H && w0 + kA <= s.W;
     int64_t c = 0;
     if (kCL && inside) {  // whole vectors of channels from one base pointer
@@ -954,20 +977,27 @@ void wgrad_transform(const float* go, const float* x, const ConvShape& s, int64_
     // later (the buffer's stores long done: its loads across two of them would wait on them)
     float* const buf = tmp + (i & 1) * kXi * K8;
     int64_t k = 0;
-    if (kCL && kM * ty + kM <= s.OH && kM * tx + kM <= s.OW) {  // the whole tile
+    auto transform = [&](const __m256(&y)[kO][kO], float* p) {
+      if constexpr (kM == 5) {
+        transform_grad_5(y, p, K8);
+      } else {
+        transform_grad(y, p, K8);
+      }
+    };
+    if (kCL && kO * ty + kO <= s.OH && kO * tx + kO <= s.OW) {  // the whole tile
       const int64_t K = s.K, row = s.OW * K;
-      const float* p0 = go + ((n * s.OH + kM * ty) * s.OW + kM * tx) * K;
+      const float* p0 = go + ((n * s.OH + kO * ty) * s.OW + kO * tx) * K;
       for (; k + 8 <= K; k += 8) {
-        __m256 y[kM][kM];
-        for (int a = 0; a < kM; ++a) {
-          for (int b = 0; b < kM; ++b) y[a][b] = _mm256_loadu_ps(p0 + a * row + b * K + k);
+        __m256 y[kO][kO];
+        for (int a = 0; a < kO; ++a) {
+          for (int b = 0; b < kO; ++b) y[a][b] = _mm256_loadu_ps(p0 + a * row + b * K + k);
         }
-        transform_grad(y, buf + k, K8);
+        transform(y, buf + k);
       }
     }
     for (; k < K6; k += 8) {
-      __m256 y[kM][kM];
-      if constexpr (kM == 2) {
+      __m256 y[kO][kO];
+      if constexpr (kO == 2) {
         load_grad_tile<kCL>(go, s, n, 2 * ty, 2 * tx, k, y);
       } else {  // channels_last, zero outside the image and past K
         const bool kfull = k + 8 <= s.K;
@@ -984,7 +1014,7 @@ void wgrad_transform(const float* go, const float* x, const ConvShape& s, int64_
           }
         }
       }
-      transform_grad(y, buf + k, K8);
+      transform(y, buf + k);
     }
     if (i > i0) {
       grad_panels(tmp + ((i - 1) & 1) * kXi * K8, K6, K8, pp, pg + (i - 1) * 6, false, kXi);
@@ -1002,6 +1032,8 @@ void winograd_wgrad_transform(const float* go, const float* x, const ConvShape& 
                               int64_t i1, int m) {
   if (m == 4) {
     wgrad_transform<true, 4>(go, x, s, first, count, v, pg, i0, i1);
+  } else if (m == 5) {
+    wgrad_transform<true, 5>(go, x, s, first, count, v, pg, i0, i1);
   } else if (cl) {
     wgrad_transform<true>(go, x, s, first, count, v, pg, i0, i1);
   } else {
@@ -1011,7 +1043,7 @@ void winograd_wgrad_transform(const float* go, const float* x, const ConvShape& 
 
 int64_t winograd_wgrad_tasks(const ConvShape& s, int m, bool avx512) {
   const int64_t KP = winograd_k6(s) / 6, CP = winograd_c16(s) / 16;
-  return (m + 2) * (m + 2) * (avx512 ? ceil_div(KP, 2) * ceil_div(CP, 2) : KP * CP);
+  return wino_alpha(m) * wino_alpha(m) * (avx512 ? ceil_div(KP, 2) * ceil_div(CP, 2) : KP * CP);
 }
 
 // Task (xi, c panel, k panel): du[xi][k .. k + 5][c .. c + 15] += sum over the `count` tiles of
@@ -1071,14 +1103,29 @@ inline void gt6(const __m256 (&m)[6], __m256 (&o)[3]) {
   o[2] = _mm256_add_ps(_mm256_mul_ps(sixth, _mm256_sub_ps(u, p)), m[5]);
 }
 
-// The eight input channels' 3x3 filters o (tap-major) of output channel k, input channels c ..
-// c + 7 (those below C): gw (K, C, 3, 3), or (K, 3, 3, C) in memory where gw_cl.
-inline void store_filters(const float (&o)[9][8], float* gw, const ConvShape& s, int64_t k,
+// F(2x2, 5x5): G^T (G as in g6_5) applied to six vectors.
+inline void gt6_5(const __m256 (&m)[6], __m256 (&o)[5]) {
+  const __m256 p = _mm256_add_ps(m[1], m[2]), q = _mm256_sub_ps(m[1], m[2]);
+  const __m256 u = _mm256_add_ps(m[3], m[4]), w = _mm256_sub_ps(m[3], m[4]);
+  const __m256 sixth = _mm256_set1_ps(1.0f / 6.0f), p6 = _mm256_mul_ps(sixth, p);
+  const __m256 q6 = _mm256_mul_ps(sixth, q);
+  o[0] = _mm256_fmadd_ps(_mm256_set1_ps(0.25f), m[0],
+                         _mm256_fmsub_ps(_mm256_set1_ps(1.0f / 24.0f), u, p6));
+  o[1] = _mm256_fmsub_ps(_mm256_set1_ps(1.0f / 12.0f), w, q6);
+  o[2] = _mm256_mul_ps(sixth, _mm256_sub_ps(u, p));
+  o[3] = _mm256_fmsub_ps(_mm256_set1_ps(1.0f / 3.0f), w, q6);
+  o[4] = _mm256_add_ps(_mm256_fmsub_ps(_mm256_set1_ps(2.0f / 3.0f), u, p6), m[5]);
+}
+
+// The eight input channels' filters o (kTaps = R S taps, tap-major) of output channel k, input
+// channels c .. c + 7 (those below C): gw (K, C, R, S), or (K, R, S, C) in memory where gw_cl.
+template <int kTaps>
+inline void store_filters(const float (&o)[kTaps][8], float* gw, const ConvShape& s, int64_t k,
                           int64_t c, bool gw_cl) {
   const int64_t n = std::min<int64_t>(8, s.C - c);
   if (gw_cl) {
-    for (int tap = 0; tap < 9; ++tap) {
-      float* out = gw + (k * 9 + tap) * s.C + c;
+    for (int tap = 0; tap < kTaps; ++tap) {
+      float* out = gw + (k * kTaps + tap) * s.C + c;
       if (n == 8) {
         _mm256_storeu_ps(out, _mm256_load_ps(o[tap]));
       } else {
@@ -1087,9 +1134,9 @@ inline void store_filters(const float (&o)[9][8], float* gw, const ConvShape& s,
     }
     return;
   }
-  float* out = gw + (k * s.C + c) * 9;
+  float* out = gw + (k * s.C + c) * kTaps;
   for (int64_t l = 0; l < n; ++l) {
-    for (int tap = 0; tap < 9; ++tap) out[l * 9 + tap] = o[tap][l];
+    for (int tap = 0; tap < kTaps; ++tap) out[l * kTaps + tap] = o[tap][l];
   }
 }
 
@@ -1097,6 +1144,28 @@ void winograd_wgrad_finish(const float* du, float* gw, const ConvShape& s, int64
                            int tile, bool gw_cl) {
   const int64_t C16 = winograd_c16(s), K6 = winograd_k6(s);
   const __m256 half = _mm256_set1_ps(0.5f);
+  if (tile == 5) {  // G^T dU G with F(2x2, 5x5)'s G (6 x 5)
+    for (int64_t k = k0; k < k1; ++k) {
+      for (int64_t c = 0; c < s.C; c += 8) {
+        __m256 t[6][5];  // (G^T dU)^T: t[j][r] = (G^T dU)[r][j]
+        for (int j = 0; j < 6; ++j) {
+          __m256 col[6];
+          for (int i = 0; i < 6; ++i)
+            col[i] = _mm256_loadu_ps(du + ((i * 6 + j) * K6 + k) * C16 + c);
+          gt6_5(col, t[j]);
+        }
+        alignas(32) float o[25][8];  // (G^T dU) G, tap-major
+        for (int r = 0; r < 5; ++r) {
+          const __m256 row[6] = {t[0][r], t[1][r], t[2][r], t[3][r], t[4][r], t[5][r]};
+          __m256 v[5];
+          gt6_5(row, v);
+          for (int q = 0; q < 5; ++q) _mm256_store_ps(o[r * 5 + q], v[q]);
+        }
+        store_filters(o, gw, s, k, c, gw_cl);
+      }
+    }
+    return;
+  }
   if (tile == 4) {
     for (int64_t k = k0; k < k1; ++k) {
       for (int64_t c = 0; c < s.C; c += 8) {
