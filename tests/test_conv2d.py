@@ -498,6 +498,23 @@ def test_pointwise_weight_gradient_in_pixel_slices(simd, groups):
         torch.testing.assert_close(got.double(), want, **(tol or dict(rtol=1e-12, atol=1e-12)))
 
 
+@pytest.mark.parametrize("cout", [128, 120])
+def test_pointwise_streamed_output(simd, cout):
+    # channels_last 1x1 layers whose output is 4 MiB or more store whole 64-byte lines of it past
+    # the caches (AVX-512), the rest (a channel tail: rows not 64-byte aligned) as before; the fused
+    # epilogue
+    x = torch.randn(3, 64, 64, 64, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last
+    )
+    w = torch.randn(cout, 64, 1, 1, dtype=torch.float64) / 8
+    b = torch.randn(cout, dtype=torch.float64)
+    ref = F.conv2d(x, w, b)
+    res = torch.randn_like(ref).contiguous(memory_format=torch.channels_last)
+    out = PF.conv2d(x.float(), w.float(), b.float(), activation="relu", residual=res.float())
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    close(out, torch.relu(ref + res), torch.float32)
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("stride", [2, (3, 2)])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])

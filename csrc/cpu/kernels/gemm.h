@@ -60,6 +60,7 @@ struct GemmDescT {
   const T* residual = nullptr;
   int64_t ldr = 0;
   bool relu = false;
+  bool stream = false;           // whole 64-byte lines of C stored past the caches (AVX-512 tile)
   const T* a_packed = nullptr;   // A already in gemm_pack_a's order (the weights, packed once)
   const T* b_packed = nullptr;   // B already in gemm_pack_b's order
   bool a_im2col = false;         // A is a_img, pixel-major (A, a_rs and a_cs unused)

@@ -665,6 +665,7 @@ void gemm_cpu(const GemmDescT<T>& d, int64_t t0, int64_t t1, bool avx512) {  // 
     dn = d;
     dn.residual = nullptr;
     dn.relu = false;
+    dn.stream = false;
     dk = &dn;
   }
   // A channels_last im2col A of at least 32 channels is read in place (im2col_runs), not packed:
@@ -762,6 +763,7 @@ void gemm_cpu(const GemmDescT<T>& d, int64_t t0, int64_t t1, bool avx512) {  // 
     }
     run = end;
   }
+  if (d.stream) _mm_sfence();
 }
 
 #define PYCONV_GEMM_INSTANTIATE(T)                                         \

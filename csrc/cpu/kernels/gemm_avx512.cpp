@@ -5,6 +5,7 @@
 // is compiled for AVX-512 (the pragma below); it runs only where the CPU has AVX-512F.
 #include <immintrin.h>
 
+#include <cstdint>
 #include <utility>
 
 #include "cpu/kernels/gemm.h"
@@ -32,6 +33,7 @@ struct Vec512<float> {
   static R load(const float* p) { return _mm512_loadu_ps(p); }
   static R load(const float* p, M k) { return _mm512_maskz_loadu_ps(k, p); }
   static void store(float* p, R v, M k) { _mm512_mask_storeu_ps(p, k, v); }
+  static void stream(float* p, R v) { _mm512_stream_ps(p, v); }
   static R bcast(const float* p) { return _mm512_set1_ps(*p); }
   static R set1(float v) { return _mm512_set1_ps(v); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
@@ -46,6 +48,7 @@ struct Vec512<double> {
   static R load(const double* p) { return _mm512_loadu_pd(p); }
   static R load(const double* p, M k) { return _mm512_maskz_loadu_pd(k, p); }
   static void store(double* p, R v, M k) { _mm512_mask_storeu_pd(p, k, v); }
+  static void stream(double* p, R v) { _mm512_stream_pd(p, v); }
   static R bcast(const double* p) { return _mm512_set1_pd(*p); }
   static R set1(double v) { return _mm512_set1_pd(v); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
@@ -124,7 +127,12 @@ void tile(const GemmDescT<T>& d, int64_t kc, const T* a, int64_t a_next, const T
         if (d.residual) v = V::add(v, V::load(d.residual + (m + i) * d.ldr + n + j * NR, k));
         if (d.relu) v = V::relu(v);
       }
-      V::store(cp + j * NR, v, k);
+      if (last && d.stream && cols >= (j + 1) * NR &&
+          reinterpret_cast<uintptr_t>(cp + j * NR) % 64 == 0) {
+        V::stream(cp + j * NR, v);
+      } else {
+        V::store(cp + j * NR, v, k);
+      }
     });
   });
 }
