@@ -33,10 +33,18 @@ void fwd_rows(const float* x, const float* wt, const float* bias, const float* r
   // output columns whose windows lie inside the row: [lo, hi)
   const int64_t lo = std::min(s.OW, s.pL);
   const int64_t hi = std::max(lo, std::min(s.OW, W + s.pL - (kS - 1)));
+  // outputs of 4 MiB or more written with streaming stores where whole aligned lines allow (as
+  // the AVX2 kernel's): 8x64x56x56 3x3 0.225 -> 0.175 ms, interleaved with torch (measured)
+  const bool stream = C % 16 == 0 && reinterpret_cast<uintptr_t>(y) % 64 == 0 &&
+                      s.N * s.OH * s.OW * C * 4 >= (int64_t{4} << 20);
   auto finish = [&](__m512 acc, float* o, const float* r) {
     if (r) acc = _mm512_add_ps(acc, _mm512_loadu_ps(r));
     if (relu) acc = _mm512_max_ps(_mm512_setzero_ps(), acc);  // NaN stays NaN
-    _mm512_storeu_ps(o, acc);
+    if (stream) {
+      _mm512_stream_ps(o, acc);
+    } else {
+      _mm512_storeu_ps(o, acc);
+    }
   };
   for (int64_t t = t0; t < t1; ++t) {  // t = (n, oh)
     const int64_t n = t / s.OH, oh = t % s.OH;
@@ -94,6 +102,7 @@ void fwd_rows(const float* x, const float* wt, const float* bias, const float* r
     }
     for (; ow < s.OW; ++ow) one(ow);
   }
+  if (stream) _mm_sfence();
 }
 
 // The weight gradient of output rows [t0, t1) of N * OH added to part (R * S, C): for each block
