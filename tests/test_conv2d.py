@@ -903,6 +903,32 @@ def test_winograd_5x5(monkeypatch, simd, fmt):
         check_float32_layer(x, wt, b, dict(padding=p), fmt)
 
 
+def check_non_finite_inputs(k):
+    """A NaN and an infinity in a 16 -> 24 k x k layer's channels_last input (padding k // 2), and
+    a NaN in its grad_output, reach the outputs and input gradients they reach in torch."""
+    cl, pad = torch.channels_last, k // 2
+    x = torch.randn(2, 16, 12, 13, dtype=torch.float64)
+    x[0, :, 5, 6] = float("nan")
+    x[1, 3, 2, 9] = float("inf")
+    x = x.contiguous(memory_format=cl)
+    wt = torch.randn(24, 16, k, k, dtype=torch.float64).abs()
+    b = torch.randn(24, dtype=torch.float64)
+    want = torch.relu(F.conv2d(x, wt, b, padding=pad))
+    got = PF.conv2d(x.float(), wt.float(), b.float(), padding=pad, activation="relu")
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    torch.testing.assert_close(
+        got.double(), want, equal_nan=True, **tol32(want.nan_to_num(0, 0, 0), 1e-4)
+    )
+    g = torch.zeros(2, 24, 12, 13, dtype=torch.float64)
+    g[1, :, 4, 4] = float("nan")
+    g = g.contiguous(memory_format=cl)
+    want = torch.nn.grad.conv2d_input(x.shape, wt, g, padding=pad)
+    got = ops.conv2d_backward_input(
+        g.float(), wt.float(), list(x.shape), [1, 1], [pad] * 4, [1, 1], 1
+    )
+    assert torch.equal(got.isnan(), want.isnan()) and want.isnan().sum() == 16 * k * k
+
+
 @pytest.mark.parametrize("chunked", ["0", "1"])
 def test_winograd_5x5_error_and_non_finite_inputs(monkeypatch, simd, chunked):
     # F(2x2, 5x5)'s error against float64 with unscaled weights is within WINOGRAD_F4_ERROR of the
@@ -930,26 +956,7 @@ def test_winograd_5x5_error_and_non_finite_inputs(monkeypatch, simd, chunked):
             g.float(), x.float(), list(wt.shape), [1, 1], [2] * 4, [1, 1], 1
         ).double()
         assert (got - want).abs().max() <= 2 * WINOGRAD_F4_ERROR * want.abs().max()
-    x = torch.randn(2, 16, 12, 13, dtype=torch.float64)
-    x[0, :, 5, 6] = float("nan")
-    x[1, 3, 2, 9] = float("inf")
-    x = x.contiguous(memory_format=cl)
-    wt = torch.randn(24, 16, 5, 5, dtype=torch.float64).abs()
-    b = torch.randn(24, dtype=torch.float64)
-    want = torch.relu(F.conv2d(x, wt, b, padding=2))
-    got = PF.conv2d(x.float(), wt.float(), b.float(), padding=2, activation="relu")
-    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
-    torch.testing.assert_close(
-        got.double(), want, equal_nan=True, **tol32(want.nan_to_num(0, 0, 0), 1e-4)
-    )
-    g = torch.zeros(2, 24, 12, 13, dtype=torch.float64)
-    g[1, :, 4, 4] = float("nan")
-    g = g.contiguous(memory_format=cl)
-    want = torch.nn.grad.conv2d_input(x.shape, wt, g, padding=2)
-    got = ops.conv2d_backward_input(
-        g.float(), wt.float(), list(x.shape), [1, 1], [2] * 4, [1, 1], 1
-    )
-    assert torch.equal(got.isnan(), want.isnan()) and want.isnan().sum() == 16 * 25
+    check_non_finite_inputs(5)
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
@@ -989,26 +996,7 @@ def test_winograd_f4_error_and_non_finite_inputs(monkeypatch, simd, chunked):
             got = PF.conv2d(x.float(), wt.float(), padding=1).double()
             assert (got - want).abs().max() <= bound * want.abs().max()
     monkeypatch.setenv("PYCONV_WINOGRAD_F4", "1")
-    x = torch.randn(2, 16, 12, 13, dtype=torch.float64)
-    x[0, :, 5, 6] = float("nan")
-    x[1, 3, 2, 9] = float("inf")
-    x = x.contiguous(memory_format=cl)
-    wt = torch.randn(24, 16, 3, 3, dtype=torch.float64).abs()
-    b = torch.randn(24, dtype=torch.float64)
-    want = torch.relu(F.conv2d(x, wt, b, padding=1))
-    got = PF.conv2d(x.float(), wt.float(), b.float(), padding=1, activation="relu")
-    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
-    torch.testing.assert_close(
-        got.double(), want, equal_nan=True, **tol32(want.nan_to_num(0, 0, 0), 1e-4)
-    )
-    g = torch.zeros(2, 24, 12, 13, dtype=torch.float64)
-    g[1, :, 4, 4] = float("nan")
-    g = g.contiguous(memory_format=cl)
-    want = torch.nn.grad.conv2d_input(x.shape, wt, g, padding=1)
-    got = ops.conv2d_backward_input(
-        g.float(), wt.float(), list(x.shape), [1, 1], [1] * 4, [1, 1], 1
-    )
-    assert torch.equal(got.isnan(), want.isnan()) and want.isnan().sum() == 16 * 9
+    check_non_finite_inputs(3)
 
 
 @pytest.mark.parametrize("tile", [2, 4])

@@ -562,68 +562,43 @@ void fwd_output_tiles(const float* m, const float* bias, const float* residual, 
                       const float* x = nullptr, const float* w = nullptr, bool flipped = false) {
   const int64_t K16 = winograd_k16(s);
   const int64_t TH = ceil_div(s.OH, wino_out(kM)), TW = ceil_div(s.OW, wino_out(kM));
-  if constexpr (kM == 5) {
+  if constexpr (kM == 4 || kM == 5) {  // 6x6 transforms: F(4x4, 3x3) or F(2x2, 5x5)
     static_assert(kCL);
+    constexpr int kO = wino_out(kM);
+    auto at = [](const __m256(&v)[6], __m256(&o)[kO]) {
+      if constexpr (kM == 4) {
+        at6(v, o);
+      } else {
+        at2_6(v, o);
+      }
+    };
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t = t0 + i, n = t / (TH * TW), ty = t / TW % TH, tx = t % TW;
       __m256 nonfinite = _mm256_setzero_ps();  // v - v is NaN exactly where v is NaN or infinite
       for (int64_t k = 0; k < s.K; k += 8) {
         const float* mt = m + i * K16 + k;
-        __m256 p[6][2];  // (A^T M)^T: p[b][a] = (A^T M)[a][b]
+        __m256 p[6][kO];  // (A^T M)^T: p[b][a] = (A^T M)[a][b]
         for (int b = 0; b < 6; ++b) {
           __m256 col[6];
           for (int a = 0; a < 6; ++a) col[a] = _mm256_loadu_ps(mt + (a * 6 + b) * Tb * K16);
-          at2_6(col, p[b]);
+          at(col, p[b]);
         }
         const __m256 bv = bias == nullptr ? _mm256_setzero_ps()
                           : k + 8 <= s.K  ? _mm256_loadu_ps(bias + k)
                                           : _mm256_maskload_ps(bias + k, lanes_below(s.K - k));
-        __m256 out[2][2];
-        for (int a = 0; a < 2; ++a) {
+        __m256 out[kO][kO];
+        for (int a = 0; a < kO; ++a) {
           const __m256 row[6] = {p[0][a], p[1][a], p[2][a], p[3][a], p[4][a], p[5][a]};
-          at2_6(row, out[a]);
-          for (int b = 0; b < 2; ++b) {
+          at(row, out[a]);
+          for (int b = 0; b < kO; ++b) {
             out[a][b] = _mm256_add_ps(out[a][b], bv);
             nonfinite = _mm256_or_ps(nonfinite, _mm256_sub_ps(out[a][b], out[a][b]));
           }
         }
-        store_tile_cl(out, y, residual, relu, s, n, 2 * ty, 2 * tx, k);
+        store_tile_cl(out, y, residual, relu, s, n, kO * ty, kO * tx, k);
       }
       if (_mm256_movemask_ps(_mm256_cmp_ps(nonfinite, nonfinite, _CMP_UNORD_Q)) != 0) {
-        fwd_direct_tile(x, w, flipped, bias, residual, relu, y, s, n, ty, tx, 2);
-      }
-    }
-    return;
-  }
-  if constexpr (kM == 4) {
-    static_assert(kCL);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t = t0 + i, n = t / (TH * TW), ty = t / TW % TH, tx = t % TW;
-      __m256 nonfinite = _mm256_setzero_ps();  // v - v is NaN exactly where v is NaN or infinite
-      for (int64_t k = 0; k < s.K; k += 8) {
-        const float* mt = m + i * K16 + k;
-        __m256 p[6][4];  // (A^T M)^T: p[b][a] = (A^T M)[a][b]
-        for (int b = 0; b < 6; ++b) {
-          __m256 col[6];
-          for (int a = 0; a < 6; ++a) col[a] = _mm256_loadu_ps(mt + (a * 6 + b) * Tb * K16);
-          at6(col, p[b]);
-        }
-        const __m256 bv = bias == nullptr ? _mm256_setzero_ps()
-                          : k + 8 <= s.K  ? _mm256_loadu_ps(bias + k)
-                                          : _mm256_maskload_ps(bias + k, lanes_below(s.K - k));
-        __m256 out[4][4];
-        for (int a = 0; a < 4; ++a) {
-          const __m256 row[6] = {p[0][a], p[1][a], p[2][a], p[3][a], p[4][a], p[5][a]};
-          at6(row, out[a]);
-          for (int b = 0; b < 4; ++b) {
-            out[a][b] = _mm256_add_ps(out[a][b], bv);
-            nonfinite = _mm256_or_ps(nonfinite, _mm256_sub_ps(out[a][b], out[a][b]));
-          }
-        }
-        store_tile_cl(out, y, residual, relu, s, n, 4 * ty, 4 * tx, k);
-      }
-      if (_mm256_movemask_ps(_mm256_cmp_ps(nonfinite, nonfinite, _CMP_UNORD_Q)) != 0) {
-        fwd_direct_tile(x, w, flipped, bias, residual, relu, y, s, n, ty, tx, 4);
+        fwd_direct_tile(x, w, flipped, bias, residual, relu, y, s, n, ty, tx, kO);
       }
     }
     return;
